@@ -1,0 +1,1 @@
+"""Pipeline stages, one readable module each, and the pipeline YAML files."""

@@ -1,0 +1,1 @@
+"""Reward plug-ins: functions `(prompts, completions, **columns) -> list[float | None]`."""
