@@ -1,0 +1,288 @@
+"""Loading and validating user datasets in the schemas the stages use (TRL's column conventions).
+
+A dataset file is JSON lines (`.jsonl`/`.json`), Parquet (`.parquet`) or a directory written by
+`datasets.Dataset.save_to_disk`. Every row is validated; a bad row raises `DataError` naming the
+file, the row and the field, or is skipped and counted with `on_error="skip"`.
+
+Rules, per schema column (see `REQUIRED_COLUMNS`):
+- `prompt`, `completion`, `chosen`, `rejected`: a non-empty string, or a non-empty list of
+  messages. A row uses one format for all of them, and every row uses the same format.
+- `messages`: a non-empty list of messages.
+- `answer`, `text`: a non-empty string.
+- A message is an object with `role` in `ROLES` and a non-empty string `content`. A prompt must
+  not end with an assistant message; a completion, chosen or rejected list starts with one; a
+  conversation has an assistant message and does not start with one.
+- A field may hold at most `max_chars_per_field` characters (all message contents together).
+Extra columns are kept as they are.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Dataset, load_from_disk
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "sft": ("prompt", "completion"),
+    "rl": ("prompt", "answer"),
+    "dpo": ("prompt", "chosen", "rejected"),
+    "chat": ("messages",),
+    "text": ("text",),
+}
+ROLES = ("system", "user", "assistant")
+# Columns that may be a plain string or a list of messages.
+_EITHER_FORMAT = ("prompt", "completion", "chosen", "rejected")
+_EXPECTED = {
+    **dict.fromkeys(_EITHER_FORMAT, "non-empty string or list of messages"),
+    "messages": "non-empty list of messages",
+}
+_MAX_REPORTED_ERRORS = 20
+SUPPORTED_FORMATS = ".jsonl, .json (JSON lines), .parquet, or a Dataset.save_to_disk directory"
+
+
+class DataError(ValueError):
+    """A dataset problem, located by file, 0-based row and field where known.
+
+    `str(error)` reads like `data/train.jsonl: row 17: field 'completion': expected ...`.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        file: str | None = None,
+        row: int | None = None,
+        field: str | None = None,
+    ):
+        super().__init__(reason)
+        self.reason, self.file, self.row, self.field = reason, file, row, field
+
+    def __str__(self) -> str:
+        parts = [] if self.file is None else [str(self.file)]
+        if self.row is not None:
+            parts.append(f"row {self.row}")
+        if self.field is not None:
+            parts.append(f"field {self.field!r}")
+        return ": ".join([*parts, self.reason])
+
+
+def _required_columns(schema: str) -> tuple[str, ...]:
+    if schema not in REQUIRED_COLUMNS:
+        raise ValueError(f"unknown schema {schema!r}; known schemas: {', '.join(REQUIRED_COLUMNS)}")
+    return REQUIRED_COLUMNS[schema]
+
+
+def _check_messages(messages: list, field: str) -> None:
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(
+                f"message {i}: expected an object, got {type(message).__name__}", field=field
+            )
+        if message.get("role") not in ROLES:
+            raise DataError(
+                f"message {i}: role {message.get('role')!r} is not one of {', '.join(ROLES)}",
+                field=field,
+            )
+        content = message.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(f"message {i}: content must be a non-empty string", field=field)
+    roles = [message["role"] for message in messages]
+    if field == "prompt" and roles[-1] == "assistant":
+        raise DataError("a prompt must not end with an assistant message", field=field)
+    if field in ("completion", "chosen", "rejected") and roles[0] != "assistant":
+        raise DataError(f"must start with an assistant message, got {roles[0]!r}", field=field)
+    if field == "messages" and (roles[0] == "assistant" or "assistant" not in roles):
+        raise DataError(
+            "a conversation must contain an assistant message and not start with one", field=field
+        )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str) and not value.strip():
+        return "blank string"
+    return "empty list" if value == [] else type(value).__name__
+
+
+def validate_row(row: dict, schema: str, *, max_chars_per_field: int = 100_000) -> None:
+    """Checks one row against a schema's rules (see the module docstring).
+
+    Args:
+        row: The row, column name -> value.
+        schema: A key of `REQUIRED_COLUMNS`.
+        max_chars_per_field: Most characters a required field may hold.
+
+    Raises:
+        DataError: With `field` set to the offending column (`file` and `row` left to the caller).
+        ValueError: For an unknown schema.
+    """
+    columns = _required_columns(schema)
+    for field in columns:
+        value = row.get(field)
+        if value is None:
+            raise DataError("missing or null", field=field)
+        if isinstance(value, list) and value and field in _EXPECTED:
+            _check_messages(value, field)
+            size = sum(len(message["content"]) for message in value)
+        elif isinstance(value, str) and value.strip() and field != "messages":
+            size = len(value)
+        else:
+            expected = _EXPECTED.get(field, "non-empty string")
+            raise DataError(f"expected {expected}, got {_describe(value)}", field=field)
+        if size > max_chars_per_field:
+            raise DataError(
+                f"{size} characters exceed max_chars_per_field={max_chars_per_field}", field=field
+            )
+    either = [field for field in columns if field in _EITHER_FORMAT]
+    mixed = [f for f in either if isinstance(row[f], list) != isinstance(row[either[0]], list)]
+    if mixed:
+        raise DataError(
+            f"plain text and lists of messages mixed; use one format for {', '.join(either)}",
+            field=mixed[0],
+        )
+
+
+def _row_format(row: dict, schema: str) -> str:
+    return "conversational" if isinstance(row[_required_columns(schema)[0]], list) else "text"
+
+
+def _parse_object(line: bytes) -> dict | DataError:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return DataError(f"invalid UTF-8 ({error.reason} at byte {error.start})")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        return DataError(f"invalid JSON ({error.msg} at column {error.colno})")
+    if not isinstance(value, dict):
+        return DataError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_json(path: Path) -> list[dict | DataError]:
+    """JSON lines, or one JSON array of objects when a `.json` file starts with `[`."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    if path.suffix == ".json" and data.lstrip()[:1] == b"[":
+        try:
+            values = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"invalid JSON array ({error})", file=str(path)) from None
+        return [
+            value
+            if isinstance(value, dict)
+            else DataError(f"expected a JSON object, got {type(value).__name__}")
+            for value in values
+        ]
+    return [_parse_object(line) for line in data.splitlines() if line.strip()]
+
+
+def _read(path: Path) -> tuple[list[dict | DataError], Dataset | None]:
+    """Returns the rows (or a row's parse error) and, for Arrow-backed sources, the dataset."""
+    if not path.exists():
+        raise DataError("no such file or directory", file=str(path))
+    try:
+        if path.is_dir():
+            dataset = load_from_disk(str(path))
+            if not isinstance(dataset, Dataset):
+                raise DataError(
+                    f"holds splits {list(dataset)}; point to one split's directory",
+                    file=str(path),
+                )
+        elif path.suffix == ".parquet":
+            dataset = Dataset(pq.read_table(path))
+        elif path.suffix in (".jsonl", ".json"):
+            return _read_json(path), None
+        else:
+            raise DataError(
+                f"unsupported file type {path.suffix!r}; supported: {SUPPORTED_FORMATS}",
+                file=str(path),
+            )
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"cannot read: {error}", file=str(path)) from None
+    return dataset.to_list(), dataset
+
+
+def load_dataset_file(
+    path: str | Path,
+    schema: str,
+    on_error: Literal["raise", "skip"] = "raise",
+    max_chars_per_field: int = 100_000,
+) -> tuple[Dataset, dict[str, Any]]:
+    """Loads a dataset file and validates every row against `schema`.
+
+    Rows are numbered from 0 in file order; in JSON lines, blank lines are not rows.
+
+    Args:
+        path: A `.jsonl`/`.json` file, a `.parquet` file or a `save_to_disk` directory.
+        schema: A key of `REQUIRED_COLUMNS`.
+        on_error: "raise" stops at the first bad row; "skip" drops bad rows and logs their count.
+        max_chars_per_field: Most characters a required field may hold.
+
+    Returns:
+        The dataset of valid rows (extra columns kept) and a report
+        `{"file", "rows", "kept", "skipped", "errors"}` with the first 20 error messages.
+
+    Raises:
+        DataError: For an unreadable file, a bad row (with "raise"), or no usable rows.
+        ValueError: For an unknown schema or `on_error` value.
+    """
+    _required_columns(schema)
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    path = Path(path)
+    rows, source = _read(path)
+    kept: list[int] = []
+    errors: list[str] = []
+    first_format = ""
+    for i, row in enumerate(rows):
+        try:
+            if isinstance(row, DataError):
+                raise row
+            validate_row(row, schema, max_chars_per_field=max_chars_per_field)
+            row_format = _row_format(row, schema)
+            if kept and row_format != first_format:
+                raise DataError(
+                    f"is {row_format} but row {kept[0]} is {first_format}; "
+                    "all rows must use one format",
+                    field=REQUIRED_COLUMNS[schema][0],
+                )
+        except DataError as error:
+            error.file, error.row = str(path), i
+            if on_error == "raise":
+                raise
+            if len(errors) < _MAX_REPORTED_ERRORS:
+                errors.append(str(error))
+            continue
+        first_format = first_format or row_format
+        kept.append(i)
+    report = {
+        "file": str(path),
+        "rows": len(rows),
+        "kept": len(kept),
+        "skipped": len(rows) - len(kept),
+        "errors": errors,
+    }
+    if not kept:
+        detail = f"; first error: {errors[0]}" if errors else ""
+        raise DataError(f"no usable rows (0 of {len(rows)} valid{detail})", file=str(path))
+    if report["skipped"]:
+        log.warning("%s: skipped %d bad rows of %d", path, report["skipped"], len(rows))
+    return _build(path, rows, kept, source), report
+
+
+def _build(path: Path, rows: list, kept: list[int], source: Dataset | None) -> Dataset:
+    if source is not None:
+        return source if len(kept) == len(rows) else source.select(kept, keep_in_memory=True)
+    columns = dict.fromkeys(key for i in kept for key in rows[i])
+    try:
+        return Dataset.from_dict({key: [rows[i].get(key) for i in kept] for key in columns})
+    except (pa.ArrowException, TypeError, ValueError) as error:
+        raise DataError(f"rows do not form one table: {error}", file=str(path)) from None

@@ -1,0 +1,344 @@
+"""Embedded tasks with verifiable answers, and their export to every stage's dataset schema.
+
+Each task family generates short prompts at several difficulty levels (1 = easiest) that a tiny
+model with the character-level tokenizer can learn. Every completion states its answer as
+`<answer>X</answer>`; a family's `check` extracts it and compares it with the reference.
+
+    rows = make_problems(["add", "sort"], levels=None, n_per_level=100, seed=0)
+    train, heldout = split_problems(rows, heldout_fraction=0.2, seed=0)
+    export(train, "sft")  # datasets.Dataset with TRL's conversational prompt/completion columns
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from datasets import Dataset
+
+ANSWER_OPEN = "<answer>"
+ANSWER_CLOSE = "</answer>"
+# Content of a tag pair that holds no further opening tag: "<answer>1<answer>2</answer>" -> "2".
+_ANSWER_RE = re.compile(
+    f"{re.escape(ANSWER_OPEN)}((?:(?!{re.escape(ANSWER_OPEN)}).)*?){re.escape(ANSWER_CLOSE)}",
+    re.DOTALL,
+)
+_INTEGER_RE = re.compile(r"[0-9]+")
+
+SORT_LETTERS = "abcdefgh"
+_ADD_PROMPT = "Compute {a}+{b}."
+_SORT_PROMPT = "Sort: {letters}"
+
+# Every character a prompt, an answer or a tagged completion can contain.
+TASK_ALPHABET = "".join(
+    sorted(
+        set(
+            string.digits
+            + SORT_LETTERS
+            + _ADD_PROMPT.format(a="", b="")
+            + _SORT_PROMPT.format(letters="")
+            + ANSWER_OPEN
+            + ANSWER_CLOSE
+        )
+    )
+)
+
+
+def format_answer(answer: str) -> str:
+    """Wraps an answer in the answer tags: `"46"` -> `"<answer>46</answer>"`."""
+    return f"{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
+
+
+def extract_answer(completion: str) -> str | None:
+    """Returns the stripped content of the first well-formed `<answer>...</answer>`.
+
+    Args:
+        completion: Generated text.
+
+    Returns:
+        The answer text, or None when no opening tag is followed by a closing tag.
+    """
+    match = _ANSWER_RE.search(completion)
+    return None if match is None else match.group(1).strip()
+
+
+class TaskFamily(ABC):
+    """A family of generated problems with a verifier. Subclasses are frozen dataclasses."""
+
+    name: str
+    levels: tuple[int, ...]
+
+    @abstractmethod
+    def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
+        """Draws one problem of difficulty `level`; returns (prompt, answer)."""
+
+    @abstractmethod
+    def capacity(self, level: int) -> int:
+        """Returns how many distinct prompts `level` has."""
+
+    @abstractmethod
+    def corrupt(self, answer: str, rng: random.Random) -> str:
+        """Returns a plausible wrong answer: one that `check` rejects."""
+
+    @abstractmethod
+    def normalize(self, text: str) -> str | int | None:
+        """Returns the comparable form of an answer text, or None when it is malformed."""
+
+    def check(self, completion: str, answer: str) -> bool:
+        """Whether the completion's tagged answer equals `answer` after normalisation.
+
+        Args:
+            completion: Generated text holding `<answer>...</answer>`.
+            answer: The reference answer.
+
+        Returns:
+            True when the extracted answer is well formed and equal to the reference.
+        """
+        extracted = extract_answer(completion)
+        if extracted is None:
+            return False
+        value = self.normalize(extracted)
+        return value is not None and value == self.normalize(answer)
+
+    def _require_level(self, level: int) -> None:
+        if level not in self.levels:
+            raise ValueError(f"task {self.name!r} has levels {list(self.levels)}, not {level!r}")
+
+
+@dataclass(frozen=True)
+class AddTask(TaskFamily):
+    """Integer addition; level L has L-digit operands (level 1: 0-9, level 2: 10-99, ...)."""
+
+    name: str = "add"
+    levels: tuple[int, ...] = (1, 2, 3, 4)
+
+    def _operands(self, level: int) -> range:
+        self._require_level(level)
+        return range(0 if level == 1 else 10 ** (level - 1), 10**level)
+
+    def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
+        operands = self._operands(level)
+        a, b = rng.choice(operands), rng.choice(operands)
+        return _ADD_PROMPT.format(a=a, b=b), str(a + b)
+
+    def capacity(self, level: int) -> int:
+        return len(self._operands(level)) ** 2
+
+    def corrupt(self, answer: str, rng: random.Random) -> str:
+        value = int(answer)
+        if rng.random() < 0.5:  # off by one
+            return str(value + (rng.choice((-1, 1)) if value > 0 else 1))
+        digits = list(str(value))  # one digit changed, never to a leading zero
+        i = rng.randrange(len(digits))
+        digits[i] = rng.choice(
+            [d for d in string.digits if d != digits[i] and (d != "0" or i > 0 or len(digits) == 1)]
+        )
+        return "".join(digits)
+
+    def normalize(self, text: str) -> int | None:
+        text = text.strip()
+        return int(text) if _INTEGER_RE.fullmatch(text) else None
+
+
+@dataclass(frozen=True)
+class SortTask(TaskFamily):
+    """Sorting letters of `SORT_LETTERS` (drawn with replacement); level L has L+2 letters."""
+
+    name: str = "sort"
+    levels: tuple[int, ...] = (1, 2, 3, 4)
+
+    def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
+        self._require_level(level)
+        letters = "".join(rng.choice(SORT_LETTERS) for _ in range(level + 2))
+        return _SORT_PROMPT.format(letters=letters), "".join(sorted(letters))
+
+    def capacity(self, level: int) -> int:
+        self._require_level(level)
+        return len(SORT_LETTERS) ** (level + 2)
+
+    def corrupt(self, answer: str, rng: random.Random) -> str:
+        chars = list(answer)
+        pairs = [i for i in range(len(chars) - 1) if chars[i] != chars[i + 1]]
+        if pairs:  # swap two different neighbours: the result is unsorted
+            i = rng.choice(pairs)
+            chars[i], chars[i + 1] = chars[i + 1], chars[i]
+        else:  # all letters equal: change one
+            i = rng.randrange(len(chars))
+            chars[i] = rng.choice([c for c in SORT_LETTERS if c != chars[i]])
+        return "".join(chars)
+
+    def normalize(self, text: str) -> str:
+        return text.strip()
+
+
+TASKS: dict[str, TaskFamily] = {task.name: task for task in (AddTask(), SortTask())}
+
+
+def get_task(name: str) -> TaskFamily:
+    """Returns the task family called `name`; raises ValueError listing the known names."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def make_problems(
+    tasks: list[str], levels: list[int] | None, n_per_level: int, seed: int
+) -> list[dict]:
+    """Generates `n_per_level` distinct problems for every (task, level).
+
+    Each (task, level) draws from its own random stream seeded with `"{seed}:{task}:{level}"`,
+    so adding a task or a level leaves the other problems unchanged.
+
+    Args:
+        tasks: Task names.
+        levels: Levels to generate; None for every level of each task.
+        n_per_level: Problems per (task, level).
+        seed: Random seed.
+
+    Returns:
+        Rows `{"id": "add-2-000017", "task", "level", "prompt", "answer"}`, no prompt twice.
+
+    Raises:
+        ValueError: For an unknown task or level, or when a level has fewer than `n_per_level`
+            distinct problems.
+    """
+    rows = []
+    for name in dict.fromkeys(tasks):
+        task = get_task(name)
+        for level in dict.fromkeys(task.levels if levels is None else levels):
+            available = task.capacity(level)
+            if n_per_level > available:
+                raise ValueError(
+                    f"task {name!r} level {level} has only {available} distinct problems; "
+                    f"asked for n_per_level={n_per_level}"
+                )
+            rng = random.Random(f"{seed}:{name}:{level}")
+            seen: set[str] = set()
+            while len(seen) < n_per_level:
+                prompt, answer = task.generate(rng, level)
+                if prompt not in seen:
+                    rows.append(
+                        {
+                            "id": f"{name}-{level}-{len(seen):06d}",
+                            "task": name,
+                            "level": level,
+                            "prompt": prompt,
+                            "answer": answer,
+                        }
+                    )
+                    seen.add(prompt)
+    return rows
+
+
+def split_problems(
+    rows: list[dict], heldout_fraction: float, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """Splits rows into train and held-out parts, stratified per (task, level).
+
+    Rows with the same prompt land on the same side. The split does not depend on row order;
+    each part keeps the input order.
+
+    Args:
+        rows: Problems as made by `make_problems`.
+        heldout_fraction: Share of each (task, level)'s distinct prompts held out (rounded).
+        seed: Random seed.
+
+    Returns:
+        (train, heldout).
+    """
+    if not 0 <= heldout_fraction <= 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
+    groups: dict[tuple[str, int], set[str]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["level"]), set()).add(row["prompt"])
+    heldout_prompts: set[str] = set()
+    for (task, level), prompts in groups.items():
+        shuffled = sorted(prompts)
+        random.Random(f"{seed}:{task}:{level}").shuffle(shuffled)
+        heldout_prompts.update(shuffled[: round(len(shuffled) * heldout_fraction)])
+    train = [row for row in rows if row["prompt"] not in heldout_prompts]
+    heldout = [row for row in rows if row["prompt"] in heldout_prompts]
+    return train, heldout
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(answer: str) -> list[dict]:
+    return [{"role": "assistant", "content": format_answer(answer)}]
+
+
+def _dataset(records: list[dict], columns: tuple[str, ...]) -> Dataset:
+    return Dataset.from_dict({column: [record[column] for record in records] for column in columns})
+
+
+def to_sft(rows: list[dict]) -> Dataset:
+    """Prompt-completion rows: `prompt` (user turn), `completion` (tagged answer), metadata."""
+    records = [
+        {**row, "prompt": _user(row["prompt"]), "completion": _assistant(row["answer"])}
+        for row in rows
+    ]
+    return _dataset(records, ("prompt", "completion", "task", "level", "answer", "id"))
+
+
+def to_rl(rows: list[dict]) -> Dataset:
+    """Prompt-only rows for online RL: `prompt` (user turn), `answer` for the reward, metadata."""
+    records = [{**row, "prompt": _user(row["prompt"])} for row in rows]
+    return _dataset(records, ("prompt", "answer", "task", "level", "id"))
+
+
+def to_dpo(rows: list[dict], seed: int = 0) -> Dataset:
+    """Preference rows: `chosen` holds the right answer, `rejected` a plausible wrong one.
+
+    Args:
+        rows: Problems as made by `make_problems`.
+        seed: Seed of the wrong answers; each row draws from `"{seed}:{id}"`.
+
+    Returns:
+        A dataset with `prompt`, `chosen`, `rejected`, `task`, `level`, `id`.
+    """
+    records = [
+        {
+            **row,
+            "prompt": _user(row["prompt"]),
+            "chosen": _assistant(row["answer"]),
+            "rejected": _assistant(
+                get_task(row["task"]).corrupt(row["answer"], random.Random(f"{seed}:{row['id']}"))
+            ),
+        }
+        for row in rows
+    ]
+    return _dataset(records, ("prompt", "chosen", "rejected", "task", "level", "id"))
+
+
+def to_chat(rows: list[dict]) -> Dataset:
+    """Conversation rows: `messages` = [user turn, assistant turn], plus metadata."""
+    records = [
+        {**row, "messages": _user(row["prompt"]) + _assistant(row["answer"])} for row in rows
+    ]
+    return _dataset(records, ("messages", "task", "level", "answer", "id"))
+
+
+SCHEMAS = ("sft", "rl", "dpo", "chat")
+
+
+def export(rows: list[dict], schema: str, seed: int = 0) -> Dataset:
+    """Exports problems to one stage's schema (see `SCHEMAS`).
+
+    Args:
+        rows: Problems as made by `make_problems`.
+        schema: One of `SCHEMAS`.
+        seed: Seed of the DPO wrong answers.
+
+    Returns:
+        The dataset in TRL's conversational column conventions.
+    """
+    if schema not in SCHEMAS:
+        raise ValueError(f"unknown schema {schema!r}; known schemas: {', '.join(SCHEMAS)}")
+    if schema == "dpo":
+        return to_dpo(rows, seed)
+    return {"sft": to_sft, "rl": to_rl, "chat": to_chat}[schema](rows)

@@ -1,0 +1,310 @@
+"""Loading and validating user datasets: round trips, malformed files, skip mode."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from align.data import REQUIRED_COLUMNS, DataError, load_dataset_file, validate_row
+from align.tasks import export, make_problems
+
+PROBLEMS = make_problems(["add", "sort"], [1, 2], 3, seed=0)
+SAMPLES = {schema: export(PROBLEMS, schema).to_list() for schema in ("sft", "rl", "dpo", "chat")}
+SAMPLES["text"] = [{"text": f"{r['prompt']} {r['answer']}"} for r in PROBLEMS]
+# Plain-text (TRL "standard") variants of the prompt-based schemas.
+SAMPLES["sft-plain"] = [{"prompt": r["prompt"], "completion": r["answer"]} for r in PROBLEMS]
+SAMPLES["rl-plain"] = [{"prompt": r["prompt"], "answer": r["answer"], "level": 1} for r in PROBLEMS]
+
+
+def user(text="Compute 1+1."):
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text="<answer>2</answer>"):
+    return [{"role": "assistant", "content": text}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write(fmt, tmp_path, rows):
+    if fmt == "jsonl":
+        return write_jsonl(tmp_path / "data.jsonl", rows)
+    if fmt == "parquet":
+        Dataset.from_list(rows).to_parquet(tmp_path / "data.parquet")
+        return tmp_path / "data.parquet"
+    Dataset.from_list(rows).save_to_disk(tmp_path / "data")
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "dir"])
+@pytest.mark.parametrize("sample", list(SAMPLES))
+def test_round_trip(tmp_path, fmt, sample):
+    rows = SAMPLES[sample]
+    path = write(fmt, tmp_path, rows)
+    dataset, report = load_dataset_file(path, sample.removesuffix("-plain"))
+    assert dataset.to_list() == rows
+    assert report == {"file": str(path), "rows": 12, "kept": 12, "skipped": 0, "errors": []}
+
+
+GOOD_SFT = {"prompt": user(), "completion": assistant()}
+# name: (schema, file lines (bytes or rows), bad row, bad field, words in the message)
+MALFORMED = {
+    "missing field": ("sft", [GOOD_SFT, {"prompt": user()}], 1, "completion", "missing"),
+    "null field": ("rl", [{"prompt": "Compute 1+1.", "answer": None}], 0, "answer", "missing"),
+    "wrong type": (
+        "sft",
+        [GOOD_SFT, GOOD_SFT, {"prompt": "x", "completion": 5}],
+        2,
+        "completion",
+        "expected non-empty string or list of messages, got int",
+    ),
+    "answer not a string": ("rl", [{"prompt": "x", "answer": 2}], 0, "answer", "got int"),
+    "empty string": ("sft", [{"prompt": "  ", "completion": "2"}], 0, "prompt", "blank string"),
+    "empty message list": (
+        "dpo",
+        [{"prompt": [], "chosen": "a", "rejected": "b"}],
+        0,
+        "prompt",
+        "empty list",
+    ),
+    "messages as string": (
+        "chat",
+        [{"messages": "hi"}],
+        0,
+        "messages",
+        "list of messages, got str",
+    ),
+    "bad role": (
+        "sft",
+        [{"prompt": [{"role": "bot", "content": "hi"}], "completion": assistant()}],
+        0,
+        "prompt",
+        "message 0: role 'bot' is not one of",
+    ),
+    "empty content": (
+        "chat",
+        [{"messages": user() + [{"role": "assistant", "content": ""}]}],
+        0,
+        "messages",
+        "message 1: content must be a non-empty string",
+    ),
+    "message not an object": (
+        "chat",
+        [{"messages": ["hi"]}],
+        0,
+        "messages",
+        "message 0: expected an object, got str",
+    ),
+    "assistant-first messages": (
+        "chat",
+        [{"messages": user() + assistant()}, {"messages": assistant() + user()}],
+        1,
+        "messages",
+        "not start with",
+    ),
+    "no assistant message": ("chat", [{"messages": user()}], 0, "messages", "contain an assistant"),
+    "prompt ends with assistant": (
+        "rl",
+        [{"prompt": user() + assistant(), "answer": "2"}],
+        0,
+        "prompt",
+        "must not end with an assistant",
+    ),
+    "completion from user": (
+        "sft",
+        [{"prompt": user(), "completion": user()}],
+        0,
+        "completion",
+        "start with an assistant",
+    ),
+    "formats mixed in a row": (
+        "dpo",
+        [{"prompt": user(), "chosen": assistant(), "rejected": "<answer>3</answer>"}],
+        0,
+        "rejected",
+        "mixed",
+    ),
+    "formats mixed across rows": (
+        "sft",
+        [GOOD_SFT, {"prompt": "Compute 1+1.", "completion": "2"}],
+        1,
+        "prompt",
+        "is text but row 0 is conversational",
+    ),
+    "huge field": (
+        "sft",
+        [{"prompt": "x" * 100_001, "completion": "2"}],
+        0,
+        "prompt",
+        "100001 characters exceed",
+    ),
+    "huge message list": (
+        "chat",
+        [{"messages": user("x" * 60_000) + assistant("y" * 60_000)}],
+        0,
+        "messages",
+        "120000 characters",
+    ),
+    "invalid UTF-8": (
+        "sft",
+        [GOOD_SFT, b'{"prompt": "\xff\xfe", "completion": "2"}'],
+        1,
+        None,
+        "invalid UTF-8",
+    ),
+    "invalid JSON": (
+        "sft",
+        [GOOD_SFT, b'{"prompt": "x", "completion": }'],
+        1,
+        None,
+        "invalid JSON",
+    ),
+    "not an object": ("sft", [b"[1, 2]"], 0, None, "expected a JSON object, got list"),
+    "blank lines are not rows": ("sft", [b"", GOOD_SFT, b"   ", b"{}"], 1, "prompt", "missing"),
+    "empty file": ("sft", [], None, None, "no usable rows"),
+}
+
+
+def write_lines(path, lines):
+    data = b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines
+    )
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_rows_are_located(tmp_path, name):
+    schema, lines, row, field, words = MALFORMED[name]
+    path = write_lines(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(DataError) as caught:
+        load_dataset_file(path, schema)
+    error = caught.value
+    assert (error.file, error.row, error.field) == (str(path), row, field)
+    message = str(error)
+    assert message.startswith(f"{path}: ") and words in message
+    assert (f"row {row}: " in message) == (row is not None)
+    assert (f"field '{field}': " in message) == (field is not None)
+
+
+def test_error_message_format():
+    error = DataError("expected x, got int", file="data/train.jsonl", row=17, field="completion")
+    assert str(error) == "data/train.jsonl: row 17: field 'completion': expected x, got int"
+    assert isinstance(error, ValueError) and str(DataError("no rows")) == "no rows"
+
+
+def test_validate_row_sets_only_the_field():
+    validate_row(GOOD_SFT, "sft")
+    with pytest.raises(DataError) as caught:
+        validate_row({"prompt": "x" * 11, "answer": "1"}, "rl", max_chars_per_field=10)
+    assert (caught.value.file, caught.value.row, caught.value.field) == (None, None, "prompt")
+    with pytest.raises(ValueError, match="known schemas: sft, rl, dpo, chat, text"):
+        validate_row(GOOD_SFT, "kto")
+
+
+def test_skip_mode_counts_and_logs(tmp_path, caplog):
+    good = SAMPLES["sft"][:4]
+    lines = [good[0], {"prompt": user()}, good[1], b"{oops", good[2], b"", good[3], b"\xff"]
+    path = write_lines(tmp_path / "mixed.jsonl", lines)
+    with caplog.at_level(logging.WARNING, logger="align.data"):
+        dataset, report = load_dataset_file(path, "sft", on_error="skip")
+    assert dataset.to_list() == good
+    assert (report["rows"], report["kept"], report["skipped"]) == (7, 4, 3)
+    assert [e.split(": ")[1] for e in report["errors"]] == ["row 1", "row 3", "row 6"]
+    assert "skipped 3 bad rows of 7" in caplog.text
+
+
+def test_skip_mode_reports_at_most_20_errors(tmp_path):
+    path = write_lines(tmp_path / "many.jsonl", [GOOD_SFT] + [{"prompt": "x"}] * 30)
+    _, report = load_dataset_file(path, "sft", on_error="skip")
+    assert (report["kept"], report["skipped"], len(report["errors"])) == (1, 30, 20)
+
+
+def test_skip_mode_with_only_bad_rows_has_no_usable_rows(tmp_path):
+    path = write_lines(tmp_path / "allbad.jsonl", [{"prompt": "x"}, b"nope"])
+    with pytest.raises(
+        DataError, match=r"no usable rows \(0 of 2 valid; first error: .*row 0"
+    ) as caught:
+        load_dataset_file(path, "sft", on_error="skip")
+    assert caught.value.row is None
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "dir"])
+def test_arrow_sources_are_validated_and_skipped(tmp_path, fmt):
+    rows = [dict(r) for r in SAMPLES["rl-plain"][:3]]
+    rows[1]["answer"] = " "
+    path = write(fmt, tmp_path, rows)
+    with pytest.raises(DataError) as caught:
+        load_dataset_file(path, "rl")
+    assert (caught.value.row, caught.value.field) == (1, "answer")
+    dataset, report = load_dataset_file(path, "rl", on_error="skip")
+    assert dataset.to_list() == [rows[0], rows[2]] and report["skipped"] == 1
+
+
+def test_a_missing_column_is_reported_on_the_first_row(tmp_path):
+    Dataset.from_list([{"prompt": "x"}] * 2).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(DataError) as caught:
+        load_dataset_file(tmp_path / "d.parquet", "rl")
+    assert (caught.value.row, caught.value.field) == (0, "answer")
+
+
+def test_extra_columns_are_kept_even_when_only_some_rows_have_them(tmp_path):
+    rows = [dict(GOOD_SFT), dict(GOOD_SFT, source="web"), dict(GOOD_SFT, score=0.5)]
+    dataset, _ = load_dataset_file(write_jsonl(tmp_path / "x.jsonl", rows), "sft")
+    assert dataset.column_names == ["prompt", "completion", "source", "score"]
+    assert dataset["source"] == [None, "web", None] and dataset["score"] == [None, None, 0.5]
+
+
+def test_json_array_files_and_byte_order_marks(tmp_path):
+    rows = SAMPLES["rl"][:2]
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps(rows))
+    assert load_dataset_file(array, "rl")[0].to_list() == rows
+    array.write_text(json.dumps([rows[0], 3]))
+    with pytest.raises(DataError, match="row 1: expected a JSON object, got int"):
+        load_dataset_file(array, "rl")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows[0]).encode() + b"\n")
+    assert load_dataset_file(bom, "rl")[0].to_list() == rows[:1]
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl: no such file") as caught:
+        load_dataset_file(tmp_path / "nope.jsonl", "sft")
+    assert caught.value.row is None
+    (tmp_path / "d.csv").write_text("prompt,completion\n")
+    with pytest.raises(DataError, match=r"d.csv: unsupported file type '.csv'; supported: .jsonl"):
+        load_dataset_file(tmp_path / "d.csv", "sft")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="junk.parquet: cannot read"):
+        load_dataset_file(tmp_path / "junk.parquet", "sft")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="empty_dir: cannot read"):
+        load_dataset_file(tmp_path / "empty_dir", "sft")
+    DatasetDict({"train": Dataset.from_list(SAMPLES["sft"])}).save_to_disk(tmp_path / "splits")
+    with pytest.raises(DataError, match=r"holds splits \['train'\]"):
+        load_dataset_file(tmp_path / "splits", "sft")
+
+
+def test_unknown_schema_and_on_error(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [GOOD_SFT])
+    assert set(REQUIRED_COLUMNS) == {"sft", "rl", "dpo", "chat", "text"}
+    with pytest.raises(
+        ValueError, match="unknown schema 'kto'; known schemas: sft, rl, dpo, chat, text"
+    ):
+        load_dataset_file(path, "kto")
+    with pytest.raises(ValueError, match="on_error"):
+        load_dataset_file(path, "sft", on_error="ignore")
+
+
+def test_extra_columns_of_clashing_types_are_a_file_error(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [dict(GOOD_SFT, meta=1), dict(GOOD_SFT, meta=[1])])
+    with pytest.raises(DataError, match="x.jsonl: rows do not form one table") as caught:
+        load_dataset_file(path, "sft")
+    assert caught.value.row is None
