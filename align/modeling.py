@@ -1,0 +1,189 @@
+"""Embedded default models: tiny Llama 4 style and Qwen3-MoE text MoEs built from presets.
+
+A preset is a named set of config values for one model family. `build_model` random-initialises
+the model from a seed; `write_checkpoint` saves it with the embedded tokenizer as a Hugging Face
+checkpoint (safetensors, config, generation config, tokenizer with chat template) that both
+transformers and vLLM load. The same loading code (`load_model`) serves real checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+from align.tokenizer import build_tokenizer
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family the toolkit builds: its config class, model class and fixed settings."""
+
+    config_cls: type[PretrainedConfig]
+    model_cls: type[PreTrainedModel]
+    # Settings every preset of the family shares (what makes it "Llama 4 style").
+    base: dict[str, Any]
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    # Llama 4 text MoE: MoE on every second layer (alternating dense/MoE), one shared expert in
+    # every MoE layer (built into Llama4TextMoe), top-1 routing with a sigmoid router score.
+    "llama4": ModelFamily(
+        Llama4TextConfig,
+        Llama4ForCausalLM,
+        dict(
+            interleave_moe_layer_step=2,
+            num_experts_per_tok=1,
+            use_qk_norm=True,
+            # vLLM's CPU attention refuses head_dim 16; 32 is the smallest accepted.
+            head_dim=32,
+            max_position_embeddings=512,
+            attention_chunk_size=512,
+            router_aux_loss_coef=0.001,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Qwen3-MoE: softmax top-k routing, MoE in every layer, no shared expert.
+    "qwen3_moe": ModelFamily(
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        dict(
+            head_dim=32,
+            decoder_sparse_step=1,
+            norm_topk_prob=True,
+            max_position_embeddings=512,
+            router_aux_loss_coef=0.001,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+
+# name -> (family, sizes). "student" and "teacher" are the defaults of the recipe (the student is
+# what SFT/RL/DPO train and what distillation targets; the teacher is larger).
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "student": (
+        "llama4",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=4,
+            intermediate_size=128,
+            intermediate_size_mlp=256,
+        ),
+    ),
+    "teacher": (
+        "llama4",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=8,
+            intermediate_size=256,
+            intermediate_size_mlp=512,
+        ),
+    ),
+    "qwen3-student": (
+        "qwen3_moe",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=128,
+            intermediate_size=256,
+        ),
+    ),
+    "qwen3-teacher": (
+        "qwen3_moe",
+        dict(
+            hidden_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=256,
+            intermediate_size=512,
+        ),
+    ),
+}
+
+
+def model_config(preset: str) -> PretrainedConfig:
+    """Returns the transformers config of a preset, with the embedded tokenizer's special ids.
+
+    Raises:
+        ValueError: the preset is unknown (the message lists the known presets).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    family_name, sizes = PRESETS[preset]
+    family = FAMILIES[family_name]
+    tokenizer = build_tokenizer()
+    return family.config_cls(
+        **family.base,
+        **sizes,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        architectures=[family.model_cls.__name__],
+        dtype="float32",
+    )
+
+
+def build_model(preset: str, seed: int) -> PreTrainedModel:
+    """Random-initialises the preset's model; the same seed gives the same weights."""
+    config = model_config(preset)
+    family = FAMILIES[PRESETS[preset][0]]
+    torch.manual_seed(seed)
+    return family.model_cls(config).to(torch.float32).eval()
+
+
+def write_checkpoint(model: PreTrainedModel, directory: str | Path) -> Path:
+    """Saves `model` with the embedded tokenizer as a Hugging Face checkpoint directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Loads a local Hugging Face checkpoint (safetensors only, no remote code)."""
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
+    )
+
+
+def count_parameters(model: PreTrainedModel) -> dict[str, int]:
+    """Total parameters and those active per token (one routed expert set + everything else)."""
+    total = sum(p.numel() for p in model.parameters())
+    config = model.config
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    n_experts = getattr(config, "num_local_experts", None) or config.num_experts
+    active = total - routed + routed * config.num_experts_per_tok // n_experts
+    return {"total": total, "active": active}

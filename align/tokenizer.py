@@ -1,0 +1,95 @@
+"""The embedded character-level tokenizer, built locally with the `tokenizers` library.
+
+Every printable ASCII character and the newline is one token, so digits and letters keep a
+one-to-one token mapping (what a tiny model needs to learn arithmetic and sorting). The chat
+control tokens and the answer tags are single tokens. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+BOS = "<|begin_of_text|>"
+EOS = "<|eot|>"
+PAD = "<|pad|>"
+UNK = "<unk>"
+HEADER_START = "<|header_start|>"
+HEADER_END = "<|header_end|>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, HEADER_START, HEADER_END)
+# Answer tags are ordinary (non-special) added tokens: they survive decoding.
+ANSWER_TAGS = ("<answer>", "</answer>")
+
+# Llama 4's layout: <|header_start|>role<|header_end|>content<|eot|>, without the newlines
+# (every character is a token here, so each saved character is a faster step).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|header_start|>{{ message['role'] }}<|header_end|>{{ message['content'] }}<|eot|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>{% endif %}"
+)
+
+CHARACTERS = "\n" + "".join(c for c in string.printable if c.isprintable())
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Builds the embedded tokenizer: special tokens, answer tags, then one token per character.
+
+    Returns:
+        A `PreTrainedTokenizerFast` with BOS/EOS/PAD/UNK set and the chat template attached.
+    """
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for char in CHARACTERS:
+        vocab[char] = len(vocab)
+    # BPE without merges and without a pre-tokenizer splits text into single characters,
+    # spaces and newlines included; Fuse() joins them back verbatim when decoding.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=[HEADER_START, HEADER_END],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+        padding_side="left",
+    )
+    tokenizer.add_tokens(list(ANSWER_TAGS))
+    return tokenizer
+
+
+def save_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    """Builds the embedded tokenizer and writes it to `directory` in Hugging Face format."""
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+def encode_prompts(tokenizer, prompts: list[str | list[dict]]) -> list[list[int]]:
+    """Token ids of each prompt, ready for generation.
+
+    A prompt is a conversation (list of `{"role", "content"}` messages, TRL's conversational
+    format): the chat template is applied with the assistant header appended. A plain string is
+    tokenised as is, with the BOS token in front.
+    """
+    encoded = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            encoded.append(
+                [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+            )
+        else:
+            encoded.append(
+                list(
+                    tokenizer.apply_chat_template(
+                        prompt, add_generation_prompt=True, tokenize=True, return_dict=False
+                    )
+                )
+            )
+    return encoded
