@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny checkpoints and vLLM engines, built once per test session.
+
+A vLLM engine costs 15-45 s to start on CPU, so engines are session-scoped and a check at the
+end of the session fails the run if any checkpoint got more than one engine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from align import engine
+from align.modeling import build_model, write_checkpoint
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The presets the vLLM tests cover: one per supported model family.
+FAMILY_PRESETS = {"llama4": "student", "qwen3_moe": "qwen3-student"}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random-initialised checkpoint per model family, keyed by family."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        family: write_checkpoint(build_model(preset, seed=0), root / preset)
+        for family, preset in FAMILY_PRESETS.items()
+    }
+
+
+_engines: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def engine_for(checkpoints):
+    """Returns the session's engine for a model family, starting it on first use."""
+
+    def get(family: str):
+        if family not in _engines:
+            _engines[family] = engine.start_engine(str(checkpoints[family]), engine.EngineConfig())
+        return _engines[family]
+
+    return get
+
+
+def pytest_sessionfinish(session, exitstatus):
+    repeated = {path: n for path, n in engine.ENGINE_STARTS.items() if n > 1}
+    if repeated:
+        print(
+            f"\nFAILED engine reuse: engines were started more than once per checkpoint: {repeated}"
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def memorize(model, tokenizer, rows: list[dict], steps: int = 300, lr: float = 3e-3) -> float:
+    """Trains `model` to answer `rows` (prompt messages + answer) verbatim; returns the last loss.
+
+    A few seconds on CPU. It gives tests a checkpoint whose right answers are known, so the
+    evaluation's numbers can be checked against an independent computation.
+    """
+    import torch
+
+    from align.tasks import format_answer
+
+    sequences, masks = [], []
+    for row in rows:
+        prompt_ids = tokenizer.apply_chat_template(
+            row["prompt"], add_generation_prompt=True, return_dict=False
+        )
+        full = row["prompt"] + [{"role": "assistant", "content": format_answer(row["answer"])}]
+        full_ids = tokenizer.apply_chat_template(full, return_dict=False)
+        sequences.append(full_ids)
+        masks.append([0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids)))
+    width = max(map(len, sequences))
+    ids_bt = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
+    mask_bt = torch.tensor([m + [0] * (width - len(m)) for m in masks])[:, 1:].float()
+    torch.manual_seed(0)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        logits_btv = model(ids_bt).logits[:, :-1]
+        logprobs_bt = logits_btv.log_softmax(-1).gather(-1, ids_bt[:, 1:, None])[..., 0]
+        loss = -(logprobs_bt * mask_bt).sum() / mask_bt.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return loss.item()
+
+
+@pytest.fixture(scope="session")
+def memorized(tmp_path_factory):
+    """A student checkpoint trained to answer 8 level-1 problems, with those and 8 unseen rows."""
+    from align.tasks import make_problems, to_rl
+    from align.tokenizer import build_tokenizer
+
+    rows = list(to_rl(make_problems(["add", "sort"], [1], 8, seed=11)))
+    seen = [rows[i] for i in range(0, 16, 2)]
+    unseen = [rows[i] for i in range(1, 16, 2)]
+    model = build_model("student", seed=0)
+    loss = memorize(model, build_tokenizer(), seen)
+    assert loss < 0.05, f"memorisation did not converge (loss {loss:.3f})"
+    path = write_checkpoint(model, tmp_path_factory.mktemp("memorized") / "model")
+    return {"checkpoint": path, "seen": seen, "unseen": unseen}

