@@ -1,0 +1,109 @@
+"""The `align` command: one subcommand per stage, each taking `--config FILE.yaml` and
+`key.sub=value` overrides.
+
+    align make-model --config m.yaml preset=student
+    align eval model=runs/m/model data=runs/d/data/heldout/rl
+    align run pipelines/default.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from align.config import ConfigError, load_config
+from align.data import DataError
+
+DESCRIPTIONS = {
+    "run": "run a pipeline file: its stages in order, resuming where it stopped",
+    "make-model": "write a random-initialised embedded MoE checkpoint from a size preset",
+    "make-data": "generate the embedded tasks in every stage's dataset schema",
+    "eval": "score a checkpoint on held-out prompts with vLLM (greedy accuracy, pass@k)",
+    "filter": "score data difficulty and prune the easy part",
+    "sft": "lightweight supervised fine-tuning",
+    "rl": "asynchronous online RL with Ray and vLLM",
+    "dpo": "lightweight DPO",
+    "distill": "teacher-to-student distillation",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="align",
+        description="Llama 4 style post-training for Mixture-of-Experts models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, description in DESCRIPTIONS.items():
+        p = sub.add_parser(name, help=description, description=description)
+        p.add_argument("--config", metavar="FILE.yaml", help="config file (YAML)")
+        p.add_argument(
+            "items",
+            nargs="*",
+            metavar="key.sub=value",
+            help="overrides of config keys"
+            + (" (a bare FILE.yaml is the pipeline file)" if name == "run" else ""),
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # vLLM logs every engine detail at INFO, and datasets/transformers draw a bar for every
+    # small file they write; keep the terminal for the toolkit's own progress.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+    from pipelines import pipeline, stages
+
+    config_path = args.config
+    overrides = []
+    for item in args.items:
+        if "=" not in item and config_path is None and args.command == "run":
+            config_path = item
+        elif "=" not in item:
+            print(f"align {args.command}: expected key=value, got {item!r}", file=sys.stderr)
+            return 2
+        else:
+            overrides.append(item)
+
+    if args.command == "run":
+        module = pipeline
+    else:
+        module = stages.COMMANDS[args.command]
+        if module is None:
+            print(
+                f"align {args.command}: this stage is not in this version of the toolkit yet",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        config = load_config(module.Config, config_path, overrides)
+        if args.command == "run":
+            pipeline.resolve_stages(config, source=config_path or "<command line>")
+    except ConfigError as error:
+        print(f"align {args.command}: {error}", file=sys.stderr)
+        return 2
+
+    try:
+        if args.command == "run":
+            result = pipeline.run(config, source=config_path or "<command line>")
+        else:
+            result = module.run(config)
+    except DataError as error:
+        print(f"align {args.command}: bad data: {error}", file=sys.stderr)
+        return 2
+    if args.command in ("make-model", "make-data"):
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

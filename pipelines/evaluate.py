@@ -1,0 +1,100 @@
+"""Stage `eval`: score a checkpoint on held-out prompts with vLLM and print the table.
+
+Output: `runs/<name>/eval.json` (overall, per task, per level, per task x level) and the
+table on the terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from transformers import AutoTokenizer
+
+from align import engine
+from align.config import check
+from align.data import load_dataset_file
+from align.evaluate import evaluate, format_table
+from align.runs import Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    """Settings of `align eval`."""
+
+    # Checkpoint directory to evaluate (Hugging Face format, safetensors).
+    model: str
+    # Held-out prompts with answers: JSONL, Parquet or a `datasets` directory (columns
+    # prompt, answer; optional task, level).
+    data: str
+    # Run name: everything is written under <runs_dir>/<name>/.
+    name: str = "eval"
+    # Root directory of runs.
+    runs_dir: str = "runs"
+    # Evaluate only the first N rows (None: all).
+    limit: int | None = None
+    # k of pass@k.
+    pass_k: int = 4
+    # Completions sampled per prompt for pass@k.
+    samples: int = 4
+    # Sampling temperature for pass@k (greedy accuracy always uses 0).
+    temperature: float = 1.0
+    # Longest completion in tokens.
+    max_new_tokens: int = 32
+    # Sampling seed.
+    seed: int = 0
+    # Bad dataset rows: "raise" stops with the file, row and field; "skip" drops and counts them.
+    on_error: Literal["raise", "skip"] = "raise"
+    # vLLM engine settings.
+    engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
+
+    def validate(self) -> None:
+        check(self.pass_k >= 1, "pass_k", f"must be >= 1 (got {self.pass_k})")
+        check(
+            self.samples >= self.pass_k,
+            "samples",
+            f"must be >= pass_k ({self.pass_k}), got {self.samples}",
+        )
+        check(
+            self.temperature > 0,
+            "temperature",
+            f"must be > 0 for pass@k sampling (got {self.temperature})",
+        )
+        check(
+            self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1 (got {self.max_new_tokens})"
+        )
+        check(
+            self.limit is None or self.limit >= 1,
+            "limit",
+            f"must be >= 1 or null (got {self.limit})",
+        )
+
+
+def run(config: Config, llm=None) -> dict:
+    """Evaluates `config.model`; pass a started engine as `llm` to reuse it."""
+    with Run(Path(config.runs_dir) / config.name, config) as run_dir:
+        dataset, data_report = load_dataset_file(config.data, "rl", on_error=config.on_error)
+        rows = list(dataset)[: config.limit]
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        llm = llm or engine.start_engine(config.model, config.engine)
+        report = evaluate(
+            llm,
+            tokenizer,
+            rows,
+            pass_k=config.pass_k,
+            samples=config.samples,
+            temperature=config.temperature,
+            max_tokens=config.max_new_tokens,
+            seed=config.seed,
+        )
+        report["model"] = config.model
+        report["data"] = {**data_report, "evaluated": len(rows)}
+        run_dir.write_json("eval.json", report)
+        table = format_table(report, title=f"held-out evaluation of {config.model}")
+        (run_dir.dir / "eval.txt").write_text(table + "\n", encoding="utf-8")
+        print(table)
+    return report

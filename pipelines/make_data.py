@@ -1,0 +1,80 @@
+"""Stage `make-data`: generate the embedded tasks and export them in every stage's schema.
+
+Output under `runs/<name>/`: `train/` and `heldout/`, each holding one `datasets` directory
+per schema (`sft`, `rl`, `dpo`, `chat`) plus `problems.jsonl` with the raw problems.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from align.config import check
+from align.runs import Run
+from align.tasks import SCHEMAS, TASKS, export, make_problems, split_problems
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    """Settings of `align make-data`."""
+
+    # Run name: everything is written under <runs_dir>/<name>/.
+    name: str = "make-data"
+    # Root directory of runs.
+    runs_dir: str = "runs"
+    # Task families to generate (see align.tasks.TASKS).
+    tasks: list[str] = field(default_factory=lambda: ["add", "sort"])
+    # Difficulty levels to generate (1 = easiest).
+    levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    # Problems per task and level, before the held-out split.
+    per_level: int = 100
+    # Fraction of each task x level held out for evaluation.
+    heldout_fraction: float = 0.2
+    # Generation and split seed.
+    seed: int = 0
+
+    def validate(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        check(not unknown, "tasks", f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+        check(bool(self.tasks), "tasks", "needs at least one task")
+        check(bool(self.levels), "levels", "needs at least one level")
+        for task in self.tasks:
+            bad = [lv for lv in self.levels if lv not in TASKS[task].levels]
+            check(
+                not bad,
+                "levels",
+                f"task {task!r} has no level(s) {bad}; it has {list(TASKS[task].levels)}",
+            )
+        check(self.per_level >= 2, "per_level", f"must be >= 2 (got {self.per_level})")
+        check(
+            0 < self.heldout_fraction < 1,
+            "heldout_fraction",
+            f"must be strictly between 0 and 1 (got {self.heldout_fraction})",
+        )
+
+
+def run(config: Config) -> dict:
+    """Generates, splits and exports the tasks. Returns the output paths and row counts."""
+    with Run(Path(config.runs_dir) / config.name, config) as run_dir:
+        problems = make_problems(config.tasks, config.levels, config.per_level, config.seed)
+        train, heldout = split_problems(problems, config.heldout_fraction, config.seed)
+        out = run_dir.dir
+        paths = {}
+        for split, rows in (("train", train), ("heldout", heldout)):
+            (out / split).mkdir(parents=True, exist_ok=True)
+            with open(out / split / "problems.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+            for schema in SCHEMAS:
+                export(rows, schema, seed=config.seed).save_to_disk(str(out / split / schema))
+            paths[split] = str(out / split)
+        log.info("wrote %d train and %d held-out problems to %s", len(train), len(heldout), out)
+        result = {
+            "train": paths["train"],
+            "heldout": paths["heldout"],
+            "rows": {"train": len(train), "heldout": len(heldout)},
+        }
+    return result

@@ -1,0 +1,55 @@
+"""Stage `make-model`: write a random-initialised embedded MoE checkpoint from a preset.
+
+Output: `runs/<name>/model/`, a Hugging Face checkpoint (safetensors, config, tokenizer with
+chat template) that transformers and vLLM load.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from align.config import check
+from align.modeling import PRESETS, build_model, count_parameters, write_checkpoint
+from align.runs import Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    """Settings of `align make-model`."""
+
+    # Run name: everything is written under <runs_dir>/<name>/.
+    name: str = "make-model"
+    # Root directory of runs.
+    runs_dir: str = "runs"
+    # Model size preset: student, teacher (Llama 4 style), qwen3-student, qwen3-teacher.
+    preset: str = "teacher"
+    # Initialisation seed: the same seed writes the same weights.
+    seed: int = 0
+
+    def validate(self) -> None:
+        check(
+            self.preset in PRESETS,
+            "preset",
+            f"unknown preset {self.preset!r}; known: {', '.join(PRESETS)}",
+        )
+
+
+def run(config: Config) -> dict:
+    """Builds the model and writes the checkpoint. Returns its path and parameter counts."""
+    with Run(Path(config.runs_dir) / config.name, config) as run_dir:
+        model = build_model(config.preset, config.seed)
+        checkpoint = write_checkpoint(model, run_dir.dir / "model")
+        params = count_parameters(model)
+        log.info(
+            "%s: %d parameters (%d active per token) -> %s",
+            config.preset,
+            params["total"],
+            params["active"],
+            checkpoint,
+        )
+        result = {"checkpoint": str(checkpoint), "preset": config.preset, "parameters": params}
+    return result

@@ -1,0 +1,22 @@
+"""The commands `align` and pipeline files can run, by name.
+
+Each entry is a stage module with a `Config` dataclass and `run(config) -> dict`. None marks a
+command this version does not have yet; the CLI and pipeline files refuse it with that reason.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from pipelines import evaluate, make_data, make_model
+
+COMMANDS: dict[str, ModuleType | None] = {
+    "make-model": make_model,
+    "make-data": make_data,
+    "eval": evaluate,
+    "filter": None,
+    "sft": None,
+    "rl": None,
+    "dpo": None,
+    "distill": None,
+}

@@ -1,0 +1,106 @@
+"""The `align` command: subcommands, config errors before work, and the pipeline runner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ALIGN = str(Path(sys.executable).parent / "align")
+SUBCOMMANDS = ["run", "make-model", "make-data", "eval", "filter", "sft", "rl", "dpo", "distill"]
+
+
+def align(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([ALIGN, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_help_lists_every_subcommand():
+    out = align("--help")
+    assert out.returncode == 0
+    for name in SUBCOMMANDS:
+        assert f"    {name}" in out.stdout, name
+
+
+@pytest.mark.parametrize("stage", ["filter", "sft", "rl", "dpo", "distill"])
+def test_stage_not_in_this_version_says_so(stage):
+    out = align(stage)
+    assert out.returncode == 2
+    assert "not in this version" in out.stderr
+
+
+def test_unknown_override_key_suggests_the_nearest(tmp_path):
+    out = align("make-model", "presett=student", f"runs_dir={tmp_path}")
+    assert out.returncode == 2
+    assert "unknown key 'presett'" in out.stderr and "did you mean 'preset'" in out.stderr
+    assert not any(tmp_path.iterdir()), "nothing may be written before the config is valid"
+
+
+def test_wrong_type_in_file_names_file_and_key(tmp_path):
+    config = tmp_path / "model.yaml"
+    config.write_text("preset: student\nseed: abc\n")
+    out = align("make-model", "--config", str(config), f"runs_dir={tmp_path}")
+    assert out.returncode == 2
+    assert str(config) in out.stderr and "'seed'" in out.stderr and "int" in out.stderr
+
+
+def test_impossible_value_is_refused(tmp_path):
+    out = align("make-data", "heldout_fraction=1.5", f"runs_dir={tmp_path}")
+    assert out.returncode == 2 and "heldout_fraction" in out.stderr
+
+
+def test_make_model_writes_a_checkpoint_and_resolved_config(tmp_path):
+    config = tmp_path / "model.yaml"
+    config.write_text("preset: student\nseed: 3\n")
+    out = align("make-model", "--config", str(config), f"runs_dir={tmp_path}", "name=m")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert Path(result["checkpoint"]) == tmp_path / "m" / "model"
+    assert (tmp_path / "m" / "model" / "model.safetensors").is_file()
+    assert yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())["seed"] == 3
+    assert (tmp_path / "m" / "log.txt").is_file()
+
+
+def test_pipeline_checks_every_stage_before_running_the_first(tmp_path):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        yaml.safe_dump(
+            {
+                "name": "p",
+                "runs_dir": str(tmp_path / "runs"),
+                "stages": [
+                    {"name": "m", "command": "make-model", "config": {"preset": "student"}},
+                    {
+                        "name": "e",
+                        "command": "eval",
+                        "config": {"model": "{run}/m/model", "data": "x", "pass_kk": 2},
+                    },
+                ],
+            }
+        )
+    )
+    out = align("run", str(pipeline))
+    assert out.returncode == 2
+    assert "stages[1] (e)" in out.stderr and "did you mean 'pass_k'" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pipeline_refuses_a_stage_this_version_lacks(tmp_path):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"stages": [{"name": "s", "command": "sft"}]}))
+    out = align("run", str(pipeline), f"runs_dir={tmp_path}")
+    assert out.returncode == 2 and "'sft'" in out.stderr and "does not have yet" in out.stderr
+
+
+def test_bad_data_is_a_clear_error(tmp_path):
+    from align.modeling import build_model, write_checkpoint
+
+    write_checkpoint(build_model("student", 0), tmp_path / "model")
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "Compute 1+1.", "answer": "2"}\n{"prompt": "Compute 2+2."}\n')
+    out = align("eval", f"model={tmp_path / 'model'}", f"data={data}", f"runs_dir={tmp_path}")
+    assert out.returncode == 2
+    assert "bad.jsonl" in out.stderr and "row 1" in out.stderr and "answer" in out.stderr
