@@ -13,8 +13,9 @@ import json
 import logging
 import os
 import sys
+import warnings
 
-from align.config import ConfigError, load_config
+from align.config import ConfigError, dump_yaml, load_config
 from align.data import DataError
 
 DESCRIPTIONS = {
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=description, description=description)
         p.add_argument("--config", metavar="FILE.yaml", help="config file (YAML)")
         p.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the resolved config (defaults, file, overrides) as YAML and exit",
+        )
+        p.add_argument(
             "items",
             nargs="*",
             metavar="key.sub=value",
@@ -54,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # vLLM logs every engine detail at INFO, and datasets/transformers draw a bar for every
     # small file they write; keep the terminal for the toolkit's own progress.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # Set VLLM_LOGGING_LEVEL=WARNING (or INFO) to see vLLM's own messages again.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
     import datasets
     import transformers
 
@@ -91,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"align {args.command}: {error}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(dump_yaml(config), end="")
+        return 0
 
     try:
         if args.command == "run":

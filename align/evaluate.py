@@ -124,6 +124,20 @@ def evaluate(
     }
 
 
+def scalars(report: dict, prefix: str = "eval") -> dict[str, float]:
+    """The report's headline numbers as flat scalar metrics (for metrics.jsonl and TensorBoard)."""
+    pass_key = f"pass@{report['pass_k']}"
+    metrics = {
+        f"{prefix}/greedy_accuracy": report["greedy_accuracy"],
+        f"{prefix}/{pass_key}": report[pass_key],
+    }
+    for group, table in (("task", report["by_task"]), ("level", report["by_level"])):
+        for name, m in table.items():
+            metrics[f"{prefix}/{group}_{name}/greedy_accuracy"] = m["greedy_accuracy"]
+            metrics[f"{prefix}/{group}_{name}/{pass_key}"] = m[pass_key]
+    return metrics
+
+
 def format_table(report: dict, title: str = "") -> str:
     """The report as a fixed-width text table: one line per task x level, then totals."""
     key = f"pass@{report['pass_k']}"

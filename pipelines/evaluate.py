@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 from align import engine
 from align.config import check
 from align.data import load_dataset_file
-from align.evaluate import evaluate, format_table
+from align.evaluate import evaluate, format_table, scalars
 from align.runs import Run
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ def run(config: Config, llm=None) -> dict:
         report["model"] = config.model
         report["data"] = {**data_report, "evaluated": len(rows)}
         run_dir.write_json("eval.json", report)
+        run_dir.log_metrics(0, scalars(report))
         table = format_table(report, title=f"held-out evaluation of {config.model}")
         (run_dir.dir / "eval.txt").write_text(table + "\n", encoding="utf-8")
         print(table)

@@ -71,6 +71,7 @@ def run(config: Config) -> dict:
             for schema in SCHEMAS:
                 export(rows, schema, seed=config.seed).save_to_disk(str(out / split / schema))
             paths[split] = str(out / split)
+        run_dir.log_metrics(0, {"rows/train": len(train), "rows/heldout": len(heldout)})
         log.info("wrote %d train and %d held-out problems to %s", len(train), len(heldout), out)
         result = {
             "train": paths["train"],

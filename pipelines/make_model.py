@@ -51,5 +51,8 @@ def run(config: Config) -> dict:
             params["active"],
             checkpoint,
         )
+        run_dir.log_metrics(
+            0, {"parameters/total": params["total"], "parameters/active": params["active"]}
+        )
         result = {"checkpoint": str(checkpoint), "preset": config.preset, "parameters": params}
     return result

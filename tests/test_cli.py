@@ -39,6 +39,23 @@ def test_unknown_override_key_suggests_the_nearest(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing may be written before the config is valid"
 
 
+def test_print_config_shows_resolved_values_and_does_no_work(tmp_path):
+    out = align(
+        "eval",
+        "--print-config",
+        "model=m",
+        "data=d",
+        "engine.kv_cache_gib=0.5",
+        f"runs_dir={tmp_path}",
+    )
+    assert out.returncode == 0, out.stderr
+    config = yaml.safe_load(out.stdout)
+    assert (
+        config["engine"]["kv_cache_gib"] == 0.5 and config["pass_k"] == 4 and config["model"] == "m"
+    )
+    assert not any(tmp_path.iterdir())
+
+
 def test_wrong_type_in_file_names_file_and_key(tmp_path):
     config = tmp_path / "model.yaml"
     config.write_text("preset: student\nseed: abc\n")
@@ -61,7 +78,10 @@ def test_make_model_writes_a_checkpoint_and_resolved_config(tmp_path):
     assert Path(result["checkpoint"]) == tmp_path / "m" / "model"
     assert (tmp_path / "m" / "model" / "model.safetensors").is_file()
     assert yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())["seed"] == 3
-    assert (tmp_path / "m" / "log.txt").is_file()
+    assert "student" in (tmp_path / "m" / "log.txt").read_text()
+    metrics = json.loads((tmp_path / "m" / "metrics.jsonl").read_text())
+    assert metrics["parameters/total"] == result["parameters"]["total"]
+    assert list((tmp_path / "m" / "tb").glob("events.out.tfevents.*"))
 
 
 def test_pipeline_checks_every_stage_before_running_the_first(tmp_path):

@@ -75,4 +75,8 @@ def test_eval_stage_matches_an_independent_greedy_check(memorized, tmp_path):
     saved = json.loads((tmp_path / "runs" / "ev" / "eval.json").read_text())
     assert saved["greedy_accuracy"] == report["greedy_accuracy"]
     assert (tmp_path / "runs" / "ev" / "config.yaml").is_file()
+    metrics = json.loads((tmp_path / "runs" / "ev" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["eval/greedy_accuracy"] == report["greedy_accuracy"]
+    assert metrics["eval/level_1/pass@2"] == report["by_level"]["1"]["pass@2"]
+    assert list((tmp_path / "runs" / "ev" / "tb").glob("events.out.tfevents.*"))
     assert "add" in format_table(report) and "pass@2" in format_table(report)
