@@ -111,6 +111,7 @@ def generate(
     top_p: float = 1.0,
     max_tokens: int = 32,
     seed: int | None = None,
+    progress: bool = False,
 ) -> list[list[Completion]]:
     """Samples `n` completions for each tokenised prompt.
 
@@ -122,6 +123,7 @@ def generate(
         top_p: nucleus sampling threshold (1 = off, which keeps logprobs unbiased).
         max_tokens: longest completion.
         seed: per-request seed for reproducible sampling.
+        progress: show a progress bar over the prompts.
 
     Returns:
         For each prompt, its `n` completions in order.
@@ -138,7 +140,7 @@ def generate(
         logprobs=0,
     )
     outputs = llm.generate(
-        [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False
+        [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=progress
     )
     return [
         [

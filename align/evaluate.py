@@ -74,9 +74,17 @@ def evaluate(
     if samples < pass_k:
         raise ValueError(f"samples ({samples}) must be >= pass_k ({pass_k})")
     prompts = encode_prompts(tokenizer, [row["prompt"] for row in rows])
-    greedy = engine.generate(llm, prompts, n=1, temperature=0.0, max_tokens=max_tokens)
+    greedy = engine.generate(
+        llm, prompts, n=1, temperature=0.0, max_tokens=max_tokens, progress=True
+    )
     sampled = engine.generate(
-        llm, prompts, n=samples, temperature=temperature, max_tokens=max_tokens, seed=seed
+        llm,
+        prompts,
+        n=samples,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        seed=seed,
+        progress=True,
     )
     if any(row.get("task") not in TASKS for row in rows):
         unknown = sum(row.get("task") not in TASKS for row in rows)
