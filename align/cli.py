@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 
-from align.config import ConfigError, dump_yaml, load_config
+from align.config import COMMAND_LINE, ConfigError, dump_yaml, load_config
 from align.data import DataError
 
 DESCRIPTIONS = {
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(module.Config, config_path, overrides)
         if args.command == "run":
-            pipeline.resolve_stages(config, source=config_path or "<command line>")
+            resolved = pipeline.resolve_stages(config, source=config_path or COMMAND_LINE)
     except ConfigError as error:
         print(f"align {args.command}: {error}", file=sys.stderr)
         return 2
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
-            result = pipeline.run(config, source=config_path or "<command line>")
+            result = pipeline.run(config, resolved)
         else:
             result = module.run(config)
     except DataError as error:

@@ -70,8 +70,8 @@ FAMILIES: dict[str, ModelFamily] = {
     ),
 }
 
-# name -> (family, sizes). "student" and "teacher" are the defaults of the recipe (the student is
-# what SFT/RL/DPO train and what distillation targets; the teacher is larger).
+# name -> (family, sizes). "teacher" and "student" are the recipe's defaults: the default
+# pipeline aligns the teacher (SFT, RL, DPO) and distils it into the smaller student.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "student": (
         "llama4",

@@ -16,6 +16,13 @@ from pathlib import Path
 from align.config import save_config
 
 
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Writes `data` as JSON to `path` atomically: a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class Run:
     """An open run directory. Use as a context manager so the log and writers are closed."""
 
@@ -45,9 +52,7 @@ class Run:
     def write_json(self, name: str, data: dict) -> Path:
         """Writes `data` to `<run>/<name>` atomically (a crash never leaves half a file)."""
         path = self.dir / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, data)
         return path
 
     def close(self) -> None:

@@ -8,7 +8,6 @@ control tokens and the answer tags are single tokens. Nothing is downloaded.
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
@@ -61,13 +60,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="left",
     )
     tokenizer.add_tokens(list(ANSWER_TAGS))
-    return tokenizer
-
-
-def save_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
-    """Builds the embedded tokenizer and writes it to `directory` in Hugging Face format."""
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(str(directory))
     return tokenizer
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from align.config import ConfigError, check, from_dict
+from align.runs import write_json_atomic
 from pipelines import stages
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,13 @@ def resolve_stages(config: Config, source: str = "<pipeline>") -> list[tuple[Sta
     return resolved
 
 
-def run(config: Config, source: str = "<pipeline>") -> dict:
-    """Runs the pipeline's stages in order, skipping those already finished."""
-    resolved = resolve_stages(config, source)
+def run(config: Config, resolved: list[tuple[StageEntry, Any]]) -> dict:
+    """Runs the pipeline's stages in order, skipping those already finished.
+
+    Args:
+        config: the pipeline.
+        resolved: its stages with their typed configs, from `resolve_stages`.
+    """
     run_dir = Path(config.runs_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -114,11 +118,7 @@ def run(config: Config, source: str = "<pipeline>") -> dict:
         result = stages.COMMANDS[entry.command].run(stage_config)
         seconds = time.perf_counter() - started
         # Written last and atomically: its presence means the stage's outputs are complete.
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"result": result, "seconds": seconds}, indent=2), encoding="utf-8"
-        )
-        os.replace(tmp, done)
+        write_json_atomic(done, {"result": result, "seconds": seconds})
         results[entry.name] = result
         print(f"{prefix}: finished in {seconds:.1f} s", flush=True)
     summary = summary_table(config, results)
