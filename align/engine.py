@@ -175,3 +175,16 @@ def sequence_logprobs(llm: LLM, sequences: list[list[int]]) -> list[list[float]]
         [out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))]
         for out, ids in zip(outputs, sequences, strict=True)
     ]
+
+
+def start_from_options(model_path: str, options: dict | None, source: str) -> LLM:
+    """Starts an engine from a plug-in's YAML `engine:` mapping (EngineConfig keys).
+
+    Args:
+        model_path: checkpoint directory.
+        options: EngineConfig fields to override, or None for the defaults.
+        source: where the mapping came from, for error messages (e.g. "llm_judge.engine").
+    """
+    from align.config import from_dict
+
+    return start_engine(model_path, from_dict(EngineConfig, options or {}, source=source))

@@ -1,0 +1,225 @@
+"""Scoring prompts with a live vLLM engine: pass rates over sampled answers, and choice judges.
+
+Both are components that take a started engine, so the offline difficulty filter and the online
+RL stage (re-scoring its prompt pool with the current policy) use the same code.
+
+- `PassRateScorer`: sample k completions per prompt, score them with a `RewardSet`, count the
+  ones whose combined reward reaches `pass_threshold`. Difficulty = 1 - pass rate.
+- `ChoiceJudge`: fill a prompt template with a row, then read the model's probability of each
+  allowed answer ("easy"/"medium"/"hard", "yes"/"no") from its logprobs, which always gives a
+  number, unlike parsing free text.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from align import engine
+from align.rewarding import RewardSet
+from align.tokenizer import encode_prompts
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+
+def row_prompt(row: dict[str, Any]) -> str | list[dict]:
+    """A row's prompt: the `prompt` column, or every message but the last of `messages`."""
+    if "prompt" in row:
+        return row["prompt"]
+    if "messages" in row:
+        return row["messages"][:-1]
+    raise KeyError("row has neither a 'prompt' nor a 'messages' column")
+
+
+def reward_columns(rows: list[dict[str, Any]], repeat: int) -> dict[str, list]:
+    """The rows' columns (all but the prompt) as reward keyword arguments, each row repeated."""
+    names = [c for c in rows[0] if c not in ("prompt", "messages")] if rows else []
+    return {c: [row[c] for row in rows for _ in range(repeat)] for c in names}
+
+
+@dataclass
+class PassRate:
+    """The outcome of k sampled answers to one prompt."""
+
+    # Completions whose combined reward reached the pass threshold.
+    passed: int
+    # Completions the rewards could score (the others are unscored: a reward failed or none
+    # applied).
+    scored: int
+    # Completions sampled.
+    sampled: int
+    # Mean combined reward of the scored completions (None when none was scored).
+    mean_reward: float | None
+
+    @property
+    def rate(self) -> float | None:
+        """passed / scored, or None when no completion could be scored."""
+        return self.passed / self.scored if self.scored else None
+
+
+class PassRateScorer:
+    """Estimates each prompt's pass rate under a policy served by a live vLLM engine.
+
+    Args:
+        llm: the started engine holding the policy.
+        tokenizer: the policy's tokenizer (chat template for conversational prompts).
+        rewards: scores the sampled completions against each row's columns.
+        samples: completions sampled per prompt (k).
+        temperature: sampling temperature.
+        max_new_tokens: longest completion.
+        pass_threshold: a completion passes when its combined reward is >= this.
+        seed: sampling seed; each prompt's samples depend only on it and the prompt.
+    """
+
+    def __init__(
+        self,
+        llm: LLM,
+        tokenizer,
+        rewards: RewardSet,
+        *,
+        samples: int = 8,
+        temperature: float = 1.0,
+        max_new_tokens: int = 32,
+        pass_threshold: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1 (got {samples})")
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.rewards = rewards
+        self.samples = samples
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.pass_threshold = pass_threshold
+        self.seed = seed
+        # Reward metrics summed over every call (counts) for the caller's report.
+        self.reward_metrics: Counter[str] = Counter()
+
+    def score(self, rows: list[dict[str, Any]], progress: bool = False) -> list[PassRate]:
+        """Samples `samples` completions per row and counts those that pass."""
+        if not rows:
+            return []
+        prompts = [row_prompt(row) for row in rows]
+        completions = engine.generate(
+            self.llm,
+            encode_prompts(self.tokenizer, prompts),
+            n=self.samples,
+            temperature=self.temperature,
+            max_tokens=self.max_new_tokens,
+            seed=self.seed,
+            progress=progress,
+        )
+        flat = [c for per_prompt in completions for c in per_prompt]
+        columns = reward_columns(rows, self.samples)
+        columns["completion_ids"] = [c.token_ids for c in flat]
+        batch = self.rewards(
+            [p for p in prompts for _ in range(self.samples)], [c.text for c in flat], columns
+        )
+        for key, value in batch.metrics.items():
+            if not key.endswith("/mean") and not key.endswith("/applicable"):
+                self.reward_metrics[key] += value
+
+        results = []
+        for i in range(len(rows)):
+            totals = batch.totals[i * self.samples : (i + 1) * self.samples]
+            scored = [t for t in totals if t is not None]
+            results.append(
+                PassRate(
+                    passed=sum(t >= self.pass_threshold for t in scored),
+                    scored=len(scored),
+                    sampled=self.samples,
+                    mean_reward=sum(scored) / len(scored) if scored else None,
+                )
+            )
+        return results
+
+
+def _field_text(value: Any) -> str | None:
+    """A column value as template text: scalars as is, chat messages as their contents."""
+    if isinstance(value, str | int | float):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        return "\n".join(str(m["content"]) for m in value)
+    return None
+
+
+def template_fields(template: str) -> set[str]:
+    """The `{placeholder}` names a str.format template uses."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+class ChoiceJudge:
+    """Asks a model a templated question and reads its probability of each allowed answer.
+
+    The template is a str.format string over the row's fields: `{prompt}` (the prompt's text),
+    `{completion}` (the text being judged, when there is one) and any dataset column, e.g.
+    `{answer}`. It is sent as one user turn through the model's chat template; then each choice's
+    tokens are scored after the assistant header. The choice probabilities are renormalised over
+    the choices, and `expected` weights each choice's value by them.
+
+    Args:
+        llm: the started engine holding the judge model.
+        tokenizer: the judge model's tokenizer.
+        template: the question, with placeholders.
+        choices: allowed answers and their values, e.g. {"easy": 0.0, "medium": 0.5, "hard": 1.0}.
+    """
+
+    def __init__(self, llm: LLM, tokenizer, template: str, choices: dict[str, float]) -> None:
+        if len(choices) < 2:
+            raise ValueError(f"a judge needs at least two choices (got {list(choices)})")
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.template = template
+        self.fields = template_fields(template)
+        self.choices = dict(choices)
+        self.choice_ids = {
+            text: tokenizer.encode(text, add_special_tokens=False) for text in self.choices
+        }
+        empty = [text for text, ids in self.choice_ids.items() if not ids]
+        if empty:
+            raise ValueError(f"judge choices {empty} encode to no tokens")
+
+    def render(self, row: dict[str, Any]) -> str:
+        """The judge's question for one row."""
+        values = {k: _field_text(v) for k, v in row.items()}
+        values["prompt"] = _field_text(row_prompt(row))
+        if "messages" in row:
+            values["completion"] = _field_text(row["messages"][-1:])
+        values = {k: v for k, v in values.items() if v is not None}
+        missing = sorted(self.fields - set(values))
+        if missing:
+            raise KeyError(
+                f"judge template needs {missing}, which the row lacks (it has {sorted(values)})"
+            )
+        return self.template.format_map(values)
+
+    def probabilities(self, rows: list[dict[str, Any]]) -> list[dict[str, float]]:
+        """For each row, the judge's probability of each choice (summing to 1)."""
+        questions = encode_prompts(
+            self.tokenizer, [[{"role": "user", "content": self.render(row)}] for row in rows]
+        )
+        texts = list(self.choice_ids)
+        sequences = [q + self.choice_ids[t] for q in questions for t in texts]
+        logprobs = engine.sequence_logprobs(self.llm, sequences)
+        results = []
+        for i in range(len(rows)):
+            scores = {}
+            for j, text in enumerate(texts):
+                n_choice = len(self.choice_ids[text])
+                scores[text] = sum(logprobs[i * len(texts) + j][-n_choice:])
+            top = max(scores.values())
+            weights = {t: math.exp(s - top) for t, s in scores.items()}
+            norm = sum(weights.values())
+            results.append({t: w / norm for t, w in weights.items()})
+        return results
+
+    def expected(self, rows: list[dict[str, Any]]) -> list[float]:
+        """For each row, the choice values weighted by the judge's probabilities."""
+        return [
+            sum(p * self.choices[t] for t, p in probs.items()) for probs in self.probabilities(rows)
+        ]
