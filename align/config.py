@@ -212,7 +212,7 @@ def apply_overrides(data: dict, overrides: Sequence[str], source: str = COMMAND_
     """Returns a copy of `data` with `dotted.key=value` overrides applied.
 
     Values are parsed as YAML (`3`, `0.1`, `true`, `[1, 2]`, `null`); intermediate mappings are
-    created as needed.
+    created as needed. A numeric part indexes a list: `filters.1.keep.max=0.5`.
 
     Raises:
         ConfigError: an override without `=` or key, or one that descends into a non-mapping.
@@ -221,14 +221,23 @@ def apply_overrides(data: dict, overrides: Sequence[str], source: str = COMMAND_
     for item in overrides:
         parts, value = _parse_override(item, source)
         node = result
-        for i, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            elif not isinstance(node[part], dict):
-                prefix = ".".join(parts[: i + 1])
+        for i, part in enumerate(parts):
+            prefix = ".".join(parts[:i])
+            if isinstance(node, list):
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise ConfigError(
+                        f"override {item!r} in {source}: '{prefix}' is a list of {len(node)}; "
+                        f"'{part}' is not an index of it"
+                    )
+                part = int(part)
+            elif not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} in {source}: '{prefix}' is not a mapping")
-            node = node[part]
-        node[parts[-1]] = value
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
     return result
 
 

@@ -18,6 +18,7 @@ from align.config import save_config
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Writes `data` as JSON to `path` atomically: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)

@@ -9,12 +9,13 @@ from __future__ import annotations
 from types import ModuleType
 
 from pipelines import evaluate, make_data, make_model
+from pipelines import filter as filter_stage
 
 COMMANDS: dict[str, ModuleType | None] = {
     "make-model": make_model,
     "make-data": make_data,
     "eval": evaluate,
-    "filter": None,
+    "filter": filter_stage,
     "sft": None,
     "rl": None,
     "dpo": None,

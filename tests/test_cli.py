@@ -25,7 +25,7 @@ def test_help_lists_every_subcommand():
         assert f"    {name}" in out.stdout, name
 
 
-@pytest.mark.parametrize("stage", ["filter", "sft", "rl", "dpo", "distill"])
+@pytest.mark.parametrize("stage", ["sft", "rl", "dpo", "distill"])
 def test_stage_not_in_this_version_says_so(stage):
     out = align(stage)
     assert out.returncode == 2

@@ -309,3 +309,17 @@ def test_future_annotations_dataclass(tmp_path, monkeypatch):
             from_dict(module.Outer, {"sizes": ["x"]})
     finally:
         sys.modules.pop("future_cfg_mod", None)
+
+
+def test_overrides_index_into_lists():
+    data = {"filters": [{"name": "a", "keep": {"max": 1}}, {"name": "b"}]}
+    result = apply_overrides(data, ["filters.1.keep.drop_lowest=0.3", "filters.0.keep.max=0.5"])
+    assert result["filters"] == [
+        {"name": "a", "keep": {"max": 0.5}},
+        {"name": "b", "keep": {"drop_lowest": 0.3}},
+    ]
+    assert data["filters"][1] == {"name": "b"}
+    with pytest.raises(ConfigError, match="'filters' is a list of 2; '2' is not an index"):
+        apply_overrides(data, ["filters.2.name=c"])
+    with pytest.raises(ConfigError, match="'filters.0.name' is not a mapping"):
+        apply_overrides(data, ["filters.0.name.x=c"])

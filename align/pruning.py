@@ -1,0 +1,148 @@
+"""Data pruning: filters score rows, a selection on the scores decides what is kept.
+
+Every filter (difficulty, judge, length, duplicates, or the user's own) follows one interface:
+a class constructed from its YAML `options` whose `score(rows)` returns one number per row, or
+None for a row it cannot score. Scoring is the expensive part (sampling with vLLM), so it is
+kept apart from the thresholds: `select` turns scores into kept / dropped / unscored buckets,
+and re-tuning the thresholds re-uses cached scores.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from align.config import ConfigError, check
+from align.registry import Registry
+
+FILTERS: Registry[type] = Registry("filter")
+
+
+class Filter(Protocol):
+    """What a registered filter class provides once constructed with its options."""
+
+    # What the score measures, for reports and plots, e.g. "difficulty (1 - pass rate)".
+    score_name: str
+    # True when a row's score depends on that row alone (difficulty, length), so scores can be
+    # cached per row; False when it depends on the other rows too (duplicates).
+    independent_rows: bool
+
+    def score(self, rows: list[dict[str, Any]]) -> list[float | None]:
+        """One score per row, or None for a row this filter cannot score."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """Counts worth reporting from the scoring so far (e.g. reward faults); may be empty."""
+        ...
+
+
+def _messages_text(messages: list[dict]) -> str:
+    return "\n".join(str(m.get("content", "")) for m in messages)
+
+
+def _as_text(value: Any) -> str:
+    return _messages_text(value) if isinstance(value, list) else str(value)
+
+
+def row_text(row: dict[str, Any], part: Literal["prompt", "completion", "all"]) -> str:
+    """The text of a row's prompt, its completion, or both, in any of the stage schemas.
+
+    Chat message lists are flattened to their contents, one message per line. Schemas: `prompt`
+    (+ `completion` or `chosen`) columns, `messages` (last message = completion), or `text`
+    (all of it is the completion; the prompt is empty).
+    """
+    if "messages" in row:
+        messages = row["messages"]
+        prompt, completion = _messages_text(messages[:-1]), _messages_text(messages[-1:])
+    elif "text" in row and "prompt" not in row:
+        prompt, completion = "", str(row["text"])
+    else:
+        prompt = _as_text(row.get("prompt", ""))
+        answer = row.get("completion", row.get("chosen", ""))
+        completion = _as_text(answer) if answer is not None else ""
+    if part == "prompt":
+        return prompt
+    if part == "completion":
+        return completion
+    return f"{prompt}\n{completion}" if prompt else completion
+
+
+@dataclass
+class Selection:
+    """Which scores to keep. Bounds are inclusive; all given conditions must hold."""
+
+    # Keep rows whose score is >= min (None: no lower bound).
+    min: float | None = None
+    # Keep rows whose score is <= max (None: no upper bound).
+    max: float | None = None
+    # Then drop this fraction of the scored rows with the lowest scores, e.g. 0.5 with a
+    # difficulty score = "drop the easiest 50%". Ties are broken by a seeded shuffle.
+    drop_lowest: float | None = None
+
+    def validate(self) -> None:
+        for key in ("min", "max"):
+            value = getattr(self, key)
+            check(value is None or math.isfinite(value), key, f"must be finite (got {value})")
+        check(
+            self.min is None or self.max is None or self.min <= self.max,
+            "min",
+            f"must be <= max (got min {self.min}, max {self.max})",
+        )
+        check(
+            self.drop_lowest is None or 0.0 <= self.drop_lowest < 1.0,
+            "drop_lowest",
+            f"must be in [0, 1) (got {self.drop_lowest})",
+        )
+
+
+@dataclass
+class Buckets:
+    """Row indices by outcome, each in dataset order."""
+
+    kept: list[int]
+    dropped: list[int]
+    unscored: list[int]
+
+
+def select(scores: list[float | None], selection: Selection, seed: int = 0) -> Buckets:
+    """Splits row indices into kept, dropped (by the selection) and unscored (score None).
+
+    `drop_lowest` applies to the rows that pass the bounds and drops round(fraction * count)
+    of them, lowest scores first; rows with equal scores are ordered by a shuffle seeded with
+    `seed`, so the same inputs always drop the same rows.
+    """
+    unscored = [i for i, s in enumerate(scores) if s is None]
+    inside, dropped = [], []
+    for i, s in enumerate(scores):
+        if s is None:
+            continue
+        low_ok = selection.min is None or s >= selection.min
+        high_ok = selection.max is None or s <= selection.max
+        (inside if low_ok and high_ok else dropped).append(i)
+    if selection.drop_lowest:
+        tiebreak = list(range(len(inside)))
+        random.Random(seed).shuffle(tiebreak)
+        order = sorted(range(len(inside)), key=lambda j: (scores[inside[j]], tiebreak[j]))
+        n_drop = round(selection.drop_lowest * len(inside))
+        lowest = {inside[j] for j in order[:n_drop]}
+        dropped = sorted(dropped + list(lowest))
+        inside = [i for i in inside if i not in lowest]
+    return Buckets(kept=inside, dropped=dropped, unscored=unscored)
+
+
+def build_filter(name: str, options: dict[str, Any], where: str = "filter") -> Filter:
+    """Constructs the filter `name` (registered or 'module:Class') with its options.
+
+    Raises:
+        ConfigError: unknown name, or options the filter refuses; the message starts with
+            `where` (e.g. "filters[1]").
+    """
+    import filters  # noqa: F401  (registers the built-in filters)
+
+    cls = FILTERS.get(name)
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where} ({name}): {error}") from error
