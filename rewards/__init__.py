@@ -14,6 +14,6 @@ Your own reward needs no registration: name it in YAML as `package.module:functi
 """
 
 from align.rewarding import REWARDS, Failed
-from rewards import answers, judge, overlong, reward_model
+from rewards import answers, code, judge, overlong, reward_model
 
-__all__ = ["REWARDS", "Failed", "answers", "judge", "overlong", "reward_model"]
+__all__ = ["REWARDS", "Failed", "answers", "code", "judge", "overlong", "reward_model"]
