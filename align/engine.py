@@ -79,6 +79,10 @@ def start_engine(model_path: str, config: EngineConfig) -> LLM:
 
     Returns:
         The `vllm.LLM` instance.
+
+    In-process engines share vLLM's process-global distributed state, and one that is
+    garbage-collected tears it down: keep every engine you still use referenced until you are
+    done with all of them (stages run one after another are fine).
     """
     # Read by vLLM when the engine is created; must be set before that.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if config.multiprocess else "0"

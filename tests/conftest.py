@@ -1,7 +1,10 @@
 """Shared fixtures: tiny checkpoints and vLLM engines, built once per test session.
 
 A vLLM engine costs 15-45 s to start on CPU, so engines are session-scoped and a check at the
-end of the session fails the run if any checkpoint got more than one engine.
+end of the session fails the run if any checkpoint got more than one engine. Tests must also
+never drop an engine: an in-process vLLM engine that is garbage-collected tears down vLLM's
+process-global distributed state, and every other live engine then fails
+("pipeline model parallel group is not initialized"). `shared_engine` keeps them all alive.
 """
 
 from __future__ import annotations

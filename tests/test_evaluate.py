@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from align import engine
 from align.evaluate import format_table, is_correct, pass_at_k
 from align.modeling import load_model
 from align.tokenizer import encode_prompts
 from pipelines import evaluate as eval_stage
+from tests.conftest import shared_engine
 
 
 def test_pass_at_k_hand_values():
@@ -51,8 +51,7 @@ def test_eval_stage_matches_an_independent_greedy_check(memorized, tmp_path):
         samples=4,
         max_new_tokens=12,
     )
-    llm = engine.start_engine(str(memorized["checkpoint"]), config.engine)
-    report = eval_stage.run(config, llm=llm)
+    report = eval_stage.run(config, llm=shared_engine(memorized["checkpoint"]))
 
     tokenizer = AutoTokenizer.from_pretrained(memorized["checkpoint"])
     model = load_model(memorized["checkpoint"])
