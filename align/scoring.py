@@ -97,8 +97,20 @@ class PassRateScorer:
         self.max_new_tokens = max_new_tokens
         self.pass_threshold = pass_threshold
         self.seed = seed
-        # Reward metrics summed over every call (counts) for the caller's report.
-        self.reward_metrics: Counter[str] = Counter()
+        # Fault counts and per-reward value sums over every call, for `reward_metrics()`.
+        self._faults: Counter[str] = Counter()
+        self._sums: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
+
+    def reward_metrics(self) -> dict[str, float]:
+        """Over every completion scored so far: each reward's mean (`reward/<name>/mean`, and
+        `reward/total/mean`) and the fault counts (`reward/<name>/<kind>`, `reward/unscored`)."""
+        means = {
+            f"reward/{name}/mean": self._sums[name] / count
+            for name, count in self._counts.items()
+            if count
+        }
+        return {**means, **self._faults}
 
     def score(self, rows: list[dict[str, Any]], progress: bool = False) -> list[PassRate]:
         """Samples `samples` completions per row and counts those that pass."""
@@ -121,8 +133,12 @@ class PassRateScorer:
             [p for p in prompts for _ in range(self.samples)], [c.text for c in flat], columns
         )
         for key, value in batch.metrics.items():
-            if not key.endswith("/mean") and not key.endswith("/applicable"):
-                self.reward_metrics[key] += value
+            if not key.endswith(("/mean", "/applicable")):
+                self._faults[key] += value
+        for name, values in [*batch.values.items(), ("total", batch.totals)]:
+            scored = [v for v in values if v is not None]
+            self._sums[name] += sum(scored)
+            self._counts[name] += len(scored)
 
         results = []
         for i in range(len(rows)):

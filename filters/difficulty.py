@@ -88,8 +88,8 @@ class PassRateDifficulty:
         return [None if r.rate is None else 1.0 - r.rate for r in results]
 
     def metrics(self) -> dict[str, float]:
-        """Reward fault counts over the rows scored so far."""
-        return dict(self.scorer.reward_metrics) if self.scorer else {}
+        """Reward means and fault counts over the answers scored so far."""
+        return self.scorer.reward_metrics() if self.scorer else {}
 
 
 @FILTERS.register("difficulty_judge")

@@ -310,7 +310,12 @@ def run(config: Config) -> dict:
             "output_dir": str(run_dir.dir),
         }
         run_dir.write_json("report.json", report)
-        run_dir.log_metrics(0, {f"filter/{k}": float(v) for k, v in report["output"].items()})
+        scalars = {f"filter/{k}": float(v) for k, v in report["output"].items()}
+        for i, step in enumerate(steps):
+            scalars.update(
+                {f"filter/{i}:{step['name']}/{k}": v for k, v in step["metrics"].items()}
+            )
+        run_dir.log_metrics(0, scalars)
         table = format_report(report)
         (run_dir.dir / "report.txt").write_text(table + "\n", encoding="utf-8")
         print(table)

@@ -98,18 +98,39 @@ def test_drop_the_easiest_half_then_retune_from_cache(tmp_path, sft_data, partia
     assert report["output"]["kept"] == expected == len(load_from_disk(str(run_dir / "kept")))
 
 
-def test_rows_without_an_answer_land_in_the_unscored_bucket(tmp_path, sft_data, partially_trained):
+def test_plugin_reward_from_yaml_and_the_unscored_bucket(tmp_path, sft_data, partially_trained):
+    """A reward in a module outside the repo, named in YAML, scores `sort` rows only: the rows
+    it does not apply to (None) and the rows without an answer land in `unscored/`."""
     data, rows = sft_data
-    mixed = [{**r, "answer": None} if i % 4 == 0 else r for i, r in enumerate(rows[:12])]
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "sort_only.py").write_text(
+        "def sorted_letters(prompts, completions, task=None, answer=None, **columns):\n"
+        "    return [None if t != 'sort' or a is None else float(f'<answer>{a}</answer>' in c)\n"
+        "            for c, t, a in zip(completions, task, answer)]\n"
+    )
+    mixed = [{**r, "answer": None} if i % 4 == 0 else r for i, r in enumerate(rows[:48])]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in mixed))
     config = write_config(tmp_path, path, partially_trained["checkpoint"], {"max": 1.0})
-    out = align("filter", "--config", config)
+    out = align(
+        "filter",
+        "--config",
+        config,
+        "filters.1.options.rewards=[{name: 'sort_only:sorted_letters'}]",
+        env={"PYTHONPATH": str(plugins)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    unscored = load_from_disk(str(tmp_path / "runs" / "prune" / "unscored"))
-    assert sorted(list(unscored["id"])) == sorted(r["id"] for r in mixed if r["answer"] is None)
+    run_dir = tmp_path / "runs" / "prune"
+    unscored = load_from_disk(str(run_dir / "unscored"))
+    expected = [r["id"] for r in mixed if r["task"] == "add" or r["answer"] is None]
+    assert sorted(list(unscored["id"])) == sorted(expected)
     assert set(list(unscored["filtered_by"])) == {"1:difficulty"}
-    assert "could not score 3 rows" in out.stderr
+    assert f"could not score {len(expected)} rows" in out.stderr
+    kept = load_from_disk(str(run_dir / "kept"))
+    assert set(list(kept["task"])) == {"sort"} and len(kept) == 48 - len(expected)
+    metrics = json.loads((run_dir / "report.json").read_text())["filters"][1]["metrics"]
+    assert metrics["reward/sort_only:sorted_letters/not_applicable"] == 4 * len(expected)
 
 
 def test_filtering_everything_away_is_an_error(tmp_path, sft_data, partially_trained):

@@ -41,6 +41,14 @@ def test_pass_rates_equal_an_independent_count(memorized):
         assert result.sampled == result.scored == 6
         assert result.passed == sum(is_correct(row, c.text) for c in completions)
         assert result.mean_reward == pytest.approx(result.passed / 6)
+    overall = sum(r.passed for r in results) / 48
+    assert scorer.reward_metrics() == pytest.approx(
+        {
+            "reward/answer_match/mean": overall,
+            "reward/total/mean": overall,
+            "reward/unscored": 0.0,
+        }
+    )
     # The memorised rows are answered far more often than the unseen ones.
     seen_rate = statistics.fmean(r.rate for r in results[:4])
     unseen_rate = statistics.fmean(r.rate for r in results[4:])
@@ -67,7 +75,8 @@ def test_a_failing_reward_leaves_prompts_unscored_and_is_counted(memorized):
     scorer = PassRateScorer(llm, build_tokenizer(), rewards, samples=2)
     results = scorer.score(memorized["seen"][:2])
     assert [r.rate for r in results] == [None, None]
-    assert scorer.reward_metrics["reward/broken/errors"] == 4
+    assert scorer.reward_metrics()["reward/broken/errors"] == 4
+    assert scorer.reward_metrics()["reward/unscored"] == 4
 
 
 def test_difficulty_ranks_the_levels_in_order(partially_trained):
