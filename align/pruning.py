@@ -104,6 +104,9 @@ class Buckets:
     kept: list[int]
     dropped: list[int]
     unscored: list[int]
+    # Rows whose score equals the score at the `drop_lowest` cut when the cut splits them, so
+    # which of them were kept was decided by the seeded tie-break (0: the cut split no tie).
+    tied_at_cut: int = 0
 
 
 def select(scores: list[float | None], selection: Selection, seed: int = 0) -> Buckets:
@@ -115,6 +118,7 @@ def select(scores: list[float | None], selection: Selection, seed: int = 0) -> B
     """
     unscored = [i for i, s in enumerate(scores) if s is None]
     inside, dropped = [], []
+    tied = 0
     for i, s in enumerate(scores):
         if s is None:
             continue
@@ -127,9 +131,13 @@ def select(scores: list[float | None], selection: Selection, seed: int = 0) -> B
         order = sorted(range(len(inside)), key=lambda j: (scores[inside[j]], tiebreak[j]))
         n_drop = round(selection.drop_lowest * len(inside))
         lowest = {inside[j] for j in order[:n_drop]}
+        if 0 < n_drop < len(inside):
+            cut = scores[inside[order[n_drop - 1]]]
+            if scores[inside[order[n_drop]]] == cut:
+                tied = sum(scores[i] == cut for i in inside)
         dropped = sorted(dropped + list(lowest))
         inside = [i for i in inside if i not in lowest]
-    return Buckets(kept=inside, dropped=dropped, unscored=unscored)
+    return Buckets(kept=inside, dropped=dropped, unscored=unscored, tied_at_cut=tied)
 
 
 def build_filter(name: str, options: dict[str, Any], where: str = "filter") -> Filter:

@@ -270,6 +270,7 @@ def run(config: Config) -> dict:
                     "kept": len(buckets.kept),
                     "dropped": len(buckets.dropped),
                     "unscored": len(buckets.unscored),
+                    "tied_at_cut": buckets.tied_at_cut,
                     "computed": computed,
                     "score_mean": statistics.fmean(scored) if scored else None,
                     "by_group": _by_group(subset, scores, buckets.kept),
@@ -278,6 +279,16 @@ def run(config: Config) -> dict:
             )
             for key, value in steps[-1]["metrics"].items():
                 log.info("filter %s: %s = %g", step.name, key, value)
+            if buckets.tied_at_cut:
+                log.warning(
+                    "filter %s: drop_lowest cut through %d rows with the same score; which of "
+                    "them were kept was decided by the seeded tie-break (seed %d). If most rows "
+                    "tie, the scores do not tell the rows apart (an untrained reference model "
+                    "fails everything): check the histogram.",
+                    step.name,
+                    buckets.tied_at_cut,
+                    config.seed,
+                )
             if buckets.unscored:
                 log.warning(
                     "filter %s could not score %d rows; they are in %s/unscored",

@@ -36,10 +36,14 @@ def test_ties_are_broken_by_the_seed_reproducibly():
     assert select(scores, Selection(drop_lowest=0.5), seed=0) == first
     others = {tuple(select(scores, Selection(drop_lowest=0.5), seed=s).kept) for s in range(5)}
     assert len(others) > 1
+    assert first.tied_at_cut == 10
     # Ties never reorder distinct scores: the lowest distinct score always goes first.
     mixed = [1.0, 1.0, 0.0, 1.0]
     for seed in range(5):
-        assert select(mixed, Selection(drop_lowest=0.25), seed=seed).dropped == [2]
+        buckets = select(mixed, Selection(drop_lowest=0.25), seed=seed)
+        assert buckets.dropped == [2] and buckets.tied_at_cut == 0
+    # Dropping half of [0, 1, 1, 1] cuts through the three rows scoring 1.
+    assert select(mixed, Selection(drop_lowest=0.5)).tied_at_cut == 3
 
 
 @pytest.mark.parametrize(
