@@ -13,9 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from align.config import check
+from align.config import check, from_dict
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from vllm import LLM
 
 log = logging.getLogger(__name__)
@@ -181,14 +182,19 @@ def sequence_logprobs(llm: LLM, sequences: list[list[int]]) -> list[list[float]]
     ]
 
 
-def start_from_options(model_path: str, options: dict | None, source: str) -> LLM:
-    """Starts an engine from a plug-in's YAML `engine:` mapping (EngineConfig keys).
+def engine_and_tokenizer(
+    model_path: str, options: dict | None, source: str, llm: LLM | None = None
+) -> tuple[LLM, PreTrainedTokenizerBase]:
+    """A plug-in's engine and tokenizer for a checkpoint (judges, difficulty scorers).
 
     Args:
         model_path: checkpoint directory.
-        options: EngineConfig fields to override, or None for the defaults.
+        options: the plug-in's YAML `engine:` mapping (EngineConfig keys), or None for defaults.
         source: where the mapping came from, for error messages (e.g. "llm_judge.engine").
+        llm: an engine already serving `model_path`; then none is started.
     """
-    from align.config import from_dict
+    from transformers import AutoTokenizer
 
-    return start_engine(model_path, from_dict(EngineConfig, options or {}, source=source))
+    if llm is None:
+        llm = start_engine(model_path, from_dict(EngineConfig, options or {}, source=source))
+    return llm, AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)

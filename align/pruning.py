@@ -38,12 +38,13 @@ class Filter(Protocol):
         ...
 
 
-def _messages_text(messages: list[dict]) -> str:
+def messages_text(messages: list[dict]) -> str:
+    """The contents of chat messages, one message per line."""
     return "\n".join(str(m.get("content", "")) for m in messages)
 
 
 def _as_text(value: Any) -> str:
-    return _messages_text(value) if isinstance(value, list) else str(value)
+    return messages_text(value) if isinstance(value, list) else str(value)
 
 
 def row_text(row: dict[str, Any], part: Literal["prompt", "completion", "all"]) -> str:
@@ -55,7 +56,7 @@ def row_text(row: dict[str, Any], part: Literal["prompt", "completion", "all"]) 
     """
     if "messages" in row:
         messages = row["messages"]
-        prompt, completion = _messages_text(messages[:-1]), _messages_text(messages[-1:])
+        prompt, completion = messages_text(messages[:-1]), messages_text(messages[-1:])
     elif "text" in row and "prompt" not in row:
         prompt, completion = "", str(row["text"])
     else:

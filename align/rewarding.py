@@ -84,6 +84,14 @@ class RewardBatch:
     metrics: dict[str, float]
 
 
+def _refuse_duplicates(names: list[str]) -> None:
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise RegistryError(
+            f"rewards listed more than once: {', '.join(duplicates)}; list each reward once"
+        )
+
+
 def _call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> tuple[str, Any]:
     """Runs `fn()` in a daemon thread; returns ("ok", value), ("error", exc) or ("timeout", None)."""
     outcome: list[tuple[str, Any]] = []
@@ -131,10 +139,7 @@ class RewardSet:
     """
 
     def __init__(self, rewards: Sequence[RewardFunction]) -> None:
-        names = [r.name for r in rewards]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise RegistryError(f"rewards listed more than once: {', '.join(duplicates)}")
+        _refuse_duplicates([r.name for r in rewards])
         if not rewards:
             raise RegistryError("a reward set needs at least one reward")
         self.rewards = list(rewards)
@@ -323,10 +328,6 @@ def build_reward(spec: RewardSpec) -> RewardFunction:
 
 def build_reward_set(specs: Sequence[RewardSpec]) -> RewardSet:
     """Builds a RewardSet from YAML specs; refuses duplicate and unknown names up front."""
-    names = [s.name for s in specs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise RegistryError(
-            f"rewards listed more than once: {', '.join(duplicates)}; list each reward once"
-        )
+    # Before any reward is built: a reward class may load a model.
+    _refuse_duplicates([s.name for s in specs])
     return RewardSet([build_reward(spec) for spec in specs])

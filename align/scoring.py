@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from align import engine
+from align.pruning import messages_text
 from align.rewarding import RewardSet
 from align.tokenizer import encode_prompts
 
@@ -160,7 +161,7 @@ def _field_text(value: Any) -> str | None:
     if isinstance(value, str | int | float):
         return str(value)
     if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
-        return "\n".join(str(m["content"]) for m in value)
+        return messages_text(value)
     return None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from align.config import from_dict
-from align.engine import start_from_options
+from align.engine import engine_and_tokenizer
 from align.pruning import FILTERS
 from align.rewarding import RewardSpec, build_reward_set
 from align.scoring import ChoiceJudge, PassRateScorer
@@ -19,12 +19,6 @@ from align.scoring import ChoiceJudge, PassRateScorer
 DEFAULT_JUDGE_TEMPLATE = (
     "How hard is this problem for a student? Reply easy, medium or hard.\nProblem: {prompt}"
 )
-
-
-def _tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model, trust_remote_code=False)
 
 
 @FILTERS.register("difficulty")
@@ -82,8 +76,10 @@ class PassRateDifficulty:
 
     def score(self, rows: list[dict[str, Any]]) -> list[float | None]:
         if self.scorer is None:
-            llm = self.llm or start_from_options(self.model, self.engine, "difficulty.engine")
-            self.scorer = PassRateScorer(llm, _tokenizer(self.model), self.rewards, **self.settings)
+            llm, tokenizer = engine_and_tokenizer(
+                self.model, self.engine, "difficulty.engine", self.llm
+            )
+            self.scorer = PassRateScorer(llm, tokenizer, self.rewards, **self.settings)
         results = self.scorer.score(rows, progress=True)
         return [None if r.rate is None else 1.0 - r.rate for r in results]
 
@@ -124,8 +120,10 @@ class JudgeDifficulty:
 
     def score(self, rows: list[dict[str, Any]]) -> list[float | None]:
         if self.judge is None:
-            llm = self.llm or start_from_options(self.model, self.engine, "difficulty_judge.engine")
-            self.judge = ChoiceJudge(llm, _tokenizer(self.model), self.template, self.choices)
+            llm, tokenizer = engine_and_tokenizer(
+                self.model, self.engine, "difficulty_judge.engine", self.llm
+            )
+            self.judge = ChoiceJudge(llm, tokenizer, self.template, self.choices)
         return list(self.judge.expected(rows))
 
     def metrics(self) -> dict[str, float]:

@@ -233,8 +233,9 @@ def run(config: Config) -> dict:
         steps = []
         for i, (step, flt) in enumerate(zip(config.filters, filters, strict=True)):
             options_key = _digest({"name": step.name, "options": _fingerprint(step.options)})
+            stem = step.name.replace(":", ".")  # a plug-in's module:Class as a file name
             cache = ScoreCache(
-                run_dir.dir / "scores" / f"{step.name.replace(':', '.')}-{options_key[:16]}.json",
+                run_dir.dir / "scores" / f"{stem}-{options_key[:16]}.json",
                 flt.independent_rows,
             )
             subset = [rows[j] for j in active]
@@ -254,7 +255,7 @@ def run(config: Config) -> dict:
             scored = [s for s in scores if s is not None]
             if scored:
                 _histogram(
-                    run_dir.dir / f"histogram-{i}-{step.name.replace(':', '.')}.png",
+                    run_dir.dir / f"histogram-{i}-{stem}.png",
                     step.name,
                     flt.score_name,
                     scored,

@@ -37,14 +37,10 @@ class LLMJudge:
         engine: dict[str, Any] | None = None,
         llm: Any = None,
     ) -> None:
-        from transformers import AutoTokenizer
-
-        from align.engine import start_from_options
+        from align.engine import engine_and_tokenizer
         from align.scoring import ChoiceJudge
 
-        if llm is None:
-            llm = start_from_options(model, engine, source="llm_judge.engine")
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        llm, tokenizer = engine_and_tokenizer(model, engine, "llm_judge.engine", llm)
         self.judge = ChoiceJudge(llm, tokenizer, template, choices or {"yes": 1.0, "no": 0.0})
 
     def __call__(self, prompts: list, completions: list[str], **columns) -> list[float]:
