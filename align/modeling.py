@@ -70,6 +70,13 @@ FAMILIES: dict[str, ModelFamily] = {
     ),
 }
 
+# TRL's MoE load-balancing loss reads `config.num_experts`; Llama 4 names it `num_local_experts`.
+# A class-level alias, so nothing extra is written into saved configs.
+Llama4TextConfig.attribute_map = {
+    **Llama4TextConfig.attribute_map,
+    "num_experts": "num_local_experts",
+}
+
 # name -> (family, sizes). "teacher" and "student" are the recipe's defaults: the default
 # pipeline aligns the teacher (SFT, RL, DPO) and distils it into the smaller student.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -174,9 +181,19 @@ def write_checkpoint(model: PreTrainedModel, directory: str | Path) -> Path:
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Loads a local Hugging Face checkpoint (safetensors only, no remote code)."""
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
+    if isinstance(model, Llama4ForCausalLM):
+        # Two gaps between transformers' text-only Llama 4 and TRL's trainers, closed on this
+        # instance only (nothing changes in what is saved):
+        # - `base_model_prefix` is "language_model" (the prefix of the multimodal checkpoints it
+        #   loads from) while the backbone sits at `.model`, so `model.base_model` is the model
+        #   itself and TRL's fused LM head gets no `last_hidden_state`;
+        # - the expert count is `num_local_experts`, and TRL's load-balancing loss reads
+        #   `num_experts` (an alias on the config class, next to FAMILIES).
+        model.base_model_prefix = "model"
+    return model
 
 
 def count_parameters(model: PreTrainedModel) -> dict[str, int]:
@@ -184,6 +201,6 @@ def count_parameters(model: PreTrainedModel) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     config = model.config
     routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    n_experts = getattr(config, "num_local_experts", None) or config.num_experts
+    n_experts = config.num_experts  # Llama 4's num_local_experts through the alias above
     active = total - routed + routed * config.num_experts_per_tok // n_experts
     return {"total": total, "active": active}

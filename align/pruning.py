@@ -81,6 +81,9 @@ class Selection:
     # Then drop this fraction of the scored rows with the lowest scores, e.g. 0.5 with a
     # difficulty score = "drop the easiest 50%". Ties are broken by a seeded shuffle.
     drop_lowest: float | None = None
+    # Apply drop_lowest within each group of rows sharing this column's value (e.g. "task"), so
+    # every group keeps its hardest part instead of a hard group crowding out an easier one.
+    group_by: str | None = None
 
     def validate(self) -> None:
         for key in ("min", "max"):
@@ -110,35 +113,56 @@ class Buckets:
     tied_at_cut: int = 0
 
 
-def select(scores: list[float | None], selection: Selection, seed: int = 0) -> Buckets:
+def select(
+    scores: list[float | None],
+    selection: Selection,
+    seed: int = 0,
+    groups: list | None = None,
+) -> Buckets:
     """Splits row indices into kept, dropped (by the selection) and unscored (score None).
 
     `drop_lowest` applies to the rows that pass the bounds and drops round(fraction * count)
     of them, lowest scores first; rows with equal scores are ordered by a shuffle seeded with
-    `seed`, so the same inputs always drop the same rows.
+    `seed`, so the same inputs always drop the same rows. With `groups` (one label per row), it
+    applies within each group separately.
     """
     unscored = [i for i, s in enumerate(scores) if s is None]
     inside, dropped = [], []
-    tied = 0
     for i, s in enumerate(scores):
         if s is None:
             continue
         low_ok = selection.min is None or s >= selection.min
         high_ok = selection.max is None or s <= selection.max
         (inside if low_ok and high_ok else dropped).append(i)
+    tied = 0
     if selection.drop_lowest:
-        tiebreak = list(range(len(inside)))
-        random.Random(seed).shuffle(tiebreak)
-        order = sorted(range(len(inside)), key=lambda j: (scores[inside[j]], tiebreak[j]))
-        n_drop = round(selection.drop_lowest * len(inside))
-        lowest = {inside[j] for j in order[:n_drop]}
-        if 0 < n_drop < len(inside):
-            cut = scores[inside[order[n_drop - 1]]]
-            if scores[inside[order[n_drop]]] == cut:
-                tied = sum(scores[i] == cut for i in inside)
+        members: dict = {}
+        for i in inside:
+            members.setdefault(None if groups is None else groups[i], []).append(i)
+        lowest: set[int] = set()
+        for group_rows in members.values():
+            group_lowest, group_tied = _lowest(group_rows, scores, selection.drop_lowest, seed)
+            lowest |= group_lowest
+            tied += group_tied
         dropped = sorted(dropped + list(lowest))
         inside = [i for i in inside if i not in lowest]
     return Buckets(kept=inside, dropped=dropped, unscored=unscored, tied_at_cut=tied)
+
+
+def _lowest(
+    rows: list[int], scores: list[float | None], fraction: float, seed: int
+) -> tuple[set[int], int]:
+    """The round(fraction * len) rows with the lowest scores, and how many tie at the cut."""
+    tiebreak = list(range(len(rows)))
+    random.Random(seed).shuffle(tiebreak)
+    order = sorted(range(len(rows)), key=lambda j: (scores[rows[j]], tiebreak[j]))
+    n_drop = round(fraction * len(rows))
+    tied = 0
+    if 0 < n_drop < len(rows):
+        cut = scores[rows[order[n_drop - 1]]]
+        if scores[rows[order[n_drop]]] == cut:
+            tied = sum(scores[i] == cut for i in rows)
+    return {rows[j] for j in order[:n_drop]}, tied
 
 
 def build_filter(name: str, options: dict[str, Any], where: str = "filter") -> Filter:

@@ -7,7 +7,7 @@ table on the terminal.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -23,18 +23,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Config:
-    """Settings of `align eval`."""
+class EvalSettings:
+    """How held-out rows are scored; `align eval` and every training stage share these."""
 
-    # Checkpoint directory to evaluate (Hugging Face format, safetensors).
-    model: str
-    # Held-out prompts with answers: JSONL, Parquet or a `datasets` directory (columns
-    # prompt, answer; optional task, level).
-    data: str
-    # Run name: everything is written under <runs_dir>/<name>/.
-    name: str = "eval"
-    # Root directory of runs.
-    runs_dir: str = "runs"
     # Evaluate only the first N rows (None: all).
     limit: int | None = None
     # k of pass@k.
@@ -47,8 +38,6 @@ class Config:
     max_new_tokens: int = 32
     # Sampling seed.
     seed: int = 0
-    # Bad dataset rows: "raise" stops with the file, row and field; "skip" drops and counts them.
-    on_error: Literal["raise", "skip"] = "raise"
     # vLLM engine settings.
     engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
 
@@ -72,6 +61,31 @@ class Config:
             "limit",
             f"must be >= 1 or null (got {self.limit})",
         )
+
+
+@dataclass(kw_only=True)
+class Config(EvalSettings):
+    """Settings of `align eval`."""
+
+    # Checkpoint directory to evaluate (Hugging Face format, safetensors).
+    model: str
+    # Held-out prompts with answers: JSONL, Parquet or a `datasets` directory (columns
+    # prompt, answer; optional task, level).
+    data: str
+    # Run name: everything is written under <runs_dir>/<name>/.
+    name: str = "eval"
+    # Root directory of runs.
+    runs_dir: str = "runs"
+    # Bad dataset rows: "raise" stops with the file, row and field; "skip" drops and counts them.
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+def evaluate_checkpoint(
+    settings: EvalSettings, model: str, data: str, name: str, runs_dir: str
+) -> dict:
+    """Runs `align eval` on a training stage's output with the stage's evaluation settings."""
+    shared = {f.name: getattr(settings, f.name) for f in fields(EvalSettings)}
+    return run(Config(model=model, data=data, name=name, runs_dir=runs_dir, **shared))
 
 
 def run(config: Config, llm=None) -> dict:

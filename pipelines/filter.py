@@ -246,7 +246,18 @@ def run(config: Config) -> dict:
                     flt.score(part), len(part), name
                 ),
             )
-            buckets: Buckets = select(scores, step.keep, seed=config.seed)
+            groups = None
+            if step.keep.group_by is not None:
+                missing = next((j for j in active if step.keep.group_by not in rows[j]), None)
+                if missing is not None:
+                    raise DataError(
+                        f"keep.group_by names column {step.keep.group_by!r}, which this row lacks",
+                        file=config.data,
+                        row=missing,
+                        field=step.keep.group_by,
+                    )
+                groups = [rows[j][step.keep.group_by] for j in active]
+            buckets: Buckets = select(scores, step.keep, seed=config.seed, groups=groups)
             label = f"{i}:{step.name}"
             for j, score in zip(active, scores, strict=True):
                 row_scores[j][label] = score

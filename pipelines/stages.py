@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipelines import evaluate, make_data, make_model
+from pipelines import dpo, evaluate, make_data, make_model, sft
 from pipelines import filter as filter_stage
 
 COMMANDS: dict[str, ModuleType | None] = {
@@ -16,8 +16,8 @@ COMMANDS: dict[str, ModuleType | None] = {
     "make-data": make_data,
     "eval": evaluate,
     "filter": filter_stage,
-    "sft": None,
+    "sft": sft,
     "rl": None,
-    "dpo": None,
+    "dpo": dpo,
     "distill": None,
 }

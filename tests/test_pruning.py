@@ -29,6 +29,16 @@ def test_drop_lowest_drops_exactly_that_fraction_of_the_lowest():
     assert buckets.kept == [2, 3, 4]
 
 
+def test_drop_lowest_within_groups_keeps_each_groups_hardest_part():
+    # Group "a" is hard everywhere, group "b" easy everywhere: a global cut would keep only "a".
+    scores = [0.9, 0.8, 1.0, 0.95, 0.1, 0.3, 0.2, 0.4]
+    groups = ["a", "a", "a", "a", "b", "b", "b", "b"]
+    assert select(scores, Selection(drop_lowest=0.5)).kept == [0, 1, 2, 3]
+    by_group = select(scores, Selection(drop_lowest=0.5, group_by="task"), groups=groups)
+    assert by_group.kept == [2, 3, 5, 7]  # a: 1.0, 0.95; b: 0.3, 0.4
+    assert by_group.dropped == [0, 1, 4, 6]
+
+
 def test_ties_are_broken_by_the_seed_reproducibly():
     scores = [1.0] * 10
     first = select(scores, Selection(drop_lowest=0.5), seed=0)

@@ -1,0 +1,127 @@
+"""Per-expert load of MoE routers, measured during training.
+
+`ExpertLoad` hooks every router of a model and counts, per MoE layer, how many real tokens
+(padding excluded) each expert was routed. Trainers log the summary (`moe/load_max`,
+`moe/load_min`, `moe/load_cv`: the busiest and idlest expert's share relative to a uniform
+share, and the coefficient of variation) and the full layer x expert table.
+
+The load-balancing auxiliary loss itself is computed by TRL's trainers from the router logits
+(`router_aux_loss_coef`); this module only observes.
+
+Shape legend: t = tokens of the batch (batch x sequence, flattened), e = experts, k = top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.models.llama4.modeling_llama4 import Llama4Router
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+
+@dataclass(frozen=True)
+class RouterKind:
+    """Where a router module's output keeps its logits."""
+
+    logits_index: int
+
+
+# Llama4Router returns (scores_te, logits_te); Qwen3MoeTopKRouter (logits_te, weights_tk, ids_tk).
+ROUTERS: dict[type[nn.Module], RouterKind] = {
+    Llama4Router: RouterKind(logits_index=1),
+    Qwen3MoeTopKRouter: RouterKind(logits_index=0),
+}
+
+
+def routers(model: nn.Module) -> list[tuple[str, nn.Module, RouterKind]]:
+    """The model's MoE routers in layer order, with how to read each one's output."""
+    found = []
+    for name, module in model.named_modules():
+        for cls, kind in ROUTERS.items():
+            if isinstance(module, cls):
+                found.append((name, module, kind))
+    return found
+
+
+class ExpertLoad:
+    """Counts routed tokens per layer and expert while attached to a model.
+
+    Both the top-level forward (to read the attention mask) and every router are hooked. The
+    top-k choice is recomputed from the router logits: for both router kinds the chosen experts
+    are the k largest logits.
+
+    Args:
+        model: a causal LM whose routers are in `ROUTERS`.
+
+    Raises:
+        ValueError: when the model has no router this module knows.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        found = routers(model)
+        if not found:
+            raise ValueError(
+                f"{type(model).__name__} has no MoE router of a known kind "
+                f"({', '.join(cls.__name__ for cls in ROUTERS)})"
+            )
+        self.layer_names = [name for name, _, _ in found]
+        num_experts = found[0][1].num_experts
+        self.counts_le = torch.zeros(len(found), num_experts, dtype=torch.float64)
+        self._token_mask_t: torch.Tensor | None = None
+        self._handles = [model.register_forward_pre_hook(self._remember_mask, with_kwargs=True)]
+        for layer, (_, module, kind) in enumerate(found):
+            self._handles.append(module.register_forward_hook(self._counter(layer, module, kind)))
+
+    def _remember_mask(self, module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask")
+        self._token_mask_t = None if mask is None or mask.dim() != 2 else mask.reshape(-1).bool()
+
+    def _counter(self, layer: int, router: nn.Module, kind: RouterKind):
+        def count(module, args, output) -> None:
+            logits_te = output[kind.logits_index].detach()
+            chosen_tk = logits_te.topk(router.top_k, dim=-1).indices
+            mask_t = self._token_mask_t
+            if mask_t is not None and mask_t.numel() == chosen_tk.shape[0]:
+                chosen_tk = chosen_tk[mask_t.to(chosen_tk.device)]
+            self.counts_le[layer] += torch.bincount(
+                chosen_tk.reshape(-1).cpu(), minlength=self.counts_le.shape[1]
+            ).to(torch.float64)
+
+        return count
+
+    def fractions(self) -> torch.Tensor:
+        """Share of each layer's routed tokens per expert (layers x experts; rows sum to 1)."""
+        totals_l = self.counts_le.sum(dim=1, keepdim=True).clamp(min=1)
+        return self.counts_le / totals_l
+
+    def summary(self) -> dict[str, float]:
+        """Load relative to a uniform share, worst over layers: 1.0 everywhere is perfect balance.
+
+        Example: 4 experts with shares 0.4, 0.3, 0.2, 0.1 -> load_max 1.6, load_min 0.4,
+        load_cv = std/mean of the shares = 0.1118 / 0.25 = 0.447.
+        """
+        if self.counts_le.sum() == 0:
+            return {}
+        relative_le = self.fractions() * self.counts_le.shape[1]
+        return {
+            "moe/load_max": relative_le.max().item(),
+            "moe/load_min": relative_le.min().item(),
+            "moe/load_cv": (relative_le.std(dim=1, unbiased=False)).max().item(),
+        }
+
+    def table(self) -> dict[str, list[float]]:
+        """The per-expert shares keyed by router module name."""
+        return {
+            name: row.tolist() for name, row in zip(self.layer_names, self.fractions(), strict=True)
+        }
+
+    def reset(self) -> None:
+        self.counts_le.zero_()
+
+    def detach(self) -> None:
+        """Removes the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

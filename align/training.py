@@ -1,0 +1,339 @@
+"""What the TRL-based training stages (SFT, DPO) share: settings, token budgets, logging, saving.
+
+The stages hand TRL's trainers these pieces; the training loops themselves are TRL's.
+
+    args = SFTConfig(**trainer_arguments(settings, run_dir / "checkpoints"), packing=True)
+    trainer = SFTTrainer(model, args, ..., peft_config=lora_config(lora))
+    trainer.add_callback(RunLogger(run, trainer.model))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import PreTrainedModel, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from align.config import check
+from align.moe import ExpertLoad, routers
+from align.runs import Run, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters through peft; the saved checkpoint has them merged in."""
+
+    # Train LoRA adapters instead of all weights.
+    enabled: bool = False
+    # Adapter rank.
+    r: int = 16
+    # Scaling numerator: the update is scaled by alpha / r.
+    alpha: int = 32
+    # Dropout on the adapter input.
+    dropout: float = 0.0
+    # Module names that get adapters. The default covers attention and the dense MLPs (dense
+    # layers and Llama 4's shared expert); routers and routed experts stay frozen.
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
+
+    def validate(self) -> None:
+        check(self.r >= 1, "r", f"must be >= 1 (got {self.r})")
+        check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1) (got {self.dropout})")
+        check(bool(self.target_modules), "target_modules", "list at least one module name")
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings shared by the SFT and DPO stages."""
+
+    # Peak learning rate.
+    learning_rate: float = 1e-3
+    # Learning-rate schedule after warmup.
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    # Fraction of the steps spent warming up linearly.
+    warmup_ratio: float = 0.05
+    # AdamW weight decay.
+    weight_decay: float = 0.0
+    # Sequences (SFT; packed rows with packing) or pairs (DPO) per device per micro-batch.
+    batch_size: int = 32
+    # Micro-batches per optimiser step.
+    grad_accum: int = 1
+    # Passes over the data when `token_budget` is not set.
+    epochs: float = 1.0
+    # Train on this many tokens (prompt + completion, chosen + rejected for DPO): the data is
+    # repeated or cut, in seeded order, to fit. The "lightweight" setting of the recipe.
+    token_budget: int | None = None
+    # Longest sequence in tokens; longer rows are truncated (and counted in the log).
+    max_length: int = 256
+    # Gradient clipping by global norm.
+    max_grad_norm: float = 1.0
+    # Log every N optimiser steps.
+    logging_steps: int = 10
+    # Write a resumable checkpoint every N optimiser steps.
+    save_steps: int = 200
+    # Resumable checkpoints kept (older ones are deleted).
+    save_total_limit: int = 2
+    # Seed of data order, budget sampling and initialisation of new weights.
+    seed: int = 0
+    # auto: bf16 mixed precision where the GPU supports it, fp32 otherwise.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Recompute activations in the backward pass to save memory.
+    gradient_checkpointing: bool = False
+    # Weight of the MoE router load-balancing loss (Llama 4 used 0.001); 0 turns it off.
+    router_aux_loss_coef: float = 0.001
+
+    def validate(self) -> None:
+        check(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
+        check(
+            0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1) ({self.warmup_ratio})"
+        )
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1 (got {self.batch_size})")
+        check(self.grad_accum >= 1, "grad_accum", f"must be >= 1 (got {self.grad_accum})")
+        check(self.epochs > 0, "epochs", f"must be > 0 (got {self.epochs})")
+        check(
+            self.token_budget is None or self.token_budget >= 1,
+            "token_budget",
+            f"must be >= 1 or null (got {self.token_budget})",
+        )
+        check(self.max_length >= 2, "max_length", f"must be >= 2 (got {self.max_length})")
+        check(self.logging_steps >= 1, "logging_steps", f"must be >= 1 ({self.logging_steps})")
+        check(self.save_steps >= 1, "save_steps", f"must be >= 1 (got {self.save_steps})")
+        check(
+            self.router_aux_loss_coef >= 0,
+            "router_aux_loss_coef",
+            f"must be >= 0 (got {self.router_aux_loss_coef})",
+        )
+
+
+def use_bf16(precision: str) -> bool:
+    """Whether `precision` means bf16 mixed precision on this machine."""
+    if precision == "bf16":
+        return True
+    return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def trainer_arguments(settings: TrainSettings, output_dir: Path) -> dict:
+    """Keyword arguments that SFTConfig and DPOConfig (both TrainingArguments) share."""
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(
+            settings.lr_scheduler, settings.lr_scheduler
+        ),
+        warmup_steps=settings.warmup_ratio,  # a float below 1 is a fraction of the steps
+        weight_decay=settings.weight_decay,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        num_train_epochs=1.0 if settings.token_budget else settings.epochs,
+        max_grad_norm=settings.max_grad_norm,
+        logging_steps=settings.logging_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=use_bf16(settings.precision),
+        gradient_checkpointing=settings.gradient_checkpointing,
+        router_aux_loss_coef=settings.router_aux_loss_coef,
+        max_length=settings.max_length,
+        # Metrics go to the run directory through RunLogger (metrics.jsonl and TensorBoard).
+        report_to=[],
+        # The stages keep their metadata columns (task, level) out of the batch themselves.
+        remove_unused_columns=True,
+    )
+
+
+def lora_config(settings: LoraSettings):
+    """peft's LoraConfig for `settings`, or None when LoRA is off."""
+    if not settings.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def token_count(tokenizer, prompt: str | list[dict], completion: str | list[dict] = "") -> int:
+    """Tokens of prompt + completion as the trainers see them (chat template applied, or EOS).
+
+    A conversation (`prompt` a list of messages, `completion` the reply messages or empty) is
+    rendered with the chat template; plain text gets the tokenizer's special tokens and EOS.
+    """
+    if isinstance(prompt, list):
+        messages = prompt + (completion or [])
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+    return len(tokenizer(prompt + completion)["input_ids"]) + 1
+
+
+def budget_indices(token_counts: list[int], budget: int, seed: int) -> list[int]:
+    """Row indices whose token counts add up to `budget`: whole seeded passes, then a cut pass.
+
+    Each pass over the data is a fresh seeded permutation; the last pass stops at the first row
+    that reaches the budget. Rows are repeated when the budget exceeds the data.
+
+    Example: counts [10, 20, 30] (60 tokens), budget 100 -> one full pass (60 tokens) plus rows
+    of a second permutation until 100 is reached or passed.
+    """
+    if budget < 1 or not token_counts:
+        raise ValueError("a token budget needs rows and a positive budget")
+    rng = random.Random(seed)
+    indices: list[int] = []
+    total = 0
+    while total < budget:
+        order = list(range(len(token_counts)))
+        rng.shuffle(order)
+        for i in order:
+            indices.append(i)
+            total += token_counts[i]
+            if total >= budget:
+                break
+    return indices
+
+
+def fit_budget(dataset, token_counts: list[int], settings: TrainSettings, what: str):
+    """Repeats or cuts `dataset` to the token budget (if set) and logs what that did."""
+    total = sum(token_counts)
+    if settings.token_budget is None:
+        log.info(
+            "training on %d %s (%d tokens) for %g epochs",
+            len(dataset),
+            what,
+            total,
+            settings.epochs,
+        )
+        return dataset, total * settings.epochs
+    indices = budget_indices(token_counts, settings.token_budget, settings.seed)
+    used = sum(token_counts[i] for i in indices)
+    log.info(
+        "token budget %d: %d %s drawn from %d (%.2f passes over %d tokens)",
+        settings.token_budget,
+        len(indices),
+        what,
+        len(dataset),
+        used / total,
+        total,
+    )
+    return dataset.select(indices), used
+
+
+def resume_point(checkpoints: Path) -> str | None:
+    """The newest resumable checkpoint under `checkpoints`, or None to start fresh."""
+    if not checkpoints.is_dir():
+        return None
+    last = get_last_checkpoint(str(checkpoints))
+    if last:
+        log.info("resuming from %s", last)
+    return last
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer, directory: Path) -> Path:
+    """Writes a Hugging Face checkpoint that vLLM loads: LoRA merged, safetensors, tokenizer.
+
+    Written to a temporary sibling first and moved into place, so `directory` is never half
+    written.
+    """
+    if hasattr(model, "merge_and_unload"):  # a peft model
+        model = model.merge_and_unload()
+    tmp = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+    return directory
+
+
+class RunLogger(TrainerCallback):
+    """Sends the trainer's logs to the run (metrics.jsonl, TensorBoard) with MoE expert load.
+
+    At the end of training the per-expert load of the whole run is written to
+    `expert_load.json` and drawn as a layer x expert heat map, `expert_load.png`.
+    """
+
+    def __init__(self, run: Run, model: torch.nn.Module, prefix: str = "train") -> None:
+        self.run, self.prefix = run, prefix
+        self.load = ExpertLoad(model) if routers(model) else None
+        self.total_le = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = {
+            f"{self.prefix}/{key}": float(value)
+            for key, value in (logs or {}).items()
+            if isinstance(value, int | float) and math.isfinite(value)
+        }
+        if self.load is not None:
+            metrics.update(self.load.summary())
+            self._accumulate()
+        if metrics:
+            self.run.log_metrics(state.global_step, metrics)
+
+    def _accumulate(self) -> None:
+        counts = self.load.counts_le.clone()
+        self.total_le = counts if self.total_le is None else self.total_le + counts
+        self.load.reset()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.load is None:
+            return
+        self._accumulate()
+        shares_le = self.total_le / self.total_le.sum(dim=1, keepdim=True).clamp(min=1)
+        table = {
+            name: row.tolist() for name, row in zip(self.load.layer_names, shares_le, strict=True)
+        }
+        write_json_atomic(self.run.dir / "expert_load.json", {"share_per_expert": table})
+        _heatmap(self.run.dir / "expert_load.png", shares_le, self.load.layer_names)
+        self.load.detach()
+
+
+def _heatmap(path: Path, shares_le: torch.Tensor, names: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, experts = shares_le.shape
+    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * experts, 1.2 + 0.4 * layers))
+    image = ax.imshow(shares_le.numpy() * experts, cmap="coolwarm", vmin=0, vmax=2)
+    ax.set_xlabel("expert")
+    ax.set_yticks(range(layers), [n.split(".")[-3] if n.count(".") >= 2 else n for n in names])
+    ax.set_ylabel("MoE layer")
+    ax.set_title("routed-token share x experts (1 = uniform)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_result(directory: Path, result: dict) -> None:
+    """Marks a finished training run: `<checkpoint>/train_result.json`."""
+    write_json_atomic(directory / "train_result.json", result)
+
+
+def finished_result(directory: Path) -> dict | None:
+    """The result of a finished training run whose checkpoint is `directory`, if any."""
+    path = directory / "train_result.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None

@@ -1,0 +1,304 @@
+"""Stage `dpo`: lightweight preference optimisation with TRL's DPOTrainer.
+
+Pairs come from a preference dataset (`data`) or from the model's own scored rollouts
+(`pairs`): n completions per prompt sampled with vLLM, scored by the configured rewards, the best
+paired against the worst when their reward margin is large enough. The second way lets the
+pipeline run DPO after RL on the same task.
+
+Losses (`loss.kind`): sigmoid DPO, IPO, length-normalised DPO, and SimPO (no reference model).
+Llama 3's additions: an NLL term on the chosen answer (`loss.nll_weight`) and formatting tokens
+taken out of the loss (`loss.mask_format_tokens`).
+
+Steps: (1) build or load the pairs; (2) fit them to the token budget; (3) train (resuming from
+the newest checkpoint of an interrupted run); (4) save a checkpoint vLLM loads; (5) evaluate.
+
+Output under runs/<name>/: `pairs/` and `pairs.json` (when built from rollouts), `model/`,
+`checkpoints/`, `eval/`, `expert_load.json`/`.png`, `metrics.jsonl`, `tb/`, `log.txt`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from datasets import Dataset, load_from_disk
+from transformers import AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+
+from align import engine
+from align.config import check
+from align.data import DataError, load_dataset_file
+from align.modeling import load_model
+from align.preferences import FormatMaskingCollator, build_pairs, format_token_ids
+from align.rewarding import RewardSpec, build_reward_set
+from align.runs import Run
+from align.training import (
+    LoraSettings,
+    RunLogger,
+    TrainSettings,
+    finished_result,
+    fit_budget,
+    lora_config,
+    resume_point,
+    save_checkpoint,
+    token_count,
+    trainer_arguments,
+    write_result,
+)
+from pipelines import evaluate
+
+log = logging.getLogger(__name__)
+
+# loss.kind -> TRL loss_type. SimPO is length-normalised DPO against a reference that only
+# contributes the target margin gamma (see SimPOTrainer).
+LOSS_TYPES = {
+    "sigmoid": "sigmoid",
+    "ipo": "ipo",
+    "length_normalized": "sigmoid_norm",
+    "simpo": "sigmoid_norm",
+}
+
+
+@dataclass
+class PairSettings:
+    """Preference pairs from the model's own rollouts, ranked by rewards."""
+
+    # Prompt rows (prompt, plus what the rewards read, e.g. answer): JSONL, Parquet or a
+    # `datasets` directory.
+    prompts: str
+    # Rewards that rank the completions (README, "Rewards").
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="answer_match")])
+    # Completions sampled per prompt.
+    samples: int = 8
+    # Sampling temperature.
+    temperature: float = 1.0
+    # Longest completion in tokens.
+    max_new_tokens: int = 32
+    # Keep a pair when best - worst reward >= this.
+    min_margin: float = 0.5
+    # Sampling seed.
+    seed: int = 0
+    # vLLM engine settings.
+    engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
+
+    def validate(self) -> None:
+        check(self.samples >= 2, "samples", f"pairs need >= 2 samples (got {self.samples})")
+        check(self.min_margin > 0, "min_margin", f"must be > 0 (got {self.min_margin})")
+
+
+@dataclass
+class LossSettings:
+    """The preference loss."""
+
+    # sigmoid: DPO. ipo: IPO. length_normalized: DPO on per-token mean log-ratios. simpo: SimPO,
+    # per-token mean log-probabilities with a target margin and no reference model.
+    kind: Literal["sigmoid", "ipo", "length_normalized", "simpo"] = "sigmoid"
+    # beta of DPO and SimPO; for IPO the regularisation tau (the target margin is 1/(2 tau)).
+    beta: float = 0.1
+    # SimPO's target reward margin gamma (simpo only).
+    simpo_gamma: float = 0.5
+    # Weight of the NLL term on the chosen answer (Llama 3 used 0.2); 0 turns it off.
+    nll_weight: float = 0.2
+    # Leave formatting tokens out of the loss (Llama 3): the tokenizer's special tokens (chat
+    # headers, end of turn) plus `extra_format_tokens`.
+    mask_format_tokens: bool = True
+    # More single tokens to leave out, as strings.
+    extra_format_tokens: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check(self.beta > 0, "beta", f"must be > 0 (got {self.beta})")
+        check(self.nll_weight >= 0, "nll_weight", f"must be >= 0 (got {self.nll_weight})")
+        check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0 (got {self.simpo_gamma})")
+
+
+@dataclass
+class Config:
+    """Settings of `align dpo`."""
+
+    # Checkpoint to train (and, except for SimPO, the frozen reference).
+    model: str
+    # Preference rows (prompt, chosen, rejected); or set `pairs` instead.
+    data: str | None = None
+    # Build the pairs from the model's rollouts instead of reading `data`.
+    pairs: PairSettings | None = None
+    # Held-out rows (prompt, answer) to evaluate the result on; null skips evaluation.
+    heldout: str | None = None
+    # Run name: everything is written under <runs_dir>/<name>/.
+    name: str = "dpo"
+    # Root directory of runs.
+    runs_dir: str = "runs"
+    # The loss.
+    loss: LossSettings = field(default_factory=LossSettings)
+    # Optimisation (batch_size counts pairs).
+    train: TrainSettings = field(
+        default_factory=lambda: TrainSettings(learning_rate=1e-4, batch_size=16, epochs=2.0)
+    )
+    # LoRA instead of full fine-tuning (the reference is then the base without adapters).
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # Held-out evaluation after training.
+    eval: evaluate.EvalSettings = field(default_factory=evaluate.EvalSettings)
+    # Bad dataset rows: "raise" stops with the file, row and field; "skip" drops and counts them.
+    on_error: Literal["raise", "skip"] = "raise"
+
+    def validate(self) -> None:
+        check(
+            (self.data is None) != (self.pairs is None),
+            "data",
+            "set exactly one of 'data' (a preference dataset) and 'pairs' (build from rollouts)",
+        )
+
+
+class SimPOTrainer(DPOTrainer):
+    """DPOTrainer computing SimPO: -log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma).
+
+    TRL's length-normalised loss ("sigmoid_norm") is -log sigmoid(beta * [(log pi(y_w) -
+    ref_w)/|y_w| - (log pi(y_l) - ref_l)/|y_l|]). With the reference log-probabilities set to
+    ref_w = (gamma/beta) |y_w| and ref_l = 0 it is exactly SimPO, and no reference model is run or
+    kept: this class overrides only the documented `compute_ref_log_probs`, and the stage
+    precomputes these values once before training.
+    """
+
+    def __init__(self, *args, simpo_gamma: float, **kwargs) -> None:
+        self.simpo_gamma = simpo_gamma
+        super().__init__(*args, **kwargs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        chosen_mask, _ = inputs["completion_mask"].chunk(2, dim=0)
+        chosen_lengths = chosen_mask.sum(dim=1).float()
+        ref_chosen = (self.simpo_gamma / self.beta) * chosen_lengths
+        return ref_chosen, ref_chosen.new_zeros(ref_chosen.shape)
+
+
+def run(config: Config, callbacks: list | None = None) -> dict:
+    """Trains `config.model` on preference pairs; extra TrainerCallbacks go in `callbacks`."""
+    out = Path(config.runs_dir) / config.name
+    with Run(out, config) as run_dir:
+        model_dir = out / "model"
+        result = finished_result(model_dir)
+        if result is None:
+            tokenizer = AutoTokenizer.from_pretrained(config.model)
+            # 1. Pairs: read, or built from the model's rollouts (kept for a resumed run).
+            if config.pairs is not None:
+                dataset, data_report = rollout_pairs(config, tokenizer, out, run_dir)
+            else:
+                dataset, data_report = load_dataset_file(config.data, "dpo", config.on_error)
+
+            # 2. Fitted to the token budget (chosen and rejected sequences both count).
+            counts = [
+                token_count(tokenizer, row["prompt"], row["chosen"])
+                + token_count(tokenizer, row["prompt"], row["rejected"])
+                for row in dataset
+            ]
+            columns = ["prompt", "chosen", "rejected"]
+            dataset, tokens = fit_budget(
+                dataset.select_columns(columns), counts, config.train, "pairs"
+            )
+            # An in-memory copy: TRL caches the precomputed reference log-probs next to the
+            # dataset's files, keyed without the loss settings (format mask, SimPO margin); an
+            # in-memory dataset's cache lives in a per-process temporary directory instead.
+            dataset = Dataset.from_list(list(dataset))
+
+            # 3. Training.
+            trainer = build_trainer(config, load_model(config.model), tokenizer, dataset, out)
+            for callback in callbacks or []:
+                trainer.add_callback(callback)
+            trainer.add_callback(RunLogger(run_dir, trainer.model))
+            train_output = trainer.train(resume_from_checkpoint=resume_point(out / "checkpoints"))
+
+            # 4. The checkpoint vLLM loads.
+            save_checkpoint(trainer.model, tokenizer, model_dir)
+            result = {
+                "model": str(model_dir),
+                "data": data_report,
+                "steps": trainer.state.global_step,
+                "train_loss": train_output.training_loss,
+                "budget_tokens": tokens,
+            }
+            write_result(model_dir, result)
+
+        # 5. Held-out evaluation.
+        if config.heldout is not None:
+            result["eval"] = evaluate.evaluate_checkpoint(
+                config.eval, str(model_dir), config.heldout, f"{config.name}/eval", config.runs_dir
+            )
+        run_dir.write_json("result.json", result)
+    return result
+
+
+def build_trainer(config: Config, model, tokenizer, dataset: Dataset, out: Path) -> DPOTrainer:
+    """The DPO (or SimPO) trainer for `config`: loss mapping, format mask, precomputed reference."""
+    loss = config.loss
+    loss_types, loss_weights = [LOSS_TYPES[loss.kind]], [1.0]
+    if loss.nll_weight > 0:
+        loss_types.append("sft")
+        loss_weights.append(loss.nll_weight)
+    args = DPOConfig(
+        **trainer_arguments(config.train, out / "checkpoints"),
+        beta=loss.beta,
+        loss_type=loss_types,
+        loss_weights=loss_weights,
+        # The reference's log-probabilities are computed once, before training, so no second
+        # model sits in memory while training.
+        precompute_ref_log_probs=True,
+    )
+    format_ids = []
+    if loss.mask_format_tokens:
+        format_ids = list(tokenizer.all_special_ids)
+        format_ids += format_token_ids(tokenizer, loss.extra_format_tokens)
+    trainer_cls, extra = DPOTrainer, {}
+    if loss.kind == "simpo":
+        trainer_cls, extra = SimPOTrainer, {"simpo_gamma": loss.simpo_gamma}
+    return trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=FormatMaskingCollator(
+            pad_token_id=tokenizer.pad_token_id,
+            max_length=config.train.max_length,
+            format_ids=format_ids,
+        ),
+        peft_config=lora_config(config.lora),
+        **extra,
+    )
+
+
+def rollout_pairs(config: Config, tokenizer, out: Path, run_dir: Run) -> tuple[Dataset, dict]:
+    """Builds the pairs from `config.model`'s rollouts, or loads those an earlier try built."""
+    pairs_dir = out / "pairs"
+    if pairs_dir.is_dir():
+        log.info("using the pairs built earlier in %s", pairs_dir)
+        return load_from_disk(str(pairs_dir)), {"pairs_from": str(pairs_dir)}
+    settings = config.pairs
+    prompts, prompt_report = load_dataset_file(settings.prompts, "rl", config.on_error)
+    rewards = build_reward_set(settings.rewards)
+    llm = engine.start_engine(config.model, settings.engine)
+    pairs, stats = build_pairs(
+        llm,
+        tokenizer,
+        list(prompts),
+        rewards,
+        samples=settings.samples,
+        temperature=settings.temperature,
+        max_new_tokens=settings.max_new_tokens,
+        min_margin=settings.min_margin,
+        seed=settings.seed,
+    )
+    # The engine goes before training starts, so its memory is free for the trainer.
+    del llm
+    gc.collect()
+    report = {"prompts": prompt_report, **asdict(stats)}
+    run_dir.write_json("pairs.json", report)
+    if not pairs:
+        raise DataError(
+            f"no prompt gave a pair with a reward margin >= {settings.min_margin} "
+            f"({stats.below_margin} below the margin, {stats.unscored} unscored); lower "
+            "pairs.min_margin, sample more (pairs.samples) or raise pairs.temperature",
+            file=settings.prompts,
+        )
+    dataset = Dataset.from_list(pairs)
+    dataset.save_to_disk(str(pairs_dir))
+    return dataset, report

@@ -1,0 +1,224 @@
+"""`align sft` and `align dpo` end to end on the tiny model: loss, resume, LoRA, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from datasets import load_from_disk
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from align.modeling import build_model, write_checkpoint
+from align.tasks import make_problems, split_problems, to_dpo, to_rl, to_sft
+from align.training import LoraSettings, TrainSettings
+from pipelines import dpo, sft
+from tests.test_cli import align
+
+
+class Crash(Exception):
+    """Stands for the process dying right after a checkpoint was written."""
+
+
+class CrashAfterSave(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Crash(f"stopped after the checkpoint of step {self.step}")
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def logged(run_dir, key: str) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)[key] for line in lines if key in json.loads(line)]
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    return write_checkpoint(build_model("student", seed=0), tmp_path_factory.mktemp("s") / "m")
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    rows = list(to_sft(make_problems(["add", "sort"], [1, 2], 8, seed=2)))
+    return write_jsonl(tmp_path_factory.mktemp("d") / "sft.jsonl", rows)
+
+
+def sft_config(tmp_path, model, data, name, **train) -> sft.Config:
+    settings = dict(batch_size=8, epochs=3.0, learning_rate=3e-3, logging_steps=1, save_steps=2)
+    return sft.Config(
+        model=str(model),
+        data=data,
+        name=name,
+        runs_dir=str(tmp_path / "runs"),
+        train=TrainSettings(**{**settings, **train}),
+    )
+
+
+def test_sft_lowers_the_loss_and_resumes_where_it_stopped(tmp_path, student_dir, sft_file):
+    whole = sft.run(sft_config(tmp_path, student_dir, sft_file, "whole"))
+    run_dir = tmp_path / "runs" / "whole"
+    losses = logged(run_dir, "train/loss")
+    assert whole["steps"] == 12 == len(losses)  # 32 rows / 8 per step x 3 epochs
+    assert losses[-1] < 0.75 * losses[0]
+    assert (run_dir / "expert_load.png").exists()
+    shares = json.loads((run_dir / "expert_load.json").read_text())["share_per_expert"]
+    assert len(shares) == 2 and all(sum(row) == pytest.approx(1.0) for row in shares.values())
+
+    config = sft_config(tmp_path, student_dir, sft_file, "interrupted")
+    with pytest.raises(Crash):
+        sft.run(config, callbacks=[CrashAfterSave(step=6)])
+    interrupted = tmp_path / "runs" / "interrupted"
+    assert not (interrupted / "model").exists()
+    resumed = sft.run(config)
+    assert resumed["steps"] == 12
+    # The resumed run did steps 7-12 only, and ends with the same weights as the whole run.
+    assert len(logged(interrupted, "train/loss")) == 12
+    assert (
+        json.loads(
+            (interrupted / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text()
+        )["log_history"][6]["step"]
+        == 7
+    )
+    a = load_file(str(run_dir / "model" / "model.safetensors"))
+    b = load_file(str(interrupted / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() < 1e-5, name
+    # A finished run is not trained again.
+    assert sft.run(config)["train_loss"] == resumed["train_loss"]
+
+
+def test_lora_trains_only_the_adapted_modules_and_saves_them_merged(
+    tmp_path, student_dir, sft_file
+):
+    config = sft_config(tmp_path, student_dir, sft_file, "lora", epochs=1.0)
+    config.lora = LoraSettings(enabled=True, r=4, alpha=8)
+    sft.run(config)
+    base = load_file(str(student_dir / "model.safetensors"))
+    tuned = load_file(str(tmp_path / "runs" / "lora" / "model" / "model.safetensors"))
+    assert tuned.keys() == base.keys()  # merged: a plain checkpoint, no adapter weights
+    changed = {name for name in base if not (base[name] == tuned[name]).all()}
+    assert changed and all(
+        name.split(".")[-2] in LoraSettings().target_modules for name in changed
+    ), changed
+    assert not any("router" in name or "experts" in name for name in changed)
+
+
+def test_token_budget_bounds_the_training(tmp_path, student_dir, sft_file):
+    result = sft.run(sft_config(tmp_path, student_dir, sft_file, "budget", token_budget=3000))
+    assert 3000 <= result["budget_tokens"] < 3000 + 60  # stops at the row that reaches it
+    tokens = logged(tmp_path / "runs" / "budget", "train/num_tokens")[-1]
+    assert tokens == result["budget_tokens"]  # the trainer saw exactly the budgeted rows
+
+
+def test_dpo_lowers_the_loss_and_resumes_where_it_stopped(tmp_path, student_dir):
+    rows = list(to_dpo(make_problems(["add", "sort"], [1, 2], 8, seed=4)))
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+    def config(name):
+        return dpo.Config(
+            model=str(student_dir),
+            data=data,
+            name=name,
+            runs_dir=str(tmp_path / "runs"),
+            train=TrainSettings(
+                batch_size=8, epochs=3.0, learning_rate=1e-3, logging_steps=1, save_steps=2
+            ),
+        )
+
+    whole = dpo.run(config("whole"))
+    losses = logged(tmp_path / "runs" / "whole", "train/loss")
+    assert whole["steps"] == 12 and losses[-1] < losses[0]
+    margins = logged(tmp_path / "runs" / "whole", "train/rewards/margins")
+    assert margins[-1] > 0  # chosen answers gained on rejected ones
+
+    with pytest.raises(Crash):
+        dpo.run(config("interrupted"), callbacks=[CrashAfterSave(step=4)])
+    resumed = dpo.run(config("interrupted"))
+    assert resumed["steps"] == 12
+    assert len(logged(tmp_path / "runs" / "interrupted", "train/loss")) == 12
+    a = load_file(str(tmp_path / "runs" / "whole" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "runs" / "interrupted" / "model" / "model.safetensors"))
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() < 1e-5, name
+
+
+@pytest.mark.vllm
+def test_sft_cli_filters_by_difficulty_trains_and_evaluates(tmp_path, partially_trained):
+    train, heldout = split_problems(make_problems(["sort"], [1, 2, 3, 4], 16, seed=5), 0.25, 0)
+    config = {
+        "model": str(partially_trained["checkpoint"]),
+        "data": write_jsonl(tmp_path / "train.jsonl", list(to_sft(train))),
+        "heldout": write_jsonl(tmp_path / "heldout.jsonl", list(to_rl(heldout))),
+        "name": "sft",
+        "runs_dir": str(tmp_path / "runs"),
+        "filters": [
+            {
+                "name": "difficulty",
+                "options": {"model": str(partially_trained["checkpoint"]), "samples": 4},
+                "keep": {"drop_lowest": 0.5, "group_by": "level"},
+            }
+        ],
+        "train": {"batch_size": 8, "epochs": 2.0, "logging_steps": 1},
+        "eval": {"samples": 2, "pass_k": 1, "max_new_tokens": 16},
+    }
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = align("sft", "--config", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "sft"
+    kept = load_from_disk(str(run_dir / "filter" / "kept"))
+    assert len(kept) == len(train) // 2
+    assert sorted(kept["level"]) == sorted([1, 2, 3, 4] * (len(train) // 8))  # half per level
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 2 * (len(kept) // 8 + (len(kept) % 8 > 0))
+    # The checkpoint loads in vLLM: every held-out row was answered.
+    report = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert report["n"] == len(heldout) and report["model"] == str(run_dir / "model")
+    assert "held-out evaluation" in out.stdout
+
+
+@pytest.mark.vllm
+def test_dpo_cli_pairs_the_models_own_rollouts_and_evaluates(tmp_path, partially_trained):
+    from align.tasks import get_task
+
+    prompts = list(to_rl(make_problems(["sort"], [3, 4], 12, seed=6)))
+    config = {
+        "model": str(partially_trained["checkpoint"]),
+        "pairs": {
+            "prompts": write_jsonl(tmp_path / "prompts.jsonl", prompts),
+            "samples": 8,
+            "min_margin": 0.5,
+        },
+        "heldout": write_jsonl(tmp_path / "heldout.jsonl", prompts[:8]),
+        "name": "dpo",
+        "runs_dir": str(tmp_path / "runs"),
+        "train": {"batch_size": 4, "epochs": 1.0, "logging_steps": 1},
+        "eval": {"samples": 2, "pass_k": 1, "max_new_tokens": 16},
+    }
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = align("dpo", "--config", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "dpo"
+    stats = json.loads((run_dir / "pairs.json").read_text())
+    assert stats["pairs"] + stats["below_margin"] + stats["unscored"] == len(prompts)
+    pairs = load_from_disk(str(run_dir / "pairs"))
+    assert len(pairs) == stats["pairs"] > 0
+    for pair in pairs:  # best vs worst by answer_match: a right and a wrong answer
+        task = get_task(pair["task"])
+        assert pair["chosen_reward"] - pair["rejected_reward"] >= 0.5
+        assert task.check(pair["chosen"][0]["content"], pair["answer"])
+        assert not task.check(pair["rejected"][0]["content"], pair["answer"])
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == -(-len(pairs) // 4)
+    report = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert report["n"] == 8 and report["model"] == str(run_dir / "model")
