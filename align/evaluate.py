@@ -69,7 +69,8 @@ def evaluate(
 
     Returns:
         A report: overall metrics, then `by_task`, `by_level` and `groups` (task x level),
-        each with `n`, `greedy_accuracy`, `pass@k` and `mean_completion_tokens`.
+        each with `n`, `greedy_accuracy`, `pass@k`, `sample_accuracy` (share of right sampled
+        completions) and `mean_completion_tokens`.
     """
     if samples < pass_k:
         raise ValueError(f"samples ({samples}) must be >= pass_k ({pass_k})")
@@ -101,6 +102,7 @@ def evaluate(
                 "level": row.get("level", 0),
                 "greedy": float(is_correct(row, best.text)),
                 "pass": pass_at_k(samples, n_correct, pass_k),
+                "sampled_correct": n_correct / samples,
                 "tokens": len(best.token_ids),
             }
         )
@@ -111,6 +113,8 @@ def evaluate(
             "n": n,
             "greedy_accuracy": sum(i["greedy"] for i in items) / n,
             f"pass@{pass_k}": sum(i["pass"] for i in items) / n,
+            # Share of sampled completions that are right: the mean of a 0/1 answer reward.
+            "sample_accuracy": sum(i["sampled_correct"] for i in items) / n,
             "mean_completion_tokens": sum(i["tokens"] for i in items) / n,
         }
 
@@ -138,6 +142,7 @@ def scalars(report: dict, prefix: str = "eval") -> dict[str, float]:
     metrics = {
         f"{prefix}/greedy_accuracy": report["greedy_accuracy"],
         f"{prefix}/{pass_key}": report[pass_key],
+        f"{prefix}/sample_accuracy": report["sample_accuracy"],
     }
     for group, table in (("task", report["by_task"]), ("level", report["by_level"])):
         for name, m in table.items():
@@ -149,14 +154,17 @@ def scalars(report: dict, prefix: str = "eval") -> dict[str, float]:
 def format_table(report: dict, title: str = "") -> str:
     """The report as a fixed-width text table: one line per task x level, then totals."""
     key = f"pass@{report['pass_k']}"
-    header = f"{'task':<10} {'level':>5} {'n':>5} {'greedy acc':>10} {key:>8} {'tokens':>6}"
+    header = (
+        f"{'task':<10} {'level':>5} {'n':>5} {'greedy acc':>10} {key:>8} {'sample acc':>10} "
+        f"{'tokens':>6}"
+    )
     lines = [title] if title else []
     lines += [header, "-" * len(header)]
 
     def line(task: str, level: str, m: dict) -> str:
         return (
             f"{task:<10} {level:>5} {m['n']:>5} {m['greedy_accuracy']:>10.3f} "
-            f"{m[key]:>8.3f} {m['mean_completion_tokens']:>6.1f}"
+            f"{m[key]:>8.3f} {m['sample_accuracy']:>10.3f} {m['mean_completion_tokens']:>6.1f}"
         )
 
     lines += [line(g["task"], str(g["level"]), g) for g in report["groups"]]

@@ -134,7 +134,7 @@ class Config:
     loss: LossSettings = field(default_factory=LossSettings)
     # Optimisation (batch_size counts pairs).
     train: TrainSettings = field(
-        default_factory=lambda: TrainSettings(learning_rate=1e-4, batch_size=16, epochs=2.0)
+        default_factory=lambda: TrainSettings(learning_rate=3e-5, batch_size=16, epochs=2.0)
     )
     # LoRA instead of full fine-tuning (the reference is then the base without adapters).
     lora: LoraSettings = field(default_factory=LoraSettings)

@@ -62,30 +62,10 @@ def test_loss_formulas_hand_worked(kind, beta, expected):
 
 def test_nll_term_is_the_mean_chosen_token_nll():
     # Two pairs, chosen sums -1 (2 tokens) and -3 (4 tokens): NLL = 4/6; weight 0.2 -> 0.13333
-    base = reference_loss(
-        "sigmoid",
-        0.1,
-        0,
-        0.0,
-        T([-1.0, -3.0]),
-        T([-3.0, -3.0]),
-        T([-1.0, -3.0]),
-        T([-3.0, -3.0]),
-        T([2.0, 4.0]),
-        T([4.0, 4.0]),
-    )
-    with_nll = reference_loss(
-        "sigmoid",
-        0.1,
-        0,
-        0.2,
-        T([-1.0, -3.0]),
-        T([-3.0, -3.0]),
-        T([-1.0, -3.0]),
-        T([-3.0, -3.0]),
-        T([2.0, 4.0]),
-        T([4.0, 4.0]),
-    )
+    sums = dict(pc=T([-1.0, -3.0]), pr=T([-3.0, -3.0]), rc=T([-1.0, -3.0]), rr=T([-3.0, -3.0]))
+    lengths = dict(lc=T([2.0, 4.0]), lr=T([4.0, 4.0]))
+    base = reference_loss("sigmoid", 0.1, 0, 0.0, **sums, **lengths)
+    with_nll = reference_loss("sigmoid", 0.1, 0, 0.2, **sums, **lengths)
     assert base.item() == pytest.approx(math.log(2))
     assert (with_nll - base).item() == pytest.approx(0.2 * 4 / 6)
 
