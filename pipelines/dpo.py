@@ -187,11 +187,23 @@ def run(config: Config, callbacks: list | None = None) -> dict:
                 dataset, data_report = load_dataset_file(config.data, "dpo", config.on_error)
 
             # 2. Fitted to the token budget (chosen and rejected sequences both count).
-            counts = [
-                token_count(tokenizer, row["prompt"], row["chosen"])
-                + token_count(tokenizer, row["prompt"], row["rejected"])
+            lengths = [
+                (
+                    token_count(tokenizer, row["prompt"], row["chosen"]),
+                    token_count(tokenizer, row["prompt"], row["rejected"]),
+                )
                 for row in dataset
             ]
+            too_long = sum(max(pair) > config.train.max_length for pair in lengths)
+            if too_long:
+                log.warning(
+                    "%d of %d pairs are longer than train.max_length=%d tokens and are truncated "
+                    "(TRL drops pairs whose prompt alone fills it)",
+                    too_long,
+                    len(lengths),
+                    config.train.max_length,
+                )
+            counts = [chosen + rejected for chosen, rejected in lengths]
             columns = ["prompt", "chosen", "rejected"]
             dataset, tokens = fit_budget(
                 dataset.select_columns(columns), counts, config.train, "pairs"

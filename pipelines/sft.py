@@ -58,7 +58,7 @@ class Config:
     # Training rows: JSONL, Parquet or a `datasets` directory.
     data: str
     # Schema of `data`: sft (prompt/completion: loss on the completion only) or chat (messages:
-    # loss on the assistant turns' text and the rest of the conversation).
+    # loss on every token of the conversation).
     schema: Literal["sft", "chat"] = "sft"
     # Held-out rows (prompt, answer) to evaluate the result on; null skips evaluation.
     heldout: str | None = None

@@ -36,3 +36,33 @@ def test_default_pipeline_runs_and_resumes(tmp_path):
     rerun = json.loads((root / "eval-student" / "eval.json").read_text())
     # Seeded engine and sampling: the re-run stage reproduces its numbers.
     assert rerun["groups"] == first["groups"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "default.yaml",
+        *sorted(p.name for p in (REPO_ROOT / "pipelines" / "experiments").glob("*.yaml")),
+    ],
+)
+def test_shipped_pipeline_files_resolve(path):
+    """Every pipeline file in the repo names existing commands with valid stage configs."""
+    from align.config import load_config
+    from pipelines import pipeline
+
+    file = REPO_ROOT / "pipelines" / path
+    if not file.exists():
+        file = REPO_ROOT / "pipelines" / "experiments" / path
+    config = load_config(pipeline.Config, file)
+    assert len(pipeline.resolve_stages(config, str(file))) == len(config.stages)
+
+
+@pytest.mark.parametrize("command", ["filter", "sft", "dpo"])
+def test_shipped_stage_configs_load(command):
+    from align.config import load_config
+    from pipelines import stages
+
+    config = load_config(
+        stages.COMMANDS[command].Config, REPO_ROOT / "pipelines" / f"{command}.yaml"
+    )
+    assert config.name == command
