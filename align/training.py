@@ -328,9 +328,22 @@ def _heatmap(path: Path, shares_le: torch.Tensor, names: list[str]) -> None:
     plt.close(fig)
 
 
-def write_result(directory: Path, result: dict) -> None:
-    """Marks a finished training run: `<checkpoint>/train_result.json`."""
+def finish(trainer, train_output, tokenizer, directory: Path, **facts) -> dict:
+    """Saves the trained model (see `save_checkpoint`) and marks the run finished.
+
+    Returns:
+        The result: the checkpoint path, steps, mean training loss and `facts`, also written to
+        `<directory>/train_result.json`, whose presence means the run needs no more training.
+    """
+    save_checkpoint(trainer.model, tokenizer, directory)
+    result = {
+        "model": str(directory),
+        "steps": trainer.state.global_step,
+        "train_loss": train_output.training_loss,
+        **facts,
+    }
     write_json_atomic(directory / "train_result.json", result)
+    return result
 
 
 def finished_result(directory: Path) -> dict | None:

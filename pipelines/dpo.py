@@ -39,14 +39,13 @@ from align.training import (
     LoraSettings,
     RunLogger,
     TrainSettings,
+    finish,
     finished_result,
     fit_budget,
     lora_config,
     resume_point,
-    save_checkpoint,
     token_count,
     trainer_arguments,
-    write_result,
 )
 from pipelines import evaluate
 
@@ -221,15 +220,14 @@ def run(config: Config, callbacks: list | None = None) -> dict:
             train_output = trainer.train(resume_from_checkpoint=resume_point(out / "checkpoints"))
 
             # 4. The checkpoint vLLM loads.
-            save_checkpoint(trainer.model, tokenizer, model_dir)
-            result = {
-                "model": str(model_dir),
-                "data": data_report,
-                "steps": trainer.state.global_step,
-                "train_loss": train_output.training_loss,
-                "budget_tokens": tokens,
-            }
-            write_result(model_dir, result)
+            result = finish(
+                trainer,
+                train_output,
+                tokenizer,
+                model_dir,
+                data=data_report,
+                budget_tokens=tokens,
+            )
 
         # 5. Held-out evaluation.
         if config.heldout is not None:
