@@ -45,6 +45,11 @@ def routers(model: nn.Module) -> list[tuple[str, nn.Module, RouterKind]]:
     return found
 
 
+def shares(counts_le: torch.Tensor) -> torch.Tensor:
+    """Each layer's routed-token counts as shares per expert (rows sum to 1; empty rows 0)."""
+    return counts_le / counts_le.sum(dim=1, keepdim=True).clamp(min=1)
+
+
 class ExpertLoad:
     """Counts routed tokens per layer and expert while attached to a model.
 
@@ -91,11 +96,6 @@ class ExpertLoad:
 
         return count
 
-    def fractions(self) -> torch.Tensor:
-        """Share of each layer's routed tokens per expert (layers x experts; rows sum to 1)."""
-        totals_l = self.counts_le.sum(dim=1, keepdim=True).clamp(min=1)
-        return self.counts_le / totals_l
-
     def summary(self) -> dict[str, float]:
         """Load relative to a uniform share, worst over layers: 1.0 everywhere is perfect balance.
 
@@ -104,17 +104,11 @@ class ExpertLoad:
         """
         if self.counts_le.sum() == 0:
             return {}
-        relative_le = self.fractions() * self.counts_le.shape[1]
+        relative_le = shares(self.counts_le) * self.counts_le.shape[1]
         return {
             "moe/load_max": relative_le.max().item(),
             "moe/load_min": relative_le.min().item(),
             "moe/load_cv": (relative_le.std(dim=1, unbiased=False)).max().item(),
-        }
-
-    def table(self) -> dict[str, list[float]]:
-        """The per-expert shares keyed by router module name."""
-        return {
-            name: row.tolist() for name, row in zip(self.layer_names, self.fractions(), strict=True)
         }
 
     def reset(self) -> None:

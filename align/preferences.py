@@ -21,10 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from align import engine
 from align.rewarding import RewardSet
-from align.scoring import reward_columns, row_prompt
-from align.tokenizer import encode_prompts
+from align.scoring import row_prompt, sample_and_score
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -80,21 +78,18 @@ def build_pairs(
         raise ValueError(f"pairs need at least 2 samples per prompt (got {samples})")
     if min_margin <= 0:
         raise ValueError(f"min_margin must be > 0 (got {min_margin}); equal rewards are no pair")
-    prompts = [row_prompt(row) for row in rows]
-    completions = engine.generate(
+    completions, batch = sample_and_score(
         llm,
-        encode_prompts(tokenizer, prompts),
-        n=samples,
+        tokenizer,
+        rows,
+        rewards,
+        samples=samples,
         temperature=temperature,
-        max_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens,
         seed=seed,
         progress=True,
     )
-    flat = [c for per_prompt in completions for c in per_prompt]
-    columns = reward_columns(rows, samples)
-    columns["completion_ids"] = [c.token_ids for c in flat]
-    totals = rewards([p for p in prompts for _ in range(samples)], [c.text for c in flat], columns)
-    totals = totals.totals
+    totals = batch.totals
 
     pairs, below_margin, unscored = [], 0, 0
     for i, row in enumerate(rows):
@@ -112,13 +107,14 @@ def build_pairs(
         if best[0] - worst[0] < min_margin:
             below_margin += 1
             continue
+        prompt = row_prompt(row)
         extra = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
         pairs.append(
             {
                 **extra,
-                "prompt": prompts[i],
-                "chosen": _as_completion(prompts[i], best[1]),
-                "rejected": _as_completion(prompts[i], worst[1]),
+                "prompt": prompt,
+                "chosen": _as_completion(prompt, best[1]),
+                "rejected": _as_completion(prompt, worst[1]),
                 "chosen_reward": best[0],
                 "rejected_reward": worst[0],
             }

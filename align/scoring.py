@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from align import engine
 from align.pruning import messages_text
-from align.rewarding import RewardSet
+from align.rewarding import RewardBatch, RewardSet
 from align.tokenizer import encode_prompts
 
 if TYPE_CHECKING:
@@ -40,6 +40,41 @@ def reward_columns(rows: list[dict[str, Any]], repeat: int) -> dict[str, list]:
     """The rows' columns (all but the prompt) as reward keyword arguments, each row repeated."""
     names = [c for c in rows[0] if c not in ("prompt", "messages")] if rows else []
     return {c: [row[c] for row in rows for _ in range(repeat)] for c in names}
+
+
+def sample_and_score(
+    llm: LLM,
+    tokenizer,
+    rows: list[dict[str, Any]],
+    rewards: RewardSet,
+    *,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    progress: bool = False,
+) -> tuple[list[list[engine.Completion]], RewardBatch]:
+    """Samples `samples` completions per row and scores each against its row's columns.
+
+    Returns:
+        The completions per row, and the reward batch over all of them flattened row by row
+        (completion j of row i is entry i * samples + j).
+    """
+    prompts = [row_prompt(row) for row in rows]
+    completions = engine.generate(
+        llm,
+        encode_prompts(tokenizer, prompts),
+        n=samples,
+        temperature=temperature,
+        max_tokens=max_new_tokens,
+        seed=seed,
+        progress=progress,
+    )
+    flat = [c for per_prompt in completions for c in per_prompt]
+    columns = reward_columns(rows, samples)
+    columns["completion_ids"] = [c.token_ids for c in flat]
+    batch = rewards([p for p in prompts for _ in range(samples)], [c.text for c in flat], columns)
+    return completions, batch
 
 
 @dataclass
@@ -117,21 +152,16 @@ class PassRateScorer:
         """Samples `samples` completions per row and counts those that pass."""
         if not rows:
             return []
-        prompts = [row_prompt(row) for row in rows]
-        completions = engine.generate(
+        _, batch = sample_and_score(
             self.llm,
-            encode_prompts(self.tokenizer, prompts),
-            n=self.samples,
+            self.tokenizer,
+            rows,
+            self.rewards,
+            samples=self.samples,
             temperature=self.temperature,
-            max_tokens=self.max_new_tokens,
+            max_new_tokens=self.max_new_tokens,
             seed=self.seed,
             progress=progress,
-        )
-        flat = [c for per_prompt in completions for c in per_prompt]
-        columns = reward_columns(rows, self.samples)
-        columns["completion_ids"] = [c.token_ids for c in flat]
-        batch = self.rewards(
-            [p for p in prompts for _ in range(self.samples)], [c.text for c in flat], columns
         )
         for key, value in batch.metrics.items():
             if not key.endswith(("/mean", "/applicable")):

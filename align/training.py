@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from align.config import check
-from align.moe import ExpertLoad, routers
+from align.moe import ExpertLoad, routers, shares
 from align.runs import Run, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ class RunLogger(TrainerCallback):
         if self.load is None:
             return
         self._accumulate()
-        shares_le = self.total_le / self.total_le.sum(dim=1, keepdim=True).clamp(min=1)
+        shares_le = shares(self.total_le)
         table = {
             name: row.tolist() for name, row in zip(self.load.layer_names, shares_le, strict=True)
         }
