@@ -1,0 +1,245 @@
+"""Weight sync learner -> live vLLM engine: after a sync the engine scores exactly like the learner.
+
+The tests reuse the session's engines (conftest `engine_for`, one per family) and load trained
+weights into them; a module fixture loads the original checkpoints back at the end (and checks
+that this worked), so the other vLLM tests see the engines as they were started.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from align import engine
+from align.modeling import load_model
+from align.tokenizer import encode_prompts
+from align.weight_sync import export_weights
+
+FAMILIES = ["llama4", "qwen3_moe"]
+TOLERANCE = 1e-4
+CONVERSATIONS = [
+    [{"role": "user", "content": "Compute 47+85."}, {"role": "assistant", "content": "132"}],
+    [{"role": "user", "content": "Sort: hbadcfe"}, {"role": "assistant", "content": "abcdefh"}],
+]
+
+
+def learner_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """Logprob of tokens 1..L-1 given their prefix, from one fp32 transformers forward pass."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def max_diff_to_learner(llm, model, sequences: list[list[int]]) -> float:
+    """Largest |vLLM - learner| prompt logprob over the sequences."""
+    vllm_lp = engine.sequence_logprobs(llm, sequences)
+    return max(
+        (torch.tensor(lp) - learner_logprobs(model, ids)).abs().max().item()
+        for lp, ids in zip(vllm_lp, sequences, strict=True)
+    )
+
+
+def sampled_diff_to_learner(llm, model, prompts: list[list[int]], **sampling) -> float:
+    """Largest |vLLM - learner| logprob of the tokens vLLM sampled."""
+    worst = 0.0
+    for prompt, group in zip(prompts, engine.generate(llm, prompts, **sampling), strict=True):
+        for completion in group:
+            full = learner_logprobs(model, prompt + completion.token_ids)
+            diff = torch.tensor(completion.logprobs) - full[len(prompt) - 1 :]
+            worst = max(worst, diff.abs().max().item())
+    return worst
+
+
+def train(model, vocab_size: int, steps: int = 3) -> None:
+    """A few AdamW steps on random tokens: every weight (embeddings, attention, routers,
+    experts, head) moves."""
+    generator = torch.Generator().manual_seed(0)
+    ids_bt = torch.randint(3, vocab_size, (4, 48), generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(ids_bt, labels=ids_bt).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def learner(checkpoints, engine_for, tmp_path_factory):
+    """family -> (trained learner model, its exported checkpoint, sequences to score).
+
+    At the end of the module the original checkpoints are synced back into the shared engines,
+    and the engines must score like the original weights again.
+    """
+    cache: dict[str, tuple] = {}
+    root = tmp_path_factory.mktemp("weight_sync")
+
+    def get(family: str):
+        if family not in cache:
+            model = load_model(checkpoints[family])
+            before = {name: p.detach().clone() for name, p in model.named_parameters()}
+            train(model, model.config.vocab_size)
+            unchanged = [
+                name for name, p in model.named_parameters() if torch.equal(p, before[name])
+            ]
+            assert not unchanged, f"training left weights unchanged: {unchanged}"
+            tokenizer = AutoTokenizer.from_pretrained(checkpoints[family])
+            sequences = [
+                tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)
+                for c in CONVERSATIONS
+            ]
+            cache[family] = (model, export_weights(model, root / family), sequences)
+        return cache[family]
+
+    yield get
+    for family, (_, _, sequences) in cache.items():
+        llm = engine_for(family)
+        engine.sync_weights(llm, checkpoints[family])
+        assert max_diff_to_learner(llm, load_model(checkpoints[family]), sequences) <= TOLERANCE
+
+
+def prompts_for(checkpoint) -> list[list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return encode_prompts(tokenizer, [c[:1] for c in CONVERSATIONS])
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sync_makes_engine_score_like_learner(family, checkpoints, engine_for, learner):
+    llm = engine_for(family)
+    model, exported, sequences = learner(family)
+    engine.sync_weights(llm, checkpoints[family])  # a known starting point: the original weights
+    before = max_diff_to_learner(llm, model, sequences)
+    assert before > 0.05, f"training changed the learner too little to test a sync ({before})"
+
+    seconds = engine.sync_weights(llm, exported)
+
+    assert 0 < seconds < 60
+    assert max_diff_to_learner(llm, model, sequences) <= TOLERANCE
+    prompts = prompts_for(checkpoints[family])
+    sampled = sampled_diff_to_learner(
+        llm, model, prompts, n=3, temperature=1.0, max_tokens=12, seed=7
+    )
+    assert sampled <= TOLERANCE
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cpu_moe_repack_is_what_makes_the_sync_exact(family, checkpoints, engine_for, learner):
+    """Loading without prepacking vLLM's CPU MoE experts again leaves the engine wrong."""
+    llm = engine_for(family)
+    if not llm.apply_model(lambda model: len(engine._cpu_moe_layers(model)))[0]:
+        pytest.skip("this engine does not run vLLM's CPU MoE experts")
+    model, exported, sequences = learner(family)
+
+    llm.collective_rpc("align_load_weights", args=(str(exported), False))
+    llm.reset_prefix_cache()
+    unpacked = max_diff_to_learner(llm, model, sequences)
+    engine.sync_weights(llm, exported)
+    repacked = max_diff_to_learner(llm, model, sequences)
+
+    assert unpacked > 0.02
+    assert repacked <= TOLERANCE
+
+
+@pytest.mark.vllm
+def test_sync_resets_the_prefix_cache(checkpoints, engine_for, learner):
+    """KV cached under the old weights must not serve a prompt after a sync."""
+    llm = engine_for("llama4")
+    model, exported, _ = learner("llama4")
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    generator = torch.Generator().manual_seed(1)
+    random_ids = torch.randint(
+        3, model.config.vocab_size, (2 * block_size + 5,), generator=generator
+    )
+    prompt = [1, *random_ids.tolist()]
+    assert len(prompt) + 4 <= engine.EngineConfig().max_model_len
+    greedy = dict(n=1, temperature=0.0, max_tokens=4)
+    engine.sync_weights(llm, checkpoints["llama4"])
+    (old,) = engine.generate(llm, [prompt], **greedy)[0]  # fills the cache under the old weights
+
+    # A load without the reset: the prompt's cached blocks still hold the old weights' KV.
+    llm.collective_rpc("align_load_weights", args=(str(exported),))
+    stale = sampled_diff_to_learner(llm, model, [prompt], **greedy)
+    engine.sync_weights(llm, exported)
+    (new,) = engine.generate(llm, [prompt], **greedy)[0]
+    fresh = sampled_diff_to_learner(llm, model, [prompt], **greedy)
+
+    assert stale > 0.05
+    assert fresh <= TOLERANCE
+    assert max(abs(a - b) for a, b in zip(old.logprobs, new.logprobs, strict=False)) > 0.05
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("refused", ["zentorch", "padded"])
+def test_unsupported_cpu_moe_layouts_are_refused_before_loading(
+    refused, checkpoints, engine_for, learner
+):
+    """The zentorch path and padded experts are refused, and nothing is loaded then."""
+    llm = engine_for("llama4")
+    _, exported, sequences = learner("llama4")
+    engine.sync_weights(llm, checkpoints["llama4"])
+    # The engine runs in this process: its live CPU experts objects come back as they are.
+    (experts,) = llm.apply_model(lambda model: [e for _, _, e in engine._cpu_moe_layers(model)])
+    if not experts:
+        pytest.skip("this engine does not run vLLM's CPU MoE experts")
+    try:
+        for each in experts:  # make them look like what vLLM builds in those cases
+            if refused == "zentorch":
+                each._use_zentorch = True
+            else:
+                each._padded_intermediate_size = lambda config: config.intermediate_size + 32
+        with pytest.raises(RuntimeError, match="zentorch" if refused == "zentorch" else "pad"):
+            engine.sync_weights(llm, exported)
+    finally:
+        for each in experts:
+            each._use_zentorch = False
+            each.__dict__.pop("_padded_intermediate_size", None)
+    # Refused before loading: the engine still scores like the original weights.
+    assert max_diff_to_learner(llm, load_model(checkpoints["llama4"]), sequences) <= TOLERANCE
+
+
+def test_export_is_a_checkpoint_transformers_loads_back(tmp_path):
+    from align.modeling import build_model
+
+    model = build_model("qwen3-student", seed=3)
+    path = export_weights(model, tmp_path / "sync")
+    loaded = load_model(path)
+    expected = model.state_dict()
+    assert set(loaded.state_dict()) == set(expected)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_export_switches_a_link_atomically_and_keeps_one_previous_version(tmp_path):
+    from align.modeling import build_model
+
+    model = build_model("student", seed=0)
+    link = tmp_path / "sync"
+    versions = [export_weights(model, link) for _ in range(3)]
+
+    assert link.is_symlink() and link.resolve() == versions[-1]
+    assert len(set(versions)) == 3
+    assert not versions[0].exists()  # older than the previous one: removed
+    assert versions[1].exists()  # the previous one: a reader may still be loading it
+    assert sorted(p.name for p in versions[2].iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert leftovers == sorted([versions[1].name, versions[2].name, "sync"])
+
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileExistsError):
+        export_weights(model, tmp_path / "plain")
+
+
+def test_learner_side_does_not_import_vllm():
+    code = "import sys, align.weight_sync; assert 'vllm' not in sys.modules, 'vllm imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
