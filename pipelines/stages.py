@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipelines import dpo, evaluate, make_data, make_model, sft
+from pipelines import dpo, evaluate, make_data, make_model, rl, sft
 from pipelines import filter as filter_stage
 
 COMMANDS: dict[str, ModuleType | None] = {
@@ -17,7 +17,7 @@ COMMANDS: dict[str, ModuleType | None] = {
     "eval": evaluate,
     "filter": filter_stage,
     "sft": sft,
-    "rl": None,
+    "rl": rl,
     "dpo": dpo,
     "distill": None,
 }

@@ -36,7 +36,7 @@ def test_help_lists_every_subcommand():
         assert f"    {name}" in out.stdout, name
 
 
-@pytest.mark.parametrize("stage", ["rl", "distill"])
+@pytest.mark.parametrize("stage", ["distill"])
 def test_stage_not_in_this_version_says_so(stage):
     out = align(stage)
     assert out.returncode == 2
@@ -121,9 +121,9 @@ def test_pipeline_checks_every_stage_before_running_the_first(tmp_path):
 
 def test_pipeline_refuses_a_stage_this_version_lacks(tmp_path):
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(yaml.safe_dump({"stages": [{"name": "s", "command": "rl"}]}))
+    pipeline.write_text(yaml.safe_dump({"stages": [{"name": "s", "command": "distill"}]}))
     out = align("run", str(pipeline), f"runs_dir={tmp_path}")
-    assert out.returncode == 2 and "'rl'" in out.stderr and "does not have yet" in out.stderr
+    assert out.returncode == 2 and "'distill'" in out.stderr and "does not have yet" in out.stderr
 
 
 def test_bad_data_is_a_clear_error(tmp_path):
