@@ -30,7 +30,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 from align.config import check
 from align.losses.policy import PolicyLossSettings, advantages, policy_loss
 from align.modeling import load_model
-from align.moe import ExpertLoad, routers
+from align.moe import ExpertLoad, RouterLogits, routers
 from align.rollout import Rollout
 from align.training import use_bf16
 from align.weight_sync import export_weights
@@ -183,6 +183,7 @@ class Learner:
         self.pad_id = model.config.pad_token_id
         self.is_moe = bool(routers(self.unwrapped))
         self.expert_load = ExpertLoad(self.unwrapped) if self.is_moe else None
+        self.router_logits = RouterLogits(self.unwrapped)
         self.version = 0
         self.nonfinite_in_a_row = 0
 
@@ -212,11 +213,13 @@ class Learner:
             with self.accelerator.autocast():
                 logp, _ = token_logprobs(model, ids_bt, attn_bt)
             logp_bt[rows, cols] = logp.float().cpu()
+            self.router_logits.take()  # not needed from these passes
         return logp_bt
 
     def train_step(self, rollouts: list[Rollout]) -> dict[str, float]:
         """One optimiser step on a batch of rollout groups; returns the step's metrics."""
         started = time.perf_counter()
+        self.router_logits.take()  # forwards outside training steps are not this step's
         batch = collate(rollouts, self.pad_id)
         adv_b = advantages(batch.rewards_b, batch.group_ids_b, self.loss)
         # The proximal policy: the learner's own logprobs before this update.
@@ -237,9 +240,8 @@ class Learner:
             self.expert_load.reset()
         for rows, ids_bt, attn_bt, cols in self._micro_batches(batch):
             with self.accelerator.autocast():
-                logp_bt, outputs = token_logprobs(
-                    self.model, ids_bt, attn_bt, output_router_logits=self.is_moe
-                )
+                logp_bt, _ = token_logprobs(self.model, ids_bt, attn_bt)
+            router_logits = self.router_logits.take()
             out = policy_loss(
                 self.loss,
                 logp_bt,
@@ -255,9 +257,9 @@ class Learner:
             loss = out.loss
             share = ids_bt.shape[0] / total_sequences
             if self.is_moe:
-                aux = load_balancing_loss_func(outputs.router_logits, num_experts, top_k, attn_bt)
+                aux = load_balancing_loss_func(router_logits, num_experts, top_k, attn_bt)
                 aux_sum += float(aux.detach()) * share
-                entropy_sum += routing_entropy(outputs.router_logits, attn_bt) * share
+                entropy_sum += routing_entropy(router_logits, attn_bt) * share
                 if self.settings.router_aux_loss_coef > 0:
                     loss = loss + self.settings.router_aux_loss_coef * aux * share
             if self.is_moe and rows.start == 0:
@@ -268,7 +270,7 @@ class Learner:
                     attn_bt[:ROUTING_SAMPLE],
                     [
                         r.detach().topk(top_k, dim=-1).indices[: ROUTING_SAMPLE * ids_bt.shape[1]]
-                        for r in outputs.router_logits
+                        for r in router_logits
                     ],
                 )
             self.accelerator.backward(loss)
@@ -331,12 +333,10 @@ class Learner:
         version stale: weight sync is exact, so routing differs only through the update.
         """
         with self.accelerator.autocast():
-            outputs = self.model(
-                input_ids=ids_bt, attention_mask=attn_bt, output_router_logits=True
-            )
+            self.model(input_ids=ids_bt, attention_mask=attn_bt)
         keep_t = attn_bt.reshape(-1).bool()
         changed, total = 0, 0
-        for before_tk, logits_te in zip(before_lk, outputs.router_logits, strict=True):
+        for before_tk, logits_te in zip(before_lk, self.router_logits.take(), strict=True):
             after_tk = logits_te.topk(before_tk.shape[-1], dim=-1).indices
             same_t = (after_tk.sort(-1).values == before_tk.sort(-1).values).all(-1)
             changed += int((~same_t[keep_t]).sum())

@@ -119,3 +119,28 @@ class ExpertLoad:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class RouterLogits:
+    """Records every router's logits (with their gradients) during a model's forward passes.
+
+    The same tensors as `output_router_logits=True`, read from the routers themselves, so the
+    learner does not depend on how a transformers version fills the model output.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.logits: list[torch.Tensor] = []
+        self._handles = [
+            module.register_forward_hook(self._recorder(kind)) for _, module, kind in routers(model)
+        ]
+
+    def _recorder(self, kind: RouterKind):
+        def record(module, args, output) -> None:
+            self.logits.append(output[kind.logits_index])
+
+        return record
+
+    def take(self) -> tuple[torch.Tensor, ...]:
+        """The logits recorded since the last call, one tensor per MoE layer in order."""
+        logits, self.logits = tuple(self.logits), []
+        return logits

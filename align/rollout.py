@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from align import engine
-from align.evaluate import evaluate
 from align.rewarding import RewardSpec, build_reward_set
 from align.scoring import PassRateScorer, sample_and_score
 from align.tokenizer import encode_prompts
@@ -185,6 +184,8 @@ class RolloutWorker:
 
     def evaluate(self, rows: list[dict[str, Any]], **settings) -> dict:
         """Held-out evaluation of the current weights (see `align.evaluate.evaluate`)."""
+        from align.evaluate import evaluate
+
         return evaluate(self.llm, self.tokenizer, rows, **settings)
 
 

@@ -229,3 +229,21 @@ def test_learner_save_and_load_restore_the_next_step_exactly(student_checkpoint,
     assert got["train/loss"] == expected["train/loss"]
     for name, tensor in a.unwrapped.state_dict().items():
         assert torch.equal(b.unwrapped.state_dict()[name], tensor), name
+
+
+def test_the_learner_imports_without_vllm_ray_trl_or_datasets():
+    """The GPU learner path must run on a machine that has only torch and transformers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('datasets', 'trl', 'vllm', 'ray'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import align.learner\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
