@@ -1,0 +1,137 @@
+"""The RL learner on a GPU: step time, tokens/s and MFU for a MoE sized for the device.
+
+Runs `align.learner.Learner.train_step` (the code path `align rl` uses) on synthetic rollout
+groups, without vLLM or Ray, so it runs on a bare GPU machine. MFU = achieved FLOP/s over the
+chip's dense bf16 peak, counting 6 x active parameters x tokens per step for forward and
+backward, plus 2 x active parameters x tokens for the proximal-logprob forward (attention
+FLOPs are left out, so MFU is slightly understated).
+
+    python bench/learner_gpu.py --peak-tflops 989 --lengths 256,512,1024
+
+Writes bench/results/learner-gpu-<time>.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    p.add_argument("--lengths", default="256,512,1024", help="sequence lengths (prompt + completion)")
+    p.add_argument("--sequences", type=int, default=64, help="sequences per step")
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("learner_gpu: no CUDA device")
+
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from align.learner import Learner, LearnerSettings
+    from align.losses.policy import PolicyLossSettings
+    from align.modeling import count_parameters
+    from align.rollout import Rollout
+
+    config = Llama4TextConfig(
+        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 2,
+        intermediate_size_mlp=args.hidden * 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256),
+        head_dim=64,
+        num_local_experts=args.experts,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        max_position_embeddings=4096,
+        attention_chunk_size=4096,
+        use_qk_norm=True,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
+    directory = Path(tempfile.mkdtemp()) / "model"
+    model = Llama4ForCausalLM(config).to(torch.float32)
+    model.save_pretrained(str(directory))
+    active = count_parameters(model)["active"]
+    del model
+
+    learner = Learner(
+        str(directory),
+        LearnerSettings(learning_rate=1e-5, micro_batch_size=args.micro_batch, precision="bf16"),
+        PolicyLossSettings(kind="gspo"),
+        max_completion_tokens=max(int(x) for x in args.lengths.split(",")),
+    )
+    peak = args.peak_tflops * 1e12
+    rows = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        prompt, completion = length // 4, length - length // 4
+        groups = []
+        for g in range(args.sequences // 8):
+            ids = torch.randint(1, config.vocab_size, (8, completion)).tolist()
+            groups.append(
+                Rollout(
+                    prompt_id=g,
+                    prompt_ids=torch.randint(1, config.vocab_size, (prompt,)).tolist(),
+                    completion_ids=ids,
+                    behaviour_logprobs=[[-10.0] * completion for _ in ids],
+                    texts=[""] * 8,
+                    finish_reasons=["length"] * 8,
+                    rewards=[float(i % 2) for i in range(8)],
+                    version=0,
+                )
+            )
+        learner.train_step(groups)  # warm-up
+        times = []
+        for _ in range(args.steps):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            learner.train_step(groups)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        tokens = args.sequences * length
+        flops = 8 * active * tokens  # 6 (train) + 2 (proximal forward)
+        rows.append(
+            {
+                "length": length,
+                "step_s": seconds,
+                "tokens_per_s": tokens / seconds,
+                "mfu": flops / seconds / peak,
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
+        )
+        print(
+            f"length {length:5d}: step {seconds:.3f} s, {tokens / seconds:,.0f} tok/s, "
+            f"MFU {100 * flops / seconds / peak:.1f}%",
+            flush=True,
+        )
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "active_parameters": active,
+        "args": vars(args),
+        "rows": rows,
+    }
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"learner-gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""RL speed, side by side in one run: this toolkit (async and sync) vs TRL's GRPOTrainer.
+
+All arms start from the same checkpoint and train on the same prompts with the same group size,
+batch (groups x group size), learning rate, loss (GRPO, no KL), completion length and MoE
+router loss. Each arm runs in its own process, one after another, alternating across
+repetitions. Every `eval_every` steps an arm keeps its weights with the training wall time so
+far (time spent keeping them excluded); after all arms have run, one vLLM engine scores every
+snapshot on the same held-out rows (greedy accuracy), so evaluation never touches the timings.
+
+Reported per arm (medians over repetitions): trained samples per second of training wall time,
+and the wall time to reach the target accuracy: the lowest of the arms' best accuracies, so
+every arm reaches it. Ratios are this toolkit's speed over TRL's (> 1: faster).
+
+    python bench/rl.py --model runs/sft-teacher/model --data runs/default/data/train/rl \
+        --heldout runs/default/data/heldout/rl --steps 40 --repeats 1
+
+Writes bench/results/rl-<time>.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = ("async", "sync", "trl")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="runs/sft-teacher/model")
+    p.add_argument("--data", default="runs/default/data/train/rl")
+    p.add_argument("--heldout", default="runs/default/data/heldout/rl")
+    p.add_argument("--out", default="bench/runs/rl")
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--groups", type=int, default=16, help="prompts per step")
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--eval-limit", type=int, default=160)
+    p.add_argument("--seed", type=int, default=0)
+    # Internal: run one TRL arm in this process.
+    p.add_argument("--trl-arm", metavar="DIR", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------- arms
+def run_ours(args, mode: str, out: Path) -> None:
+    """`align rl` with the toolkit's defaults plus the shared settings; async or sync."""
+    config = {
+        "name": mode,
+        "runs_dir": str(out),
+        "model": args.model,
+        "data": args.data,
+        "steps": args.steps,
+        "groups_per_step": args.groups,
+        "groups_per_request": max(1, args.groups // 2),
+        "max_staleness": 1 if mode == "async" else 0,
+        "sampling": {"group_size": args.group_size, "max_new_tokens": args.max_new_tokens},
+        "loss": {"kind": "grpo"},
+        "learner": {"learning_rate": args.lr},
+        "eval_every": args.eval_every,
+        "save_every": 10_000,
+        "seed": args.seed,
+    }
+    path = out / f"{mode}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    align = Path(sys.executable).with_name("align")
+    with open(out / f"{mode}.log", "w") as log:
+        subprocess.run(
+            [str(align), "rl", "--config", str(path)], stdout=log, stderr=log, check=True
+        )
+
+
+def trl_arm(args, out: Path) -> None:
+    """TRL's GRPOTrainer with its own generation (transformers generate), in this process."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from align.data import load_dataset_file
+    from align.modeling import load_model
+    from rewards.answers import answer_match
+
+    dataset, _ = load_dataset_file(args.data, "rl")
+    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "answer", "task")} for r in dataset])
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+
+    def reward(prompts, completions, answer, task, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return answer_match(prompts, texts, answer=answer, task=task)
+
+    class Snapshots(TrainerCallback):
+        """Keeps the weights every eval_every steps with the training time so far."""
+
+        def __init__(self):
+            self.excluded = 0.0
+
+        def on_train_begin(self, a, state, control, **kw):
+            self.started = time.perf_counter()
+            self.keep(kw["model"], 0)
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step % args.eval_every == 0:
+                self.keep(kw["model"], state.global_step)
+
+        def keep(self, model, step):
+            began = time.perf_counter()
+            seconds = began - self.started - self.excluded
+            directory = out / "snapshots" / f"step-{step}"
+            model.save_pretrained(str(directory))
+            facts = {"step": step, "train_seconds": seconds, "weights": str(directory)}
+            facts["samples"] = step * args.groups * args.group_size
+            (directory / "snapshot.json").write_text(json.dumps(facts))
+            self.excluded += time.perf_counter() - began
+
+    config = GRPOConfig(
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=args.groups * args.group_size,
+        num_generations=args.group_size,
+        steps_per_generation=1,
+        num_iterations=1,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        beta=0.0,
+        loss_type="grpo",
+        scale_rewards="group",
+        epsilon=0.2,
+        router_aux_loss_coef=0.001,
+        max_steps=args.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        seed=args.seed,
+    )
+    trainer = GRPOTrainer(
+        model=load_model(args.model),
+        reward_funcs=[reward],
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Snapshots()],
+    )
+    torch.manual_seed(args.seed)
+    trainer.train()
+    (out / "log.json").write_text(json.dumps(trainer.state.log_history))
+
+
+def run_trl(args, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, __file__, "--trl-arm", str(out)]
+    for key, value in vars(args).items():
+        if key not in ("trl_arm", "arms", "repeats", "out"):
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    with open(out / "trl.log", "w") as log:
+        subprocess.run(argv, stdout=log, stderr=log, check=True)
+
+
+# ------------------------------------------------------------------------------- evaluation
+def evaluate_snapshots(args, directories: list[Path]) -> dict[str, list[dict]]:
+    """Greedy held-out accuracy of every snapshot, with one engine (weights synced in turn)."""
+    from transformers import AutoTokenizer
+
+    from align import engine
+    from align.data import load_dataset_file
+    from align.evaluate import evaluate
+
+    rows = [dict(r) for r in load_dataset_file(args.heldout, "rl")[0]][: args.eval_limit]
+    llm = engine.start_engine(args.model, engine.EngineConfig())
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    curves = {}
+    for directory in directories:
+        points = []
+        for snap in sorted(directory.glob("step-*"), key=lambda p: int(p.name[5:])):
+            facts = json.loads((snap / "snapshot.json").read_text())
+            engine.sync_weights(llm, facts["weights"])
+            report = evaluate(
+                llm, tokenizer, rows, pass_k=1, samples=1, max_tokens=args.max_new_tokens
+            )
+            points.append({**facts, "greedy_accuracy": report["greedy_accuracy"]})
+        curves[str(directory)] = points
+    return curves
+
+
+def time_to(points: list[dict], target: float) -> float | None:
+    for p in points:
+        if p["greedy_accuracy"] >= target - 1e-9:
+            return p["train_seconds"]
+    return None
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.trl_arm:
+        trl_arm(args, Path(args.trl_arm))
+        return
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    arms = args.arms.split(",")
+    root = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+    runs: list[tuple[str, int, Path]] = []
+    for rep in range(args.repeats):
+        # Alternate the order across repetitions so drift on the machine hits every arm alike.
+        for arm in arms if rep % 2 == 0 else arms[::-1]:
+            out = root / f"rep{rep}" / arm
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"[rep {rep}] {arm} ...", flush=True)
+            if arm == "trl":
+                run_trl(args, out)
+                runs.append((arm, rep, out / "snapshots"))
+            else:
+                run_ours(args, arm, out)
+                runs.append((arm, rep, out / arm / "snapshots"))
+    curves = evaluate_snapshots(args, [d for _, _, d in runs])
+
+    best = {arm: [] for arm in arms}
+    for arm, _, d in runs:
+        best[arm].append(max(p["greedy_accuracy"] for p in curves[str(d)]))
+    target = min(max(v) for v in best.values())
+    table = {}
+    for arm in arms:
+        rows = [(d, curves[str(d)]) for a, _, d in runs if a == arm]
+        sps = [pts[-1]["samples"] / pts[-1]["train_seconds"] for _, pts in rows]
+        ttt = [time_to(pts, target) for _, pts in rows]
+        table[arm] = {
+            "samples_per_s": statistics.median(sps),
+            "time_to_target_s": statistics.median([t for t in ttt if t is not None])
+            if any(t is not None for t in ttt)
+            else None,
+            "reached": sum(t is not None for t in ttt),
+            "best_accuracy": statistics.median(best[arm]),
+            "start_accuracy": rows[0][1][0]["greedy_accuracy"],
+            "final_accuracy": statistics.median(pts[-1]["greedy_accuracy"] for _, pts in rows),
+            "train_seconds": statistics.median(pts[-1]["train_seconds"] for _, pts in rows),
+        }
+    ratios = {}
+    if "trl" in table:
+        for arm in arms:
+            if arm != "trl":
+                ratios[f"{arm}_vs_trl_samples_per_s"] = (
+                    table[arm]["samples_per_s"] / table["trl"]["samples_per_s"]
+                )
+                if table[arm]["time_to_target_s"] and table["trl"]["time_to_target_s"]:
+                    ratios[f"{arm}_vs_trl_time_to_target"] = (
+                        table["trl"]["time_to_target_s"] / table[arm]["time_to_target_s"]
+                    )
+    if "async" in table and "sync" in table:
+        ratios["async_vs_sync_samples_per_s"] = (
+            table["async"]["samples_per_s"] / table["sync"]["samples_per_s"]
+        )
+        if table["async"]["time_to_target_s"] and table["sync"]["time_to_target_s"]:
+            ratios["async_vs_sync_time_to_target"] = (
+                table["sync"]["time_to_target_s"] / table["async"]["time_to_target_s"]
+            )
+
+    print(f"\ntarget held-out greedy accuracy: {target:.3f} (lowest of the arms' best)")
+    print(
+        f"{'arm':6} {'samples/s':>10} {'time to target':>15} {'start':>6} {'best':>6} {'final':>6} {'train s':>8}"
+    )
+    for arm, m in table.items():
+        ttt = (
+            f"{m['time_to_target_s']:.1f} s" if m["time_to_target_s"] is not None else "not reached"
+        )
+        print(
+            f"{arm:6} {m['samples_per_s']:10.1f} {ttt:>15} {m['start_accuracy']:6.3f}"
+            f" {m['best_accuracy']:6.3f} {m['final_accuracy']:6.3f} {m['train_seconds']:8.1f}"
+        )
+    for key, value in ratios.items():
+        print(f"{key}: {value:.2f}x")
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"rl-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "target": target,
+                "arms": table,
+                "ratios": ratios,
+                "curves": curves,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
