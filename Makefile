@@ -23,8 +23,8 @@ test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check align rewards filters pipelines scripts tests
-	$(VENV)/bin/ruff format --check align rewards filters pipelines scripts tests
+	$(VENV)/bin/ruff check align rewards filters pipelines scripts tests bench
+	$(VENV)/bin/ruff format --check align rewards filters pipelines scripts tests bench
 
 clean-runs:
 	rm -rf runs
