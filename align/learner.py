@@ -274,7 +274,7 @@ class Learner:
                     ],
                 )
             self.accelerator.backward(loss)
-            loss_sum += float(out.loss)
+            loss_sum += float(out.loss.detach())
             for key, value in out.metrics.items():
                 if key.endswith("_max"):
                     weighted[key] = max(weighted.get(key, value), value)
