@@ -135,12 +135,11 @@ def collate(rollouts: list[Rollout], pad_id: int) -> Batch:
     )
 
 
-def token_logprobs(model, input_ids_bt, attention_mask_bt, **kwargs):
-    """Logprob of each next token (b x (t - 1)) and the model's outputs (router logits etc.)."""
-    outputs = model(input_ids=input_ids_bt, attention_mask=attention_mask_bt, **kwargs)
-    logits_btv = outputs.logits[:, :-1].float()
-    logp_bt = torch.log_softmax(logits_btv, dim=-1).gather(-1, input_ids_bt[:, 1:, None])[..., 0]
-    return logp_bt, outputs
+def token_logprobs(model, input_ids_bt, attention_mask_bt) -> torch.Tensor:
+    """Logprob of each next token under `model` (b x (t - 1))."""
+    logits_btv = model(input_ids=input_ids_bt, attention_mask=attention_mask_bt).logits[:, :-1]
+    logp_btv = torch.log_softmax(logits_btv.float(), dim=-1)
+    return logp_btv.gather(-1, input_ids_bt[:, 1:, None])[..., 0]
 
 
 class Learner:
@@ -211,7 +210,7 @@ class Learner:
         logp_bt = torch.zeros_like(batch.mask_bt)
         for rows, ids_bt, attn_bt, cols in self._micro_batches(batch):
             with self.accelerator.autocast():
-                logp, _ = token_logprobs(model, ids_bt, attn_bt)
+                logp = token_logprobs(model, ids_bt, attn_bt)
             logp_bt[rows, cols] = logp.float().cpu()
             self.router_logits.take()  # not needed from these passes
         return logp_bt
@@ -240,7 +239,7 @@ class Learner:
             self.expert_load.reset()
         for rows, ids_bt, attn_bt, cols in self._micro_batches(batch):
             with self.accelerator.autocast():
-                logp_bt, _ = token_logprobs(self.model, ids_bt, attn_bt)
+                logp_bt = token_logprobs(self.model, ids_bt, attn_bt)
             router_logits = self.router_logits.take()
             out = policy_loss(
                 self.loss,
@@ -262,17 +261,19 @@ class Learner:
                 entropy_sum += routing_entropy(router_logits, attn_bt) * share
                 if self.settings.router_aux_loss_coef > 0:
                     loss = loss + self.settings.router_aux_loss_coef * aux * share
-            if self.is_moe and rows.start == 0:
-                # Routing of the first micro-batch before the update, to measure how many
-                # tokens the update sends to other experts.
-                first = (
-                    ids_bt[:ROUTING_SAMPLE],
-                    attn_bt[:ROUTING_SAMPLE],
-                    [
-                        r.detach().topk(top_k, dim=-1).indices[: ROUTING_SAMPLE * ids_bt.shape[1]]
-                        for r in router_logits
-                    ],
-                )
+                if rows.start == 0:
+                    # Routing of the first micro-batch before the update, to measure how many
+                    # tokens the update sends to other experts.
+                    first = (
+                        ids_bt[:ROUTING_SAMPLE],
+                        attn_bt[:ROUTING_SAMPLE],
+                        [
+                            r.detach()
+                            .topk(top_k, dim=-1)
+                            .indices[: ROUTING_SAMPLE * ids_bt.shape[1]]
+                            for r in router_logits
+                        ],
+                    )
             self.accelerator.backward(loss)
             loss_sum += float(out.loss.detach())
             for key, value in out.metrics.items():

@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
-    p.add_argument("--lengths", default="256,512,1024", help="sequence lengths (prompt + completion)")
+    p.add_argument(
+        "--lengths", default="256,512,1024", help="sequence lengths (prompt + completion)"
+    )
     p.add_argument("--sequences", type=int, default=64, help="sequences per step")
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--hidden", type=int, default=1024)

@@ -217,9 +217,6 @@ class Controller:
         self.version = 0
         self.train_seconds = 0.0
         self.samples_trained = 0
-        # Groups admitted to the buffer over the run (trained or waiting), for the staleness
-        # rule; derived from the step and the buffer when resuming.
-        self.groups_admitted = 0
         # Rewards of every completion sampled since the last step, dropped groups included:
         # what the policy scores now (the trained batch is biased by dynamic sampling).
         self.sampled_rewards: list[float] = []
@@ -327,7 +324,7 @@ class Controller:
             # 1. Keep idle workers busy, within the staleness bound.
             busy = {r.worker for r in inflight.values()}
             for w in range(len(self.workers)):
-                size = 0 if w in busy else self._request_size(w, inflight)
+                size = 0 if w in busy else self._request_size(w, inflight, train_ref is not None)
                 if size:
                     ref, request = self._send(w, size)
                     inflight[ref] = request
@@ -336,7 +333,6 @@ class Controller:
             if train_ref is None:
                 for stale in self.buffer.drop_stale(self.version):
                     self.pool.give_back([stale.prompt_id])
-                    self.groups_admitted -= 1
                 if len(self.buffer) >= config.groups_per_step:
                     train_batch = self.buffer.take(config.groups_per_step)
                     train_ref = self.learner.train_step.remote(train_batch)
@@ -393,12 +389,10 @@ class Controller:
                 for rollout in result.rollouts:
                     scored = rollout.scored_rewards
                     self.pool.record(rollout.prompt_id, scored, [r >= 0.5 for r in scored])
-                for rollout in result.rollouts:
-                    self.sampled_rewards.extend(rollout.scored_rewards)
+                    self.sampled_rewards.extend(scored)
                 dropped = self.buffer.add(result.rollouts)
-                self.groups_admitted += len(result.rollouts) - len(dropped)
                 self._check_signal(len(result.rollouts) - len(dropped), len(dropped))
-                self.run_dir.log_metrics(self.step, {f"{k}": v for k, v in result.metrics.items()})
+                self.run_dir.log_metrics(self.step, result.metrics)
         progress.close()
         # Requests still in flight are not trained; their prompts stay in the pool.
         for request in inflight.values():
@@ -416,19 +410,20 @@ class Controller:
                 " checkpoint, or set dynamic_sampling: false to train on them anyway."
             )
 
-    def _request_size(self, worker: int, inflight: dict) -> int:
+    def _request_size(self, worker: int, inflight: dict, training: bool) -> int:
         """How many prompts `worker` may be sent now (0: none) without over-generating.
 
         AReaL's staleness rule: groups sampled by weights of version v may number at most
         (v + max_staleness + 1) batches in all, counting every group admitted to the buffer
-        so far and every prompt in flight. Batches are taken oldest first, so every group is
-        then trained by the learner at most max_staleness versions after v, and none is
-        generated only to be dropped as stale.
+        so far (trained, in training or waiting) and every prompt in flight. Batches are taken
+        oldest first, so every group is then trained by the learner at most max_staleness
+        versions after v, and none is generated only to be dropped as stale.
         """
         config = self.config
         limit = (self.worker_version[worker] + config.max_staleness + 1) * config.groups_per_step
+        admitted = (self.step + training) * config.groups_per_step + len(self.buffer)
         in_flight = sum(len(r.prompt_ids) for r in inflight.values())
-        return max(0, min(config.groups_per_request, limit - self.groups_admitted - in_flight))
+        return max(0, min(config.groups_per_request, limit - admitted - in_flight))
 
     def _send(self, worker: int, size: int):
         prompts = self.pool.take(size)
@@ -506,7 +501,8 @@ class Controller:
                 seconds.append(ray.get(ref))
             except ray.exceptions.RayError:
                 pass  # the worker died; its replacement loads the newest weights
-        self.pending_loads = [(ref, v) for ref, v in self.pending_loads if ref not in set(done)]
+        finished = set(done)
+        self.pending_loads = [(ref, v) for ref, v in self.pending_loads if ref not in finished]
         metrics = {"sync/export_seconds": export_s}
         if seconds:
             metrics["sync/load_seconds"] = max(seconds)
@@ -618,7 +614,6 @@ class Controller:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         ray.get(self.learner.save.remote(str(partial / "learner")))
-        pool_state = self.pool.state_dict()
         state = {
             "step": self.step,
             "version": self.version,
@@ -627,7 +622,7 @@ class Controller:
             "train_seconds": self.train_seconds,
             "samples_trained": self.samples_trained,
             "buffer": self.buffer.state_dict(),
-            "pool": pool_state,
+            "pool": self.pool.state_dict(),
             # Prompts of requests in flight: taken again first after a resume.
             "in_flight": [i for r in (inflight or {}).values() for i in r.prompt_ids],
         }
@@ -657,7 +652,6 @@ class Controller:
         self.train_seconds = state["train_seconds"]
         self.samples_trained = state["samples_trained"]
         self.buffer.load_state_dict(state["buffer"])
-        self.groups_admitted = self.step * self.config.groups_per_step + len(self.buffer)
         self.pool.load_state_dict(state["pool"])
         self.pool.give_back(state["in_flight"])
         # Steps after the checkpoint were not kept: they leave the data audit too.

@@ -101,7 +101,7 @@ def on_policy_groups(model, groups: int = 4, size: int = 4, seed: int = 0) -> li
                 for _ in range(3):
                     logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
                     ids.append(int(torch.multinomial(torch.softmax(logits, -1), 1)))
-                logp, _ = token_logprobs(model, torch.tensor([ids]), torch.ones(1, len(ids)))
+                logp = token_logprobs(model, torch.tensor([ids]), torch.ones(1, len(ids)))
             completions.append(ids[4:])
             logprobs.append(logp[0, 3:].tolist())
         rewards = [float(c[0] % 2 == 0) for c in completions]
@@ -125,7 +125,7 @@ def mean_logprob_gap(model, groups) -> float:
     """Mean logprob of rewarded completions minus unrewarded ones, under `model`."""
     batch = collate(groups, pad_id=0)
     with torch.no_grad():
-        logp, _ = token_logprobs(model, batch.input_ids_bt, batch.attention_mask_bt)
+        logp = token_logprobs(model, batch.input_ids_bt, batch.attention_mask_bt)
     per_seq = (logp * batch.mask_bt).sum(1)
     good = batch.rewards_b > 0.5
     return float(per_seq[good].mean() - per_seq[~good].mean())
