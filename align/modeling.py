@@ -24,6 +24,7 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+from align.moe import route_sparsely
 from align.tokenizer import build_tokenizer
 
 
@@ -193,6 +194,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
         # - the expert count is `num_local_experts`, and TRL's load-balancing loss reads
         #   `num_experts` (an alias on the config class, next to FAMILIES).
         model.base_model_prefix = "model"
+        # transformers runs every token through every expert; run the chosen ones only.
+        route_sparsely(model)
     return model
 
 

@@ -6,18 +6,20 @@
 share, and the coefficient of variation) and the full layer x expert table.
 
 The load-balancing auxiliary loss itself is computed by TRL's trainers from the router logits
-(`router_aux_loss_coef`); this module only observes.
+(`router_aux_loss_coef`); `RouterLogits` records them for the RL learner. `route_sparsely` makes
+transformers' Llama 4 MoE layers compute only the experts each token is routed to.
 
 Shape legend: t = tokens of the batch (batch x sequence, flattened), e = experts, k = top-k.
 """
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.models.llama4.modeling_llama4 import Llama4Router
+from transformers.models.llama4.modeling_llama4 import Llama4Router, Llama4TextMoe
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 
@@ -144,3 +146,41 @@ class RouterLogits:
         """The logits recorded since the last call, one tensor per MoE layer in order."""
         logits, self.logits = tuple(self.logits), []
         return logits
+
+
+def _llama4_routed_forward(self, hidden_states: torch.Tensor):
+    """Llama4TextMoe.forward computing each token's chosen experts only.
+
+    transformers' forward runs every token through every expert and multiplies the inputs of
+    the unchosen ones by a router score of exactly 0 (sigmoid(-inf)); this one gathers each
+    expert's tokens and runs only those, as vLLM does. Same outputs and gradients up to the
+    order of floating-point sums; with E experts and top-k routing the routed experts cost k/E
+    of the dense path.
+    """
+    x_td = hidden_states.reshape(-1, self.hidden_dim)
+    scores_te, logits_te = self.router(x_td)
+    # The router's own choice: its scores are sigmoid(top-k logit) on these, 0 elsewhere.
+    chosen_tk = torch.topk(logits_te, self.router.top_k, dim=1).indices
+    out_td = self.shared_expert(x_td)
+    experts = self.experts
+    for expert in chosen_tk.unique().tolist():
+        token_n, slot_n = torch.where(chosen_tk == expert)
+        # As transformers does: the score scales the expert's input, not its output.
+        routed_nd = x_td[token_n] * scores_te[token_n, chosen_tk[token_n, slot_n], None]
+        gate_nf, up_nf = (routed_nd @ experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        out_td = out_td.index_add(
+            0, token_n, (up_nf * experts.act_fn(gate_nf)) @ experts.down_proj[expert]
+        )
+    return out_td, logits_te
+
+
+def route_sparsely(model: nn.Module) -> int:
+    """Makes every Llama 4 MoE layer of `model` run only its tokens' chosen experts.
+
+    Changes the forward of these module instances only (nothing that is saved); Qwen3-MoE's
+    transformers forward already dispatches per expert. Returns how many layers changed.
+    """
+    layers = [m for m in model.modules() if isinstance(m, Llama4TextMoe)]
+    for layer in layers:
+        layer.forward = types.MethodType(_llama4_routed_forward, layer)
+    return len(layers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, Llama4ForCausalLM
 from transformers.models.llama4.modeling_llama4 import Llama4TextMLP, Llama4TextMoe
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -16,6 +16,7 @@ from align.modeling import (
     model_config,
     write_checkpoint,
 )
+from align.moe import RouterLogits
 from align.tasks import TASK_ALPHABET
 from align.tokenizer import ANSWER_TAGS, build_tokenizer
 
@@ -109,3 +110,35 @@ def test_chat_template_prompt_is_a_prefix_of_the_full_conversation():
         tokenizer.decode(full_ids[len(prompt_ids) :], skip_special_tokens=True)
         == "<answer>3</answer>"
     )
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_sparse_routing_matches_transformers_dense_moe(tmp_path, top_k):
+    """load_model's Llama 4 MoE layers compute the chosen experts only, with the same results."""
+    config = model_config("teacher")
+    config.num_experts_per_tok = top_k
+    torch.manual_seed(0)
+    dense = Llama4ForCausalLM(config)
+    # Larger router weights than the init spread the tokens over many experts.
+    for layer in dense.model.layers:
+        if isinstance(layer.feed_forward, Llama4TextMoe):
+            torch.nn.init.normal_(layer.feed_forward.router.weight, std=0.5)
+    dense.save_pretrained(tmp_path)
+    sparse = load_model(tmp_path)
+    moe_layers = [m for m in sparse.modules() if isinstance(m, Llama4TextMoe)]
+    assert moe_layers and all("forward" in vars(m) for m in moe_layers)
+    assert not any("forward" in vars(m) for m in dense.modules() if isinstance(m, Llama4TextMoe))
+
+    ids_bt = torch.randint(3, config.vocab_size, (4, 32))
+    recorded = RouterLogits(sparse)
+    logits_dense = dense(ids_bt).logits
+    logits_sparse = sparse(ids_bt).logits
+    torch.testing.assert_close(logits_sparse, logits_dense, rtol=0, atol=1e-5)
+    logits_dense.square().mean().backward()
+    logits_sparse.square().mean().backward()
+    grads = dict(dense.named_parameters())
+    for name, param in sparse.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-7, msg=name)
+    # The tokens really were spread over the experts, so the dispatch loop ran several times.
+    for logits_te in recorded.take():
+        assert logits_te.topk(top_k, dim=-1).indices.unique().numel() > 2
