@@ -1,9 +1,10 @@
 """The learner of the online RL stage: updates the MoE policy from scored rollout groups.
 
 `Learner.train_step` takes a batch of `Rollout`s (each one prompt's group), computes the
-advantages, recomputes the learner's own logprobs of the sampled tokens before the update (the
-proximal policy of the off-policy correction), then takes one optimiser step on the policy loss
-plus the MoE router load-balancing loss, in micro-batches whose losses sum to the full batch's.
+advantages and the learner's own logprobs of the sampled tokens (their detached values are the
+proximal policy of the off-policy correction: the weights before this step's single update),
+then takes one optimiser step on the policy loss plus the MoE router load-balancing loss, in
+micro-batches whose losses sum to the full batch's.
 A step whose loss or gradient norm is not finite is skipped with the parameters unchanged.
 
 The class is plain Python: the RL controller runs it as a Ray actor, tests call it directly.
@@ -45,8 +46,11 @@ ROUTING_SAMPLE = 16
 class LearnerSettings:
     """Optimisation settings of the RL learner."""
 
-    # AdamW learning rate (constant: online RL has no known end to decay towards).
+    # AdamW learning rate (constant after the warmup: online RL has no known end to decay to).
     learning_rate: float = 1e-4
+    # Steps of linear warmup (step n uses learning_rate * n / warmup_steps); 0: none. Adam's
+    # first updates move every weight by about the learning rate, however noisy the gradient.
+    warmup_steps: int = 0
     # AdamW weight decay.
     weight_decay: float = 0.0
     # Gradient clipping by global norm.
@@ -62,6 +66,7 @@ class LearnerSettings:
 
     def validate(self) -> None:
         check(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0 (got {self.warmup_steps})")
         check(self.weight_decay >= 0, "weight_decay", f"must be >= 0 (got {self.weight_decay})")
         check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0 (got {self.max_grad_norm})")
         check(
@@ -221,12 +226,6 @@ class Learner:
         self.router_logits.take()  # forwards outside training steps are not this step's
         batch = collate(rollouts, self.pad_id)
         adv_b = advantages(batch.rewards_b, batch.group_ids_b, self.loss)
-        # The proximal policy: the learner's own logprobs before this update.
-        prox_bt = (
-            batch.behaviour_bt
-            if self.loss.correction == "none"
-            else self._logprobs(self.model, batch)
-        )
         ref_bt = self._logprobs(self.reference, batch) if self.reference is not None else None
         total_tokens = int(batch.mask_bt.sum())
         total_sequences = batch.input_ids_bt.shape[0]
@@ -241,10 +240,17 @@ class Learner:
             with self.accelerator.autocast():
                 logp_bt = token_logprobs(self.model, ids_bt, attn_bt)
             router_logits = self.router_logits.take()
+            # The proximal policy is the learner's policy before this update: one optimiser
+            # step per batch means these very weights, so no second forward is needed.
+            prox_bt = (
+                batch.behaviour_bt[rows, cols].to(logp_bt.device)
+                if self.loss.correction == "none"
+                else logp_bt.detach()
+            )
             out = policy_loss(
                 self.loss,
                 logp_bt,
-                prox_bt[rows, cols].to(logp_bt.device),
+                prox_bt,
                 batch.behaviour_bt[rows, cols].to(logp_bt.device),
                 adv_b[rows].to(logp_bt.device),
                 batch.mask_bt[rows, cols].to(logp_bt.device),
@@ -288,7 +294,12 @@ class Learner:
         finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
         # The version counts steps, skipped ones included (their weights equal the previous).
         self.version += 1
+        learning_rate = self.settings.learning_rate * min(
+            1.0, self.version / max(1, self.settings.warmup_steps)
+        )
         if finite:
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate
             self.optimizer.step()
             self.nonfinite_in_a_row = 0
         else:
@@ -306,6 +317,7 @@ class Learner:
         metrics = {
             "train/loss": loss_sum,
             "train/grad_norm": grad_norm,
+            "train/learning_rate": learning_rate,
             "train/skipped": float(not finite),
             "train/sequences": float(total_sequences),
             "train/completion_tokens": float(total_tokens),

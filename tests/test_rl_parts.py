@@ -231,6 +231,21 @@ def test_learner_save_and_load_restore_the_next_step_exactly(student_checkpoint,
         assert torch.equal(b.unwrapped.state_dict()[name], tensor), name
 
 
+def test_learning_rate_warms_up_linearly_and_resumes_where_it_was(student_checkpoint, tmp_path):
+    settings = LearnerSettings(learning_rate=1e-3, warmup_steps=4)
+    loss = PolicyLossSettings(kind="grpo")
+    a = Learner(str(student_checkpoint), settings, loss)
+    groups = on_policy_groups(a.unwrapped, groups=2)
+    rates = [a.train_step(groups)["train/learning_rate"] for _ in range(2)]
+    assert rates == pytest.approx([2.5e-4, 5e-4])
+    assert a.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+    a.save(str(tmp_path / "state"))
+    b = Learner(str(student_checkpoint), settings, loss)
+    b.load(str(tmp_path / "state"))
+    rates = [b.train_step(groups)["train/learning_rate"] for _ in range(3)]
+    assert rates == pytest.approx([7.5e-4, 1e-3, 1e-3])
+
+
 def test_the_learner_imports_without_vllm_ray_trl_or_datasets():
     """The GPU learner path must run on a machine that has only torch and transformers."""
     import subprocess
