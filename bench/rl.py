@@ -1,8 +1,11 @@
 """RL speed, side by side in one run: this toolkit (async and sync) vs TRL's GRPOTrainer.
 
 All arms start from the same checkpoint and train on the same prompts with the same group size,
-batch (groups x group size), learning rate, loss (GRPO, no KL), completion length and MoE
-router loss. Each arm runs in its own process, one after another, alternating across
+batch (groups x group size), learning rate and warmup, loss (GRPO, no KL), completion length and
+MoE router loss. Two TRL arms: `trl` is GRPOTrainer on the model as transformers runs it (Llama
+4's MoE layers run every token through every expert); `trl-routed` is GRPOTrainer on the model
+as this toolkit loads it (`align.modeling.load_model`: only the chosen experts run), which
+separates the sparse routing's share of the speed-up from the rest. Each arm runs in its own process, one after another, alternating across
 repetitions. Every `eval_every` steps an arm keeps its weights with the training wall time so
 far (time spent keeping them excluded); after all arms have run, one vLLM engine scores every
 snapshot on the same held-out rows (greedy accuracy), so evaluation never touches the timings.
@@ -31,7 +34,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("async", "sync", "trl")
+ARMS = ("async", "sync", "trl", "trl-routed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,12 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--groups", type=int, default=16, help="prompts per step")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--eval-limit", type=int, default=160)
     p.add_argument("--seed", type=int, default=0)
     # Internal: run one TRL arm in this process.
     p.add_argument("--trl-arm", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--routed", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -69,7 +74,7 @@ def run_ours(args, mode: str, out: Path) -> None:
         "max_staleness": 1 if mode == "async" else 0,
         "sampling": {"group_size": args.group_size, "max_new_tokens": args.max_new_tokens},
         "loss": {"kind": "grpo"},
-        "learner": {"learning_rate": args.lr},
+        "learner": {"learning_rate": args.lr, "warmup_steps": args.warmup},
         "eval_every": args.eval_every,
         "save_every": 10_000,
         "seed": args.seed,
@@ -88,6 +93,7 @@ def trl_arm(args, out: Path) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
     from trl import GRPOConfig, GRPOTrainer
 
     from align.data import load_dataset_file
@@ -135,8 +141,8 @@ def trl_arm(args, out: Path) -> None:
         max_completion_length=args.max_new_tokens,
         temperature=1.0,
         learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=args.warmup,
         max_grad_norm=1.0,
         beta=0.0,
         loss_type="grpo",
@@ -151,8 +157,14 @@ def trl_arm(args, out: Path) -> None:
         bf16=False,
         seed=args.seed,
     )
+    model = load_model(args.model)
+    if not args.routed:
+        # Back to transformers' own MoE forward (dense over all experts), as TRL users run it.
+        for layer in model.modules():
+            if isinstance(layer, Llama4TextMoe):
+                del layer.forward
     trainer = GRPOTrainer(
-        model=load_model(args.model),
+        model=model,
         reward_funcs=[reward],
         args=config,
         train_dataset=dataset,
@@ -164,11 +176,11 @@ def trl_arm(args, out: Path) -> None:
     (out / "log.json").write_text(json.dumps(trainer.state.log_history))
 
 
-def run_trl(args, out: Path) -> None:
+def run_trl(args, out: Path, routed: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, __file__, "--trl-arm", str(out)]
+    argv = [sys.executable, __file__, "--trl-arm", str(out)] + (["--routed"] if routed else [])
     for key, value in vars(args).items():
-        if key not in ("trl_arm", "arms", "repeats", "out"):
+        if key not in ("trl_arm", "arms", "repeats", "out", "routed"):
             argv += [f"--{key.replace('_', '-')}", str(value)]
     with open(out / "trl.log", "w") as log:
         subprocess.run(argv, stdout=log, stderr=log, check=True)
@@ -222,8 +234,8 @@ def main(argv=None) -> None:
             out = root / f"rep{rep}" / arm
             out.mkdir(parents=True, exist_ok=True)
             print(f"[rep {rep}] {arm} ...", flush=True)
-            if arm == "trl":
-                run_trl(args, out)
+            if arm.startswith("trl"):
+                run_trl(args, out, routed=arm == "trl-routed")
                 runs.append((arm, rep, out / "snapshots"))
             else:
                 run_ours(args, arm, out)
@@ -251,16 +263,19 @@ def main(argv=None) -> None:
             "train_seconds": statistics.median(pts[-1]["train_seconds"] for _, pts in rows),
         }
     ratios = {}
-    if "trl" in table:
-        for arm in arms:
-            if arm != "trl":
-                ratios[f"{arm}_vs_trl_samples_per_s"] = (
-                    table[arm]["samples_per_s"] / table["trl"]["samples_per_s"]
+    for peer in ("trl", "trl-routed"):
+        if peer not in table:
+            continue
+        for arm in ("async", "sync"):
+            if arm not in table:
+                continue
+            ratios[f"{arm}_vs_{peer}_samples_per_s"] = (
+                table[arm]["samples_per_s"] / table[peer]["samples_per_s"]
+            )
+            if table[arm]["time_to_target_s"] and table[peer]["time_to_target_s"]:
+                ratios[f"{arm}_vs_{peer}_time_to_target"] = (
+                    table[peer]["time_to_target_s"] / table[arm]["time_to_target_s"]
                 )
-                if table[arm]["time_to_target_s"] and table["trl"]["time_to_target_s"]:
-                    ratios[f"{arm}_vs_trl_time_to_target"] = (
-                        table["trl"]["time_to_target_s"] / table[arm]["time_to_target_s"]
-                    )
     if "async" in table and "sync" in table:
         ratios["async_vs_sync_samples_per_s"] = (
             table["async"]["samples_per_s"] / table["sync"]["samples_per_s"]
@@ -272,14 +287,14 @@ def main(argv=None) -> None:
 
     print(f"\ntarget held-out greedy accuracy: {target:.3f} (lowest of the arms' best)")
     print(
-        f"{'arm':6} {'samples/s':>10} {'time to target':>15} {'start':>6} {'best':>6} {'final':>6} {'train s':>8}"
+        f"{'arm':10} {'samples/s':>10} {'time to target':>15} {'start':>6} {'best':>6} {'final':>6} {'train s':>8}"
     )
     for arm, m in table.items():
         ttt = (
             f"{m['time_to_target_s']:.1f} s" if m["time_to_target_s"] is not None else "not reached"
         )
         print(
-            f"{arm:6} {m['samples_per_s']:10.1f} {ttt:>15} {m['start_accuracy']:6.3f}"
+            f"{arm:10} {m['samples_per_s']:10.1f} {ttt:>15} {m['start_accuracy']:6.3f}"
             f" {m['best_accuracy']:6.3f} {m['final_accuracy']:6.3f} {m['train_seconds']:8.1f}"
         )
     for key, value in ratios.items():
