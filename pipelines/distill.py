@@ -38,9 +38,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -51,9 +52,16 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 from trl import SFTConfig, SFTTrainer
 
+from align import engine
 from align.config import check
 from align.data import load_dataset_file
-from align.losses.distill import IGNORE_INDEX, DistillLossConfig, TeacherLogits, distillation_loss
+from align.losses.distill import (
+    IGNORE_INDEX,
+    AlphaSchedule,
+    DistillLossConfig,
+    TeacherLogits,
+    distillation_loss,
+)
 from align.modeling import load_model
 from align.runs import Run, write_json_atomic
 from align.training import (
@@ -68,6 +76,7 @@ from align.training import (
     token_count,
     trainer_arguments,
 )
+from align.weight_sync import export_weights
 from pipelines import evaluate
 
 log = logging.getLogger(__name__)
@@ -108,6 +117,37 @@ class TeacherSettings:
 
 
 @dataclass
+class OnPolicySettings:
+    """GKD-style on-policy distillation: some batches train on completions the student samples.
+
+    On such a batch the dataset completions are replaced by the student's own samples (vLLM,
+    from the batch's prompts), the online teacher scores them, and the loss is the divergence
+    alone (alpha = 1: a sampled completion has no gold label to take a CE on).
+    """
+
+    # Share of optimiser steps that are on-policy, spread evenly: step s is on-policy when
+    # floor((s + 1) * ratio) > floor(s * ratio). 0 turns it off; 1 makes every step on-policy.
+    ratio: float = 0.0
+    # Optimiser steps between exports of the student's weights to the sampling engine (the
+    # first on-policy step always exports).
+    refresh_every: int = 10
+    # Sampling temperature of the student's completions.
+    temperature: float = 1.0
+    # Longest sampled completion in tokens.
+    max_new_tokens: int = 32
+    # Sampling seed; step s samples with seed + s, so a resumed run samples the same.
+    seed: int = 0
+    # vLLM engine settings.
+    engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
+
+    def validate(self) -> None:
+        check(0.0 <= self.ratio <= 1.0, "ratio", f"must be in [0, 1] (got {self.ratio})")
+        check(self.refresh_every >= 1, "refresh_every", f"must be >= 1 ({self.refresh_every})")
+        check(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1 ({self.max_new_tokens})")
+
+
+@dataclass
 class Config:
     """Settings of `align distill`."""
 
@@ -133,10 +173,32 @@ class Config:
     train: TrainSettings = field(default_factory=TrainSettings)
     # LoRA on the student instead of full fine-tuning.
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # On-policy batches (student-sampled completions); off unless on_policy.ratio > 0.
+    on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)
     # Held-out evaluation after training.
     eval: evaluate.EvalSettings = field(default_factory=evaluate.EvalSettings)
     # Bad dataset rows: "raise" stops with the file, row and field; "skip" drops and counts them.
     on_error: Literal["raise", "skip"] = "raise"
+
+    def validate(self) -> None:
+        if self.on_policy.ratio == 0.0:
+            return
+        check(
+            self.teacher.mode == "online",
+            "on_policy.ratio",
+            "on-policy batches need teacher.mode 'online' (a cache cannot hold the teacher's "
+            "logits for completions sampled during training)",
+        )
+        check(
+            self.loss.weighting != "confidence",
+            "on_policy.ratio",
+            "weighting 'confidence' reads the gold token, which a sampled completion lacks",
+        )
+        check(
+            not self.lora.enabled,
+            "on_policy.ratio",
+            "on-policy sampling exports full weights to vLLM; LoRA adapters are not exported",
+        )
 
 
 class DistillTrainer(SFTTrainer):
@@ -144,11 +206,16 @@ class DistillTrainer(SFTTrainer):
 
     Everything else (tokenising prompt/completion rows, the completion-only labels, batching,
     optimiser, schedules, checkpoints, resume, LoRA) is SFTTrainer's. `teacher` maps a batch to
-    the teacher's logits for its shifted positions: `OnlineTeacher` or `TopKCache`.
+    the teacher's logits for its shifted positions: `OnlineTeacher` or `TopKCache`. `sampler`
+    (a `StudentSampler`, or None) swaps the completions of on-policy steps for the student's own.
     """
 
-    def __init__(self, *args, teacher, loss_config: DistillLossConfig, **kwargs) -> None:
-        self.teacher, self.loss_config = teacher, loss_config
+    def __init__(
+        self, *args, teacher, loss_config: DistillLossConfig, sampler=None, **kwargs
+    ) -> None:
+        self.teacher, self.loss_config, self.sampler = teacher, loss_config, sampler
+        # On-policy batches: divergence only, alpha 1 throughout.
+        self.on_policy_loss = replace(loss_config, alpha=AlphaSchedule("constant", 1.0))
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -156,8 +223,15 @@ class DistillTrainer(SFTTrainer):
 
         With gradient accumulation the Trainer passes `num_items_in_batch`, the target tokens of
         the whole accumulated batch; the loss is then `loss_sum / num_items_in_batch`, so that
-        the accumulated gradient is that of one big batch.
+        the accumulated gradient is that of one big batch. On an on-policy step the batch is
+        first replaced by the student's samples for its prompts; its token count then differs
+        from `num_items_in_batch`, so its mean loss is used instead.
         """
+        step = self.state.global_step
+        on_policy = self.sampler is not None and self.sampler.is_on_policy(step)
+        if on_policy:
+            inputs = self.sampler.resample(self.accelerator.unwrap_model(model), inputs, step)
+            num_items_in_batch = None
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
         outputs = model(
             input_ids=inputs["input_ids"],
@@ -172,11 +246,17 @@ class DistillTrainer(SFTTrainer):
             student_logits_btv,
             labels_bt,
             teacher=self.teacher(inputs["input_ids"], inputs["attention_mask"], labels_bt),
-            config=self.loss_config,
-            step=self.state.global_step,
+            config=self.on_policy_loss if on_policy else self.loss_config,
+            step=step,
             total_steps=max(self.state.max_steps, 1),
         )
-        loss = out.loss if num_items_in_batch is None else out.loss_sum / num_items_in_batch
+        if num_items_in_batch is not None:
+            loss = out.loss_sum / num_items_in_batch
+        elif on_policy:
+            # The Trainer leaves the accumulation average to the loss here.
+            loss = out.loss / self.current_gradient_accumulation_steps
+        else:
+            loss = out.loss
         if self.aux_loss_enabled:
             # MoE load balancing as SFTTrainer adds it: a per-micro-batch mean, averaged over
             # the accumulation steps.
@@ -193,7 +273,59 @@ class DistillTrainer(SFTTrainer):
         for name in LOGGED:
             self._metrics["train"][name].append(getattr(out, name).item())
         self._metrics["train"]["alpha"].append(out.alpha)
+        self._metrics["train"]["on_policy"].append(float(on_policy))
         return (loss, outputs) if return_outputs else loss
+
+
+class StudentSampler:
+    """Samples the student's own completions with vLLM for on-policy steps.
+
+    Every `refresh_every` steps (and at the first on-policy step) the student's current weights
+    are exported (`align.weight_sync.export_weights`) and loaded into the engine
+    (`align.engine.sync_weights`); in between, samples come from weights at most that many
+    steps old.
+    """
+
+    def __init__(self, settings: OnPolicySettings, student: str, export_dir: Path, pad_id: int):
+        self.settings, self.export_dir, self.pad_id = settings, export_dir, pad_id
+        self.llm = engine.start_engine(student, settings.engine)
+        self.synced_step: int | None = None
+
+    def is_on_policy(self, step: int) -> bool:
+        ratio = self.settings.ratio
+        return math.floor((step + 1) * ratio) > math.floor(step * ratio)
+
+    def resample(self, model: torch.nn.Module, inputs: dict, step: int) -> dict:
+        """The batch with each completion replaced by one the student samples for its prompt."""
+        if self.synced_step is None or step - self.synced_step >= self.settings.refresh_every:
+            engine.sync_weights(self.llm, export_weights(model, self.export_dir))
+            self.synced_step = step
+        prompts = []
+        for ids_t, mask_t, labels_t in zip(
+            inputs["input_ids"], inputs["attention_mask"], inputs["labels"], strict=True
+        ):
+            ids_t, labels_t = ids_t[mask_t.bool()], labels_t[mask_t.bool()]
+            first = int((labels_t != IGNORE_INDEX).nonzero()[0, 0])
+            prompts.append(ids_t[:first].tolist())
+        completions = engine.generate(
+            self.llm,
+            prompts,
+            temperature=self.settings.temperature,
+            max_tokens=self.settings.max_new_tokens,
+            seed=self.settings.seed + step,
+        )
+        rows = [(p, c[0].token_ids) for p, c in zip(prompts, completions, strict=True)]
+        width = max(len(p) + len(c) for p, c in rows)
+        device = inputs["input_ids"].device
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=device)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, (prompt, completion) in enumerate(rows):
+            n = len(prompt) + len(completion)
+            input_ids[i, :n] = torch.tensor(prompt + completion)
+            labels[i, len(prompt) : n] = torch.tensor(completion, dtype=torch.long)
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class OnlineTeacher:
@@ -526,6 +658,10 @@ def run(config: Config, callbacks: list | None = None) -> dict:
                 trainer.teacher = online
             else:
                 trainer.teacher = offline_teacher(config, trainer, tokenizer, out)
+            if config.on_policy.ratio > 0:
+                trainer.sampler = StudentSampler(
+                    config.on_policy, config.student, out / "policy-export", tokenizer.pad_token_id
+                )
 
             # 4. Training; an interrupted run continues from its newest checkpoint.
             resume = resume_point(out / "checkpoints")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 
 import pytest
@@ -16,6 +17,7 @@ from align.tokenizer import build_tokenizer
 from align.training import LoraSettings, TrainSettings
 from pipelines import distill
 from tests.conftest import memorize
+from tests.test_cli import align
 from tests.test_train_stages import Crash, CrashAfterSave, logged, write_jsonl
 
 # fp16 storage of the cached logits: the offline loss with k = V matches the online one to this.
@@ -196,3 +198,43 @@ def test_lora_distils_into_the_adapted_modules_only(tmp_path, models, files):
     assert tuned.keys() == base.keys()
     changed = {name for name in base if not (base[name] == tuned[name]).all()}
     assert changed and all(name.split(".")[-2] in LoraSettings().target_modules for name in changed)
+
+
+def test_on_policy_steps_train_on_the_students_own_samples(tmp_path, models, files):
+    """Through the CLI: an in-process vLLM engine must not share this process's vLLM state."""
+    out = align(
+        "distill",
+        f"student={models['student']}",
+        f"data={files['train']}",
+        f"teacher.model={models['teacher']}",
+        f"runs_dir={tmp_path}",
+        "name=gkd",
+        "train.batch_size=16",
+        "train.logging_steps=1",
+        "on_policy.ratio=0.5",
+        "on_policy.refresh_every=2",
+        "on_policy.max_new_tokens=8",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "gkd"
+    assert logged(run_dir, "train/on_policy") == [0.0, 1.0, 0.0, 1.0]
+    # On-policy steps take no CE on gold labels: alpha is 1 there, the configured 0.5 elsewhere.
+    assert logged(run_dir, "train/alpha") == [0.5, 1.0, 0.5, 1.0]
+    assert all(math.isfinite(x) for x in logged(run_dir, "train/loss"))
+    log_text = (run_dir / "log.txt").read_text()
+    # Exports at the first on-policy step (1) and again at step 3 (refresh_every 2).
+    assert log_text.count("synced weights from") == 2
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_on_policy_needs_an_online_teacher(tmp_path, models, files):
+    out = align(
+        "distill",
+        f"student={models['student']}",
+        f"data={files['train']}",
+        f"teacher.model={models['teacher']}",
+        "teacher.mode=offline",
+        "on_policy.ratio=0.5",
+        f"runs_dir={tmp_path}",
+    )
+    assert out.returncode == 2 and "on_policy.ratio" in out.stderr and "online" in out.stderr
