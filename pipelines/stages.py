@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipelines import dpo, evaluate, make_data, make_model, rl, sft
+from pipelines import distill, dpo, evaluate, make_data, make_model, rl, sft
 from pipelines import filter as filter_stage
 
 COMMANDS: dict[str, ModuleType | None] = {
@@ -19,5 +19,5 @@ COMMANDS: dict[str, ModuleType | None] = {
     "sft": sft,
     "rl": rl,
     "dpo": dpo,
-    "distill": None,
+    "distill": distill,
 }

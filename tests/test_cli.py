@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 ALIGN = str(Path(sys.executable).parent / "align")
@@ -36,11 +35,21 @@ def test_help_lists_every_subcommand():
         assert f"    {name}" in out.stdout, name
 
 
-@pytest.mark.parametrize("stage", ["distill"])
-def test_stage_not_in_this_version_says_so(stage):
-    out = align(stage)
-    assert out.returncode == 2
-    assert "not in this version" in out.stderr
+def test_distill_needs_a_student_and_a_teacher(tmp_path):
+    out = align("distill", "data=d", f"runs_dir={tmp_path}")
+    assert out.returncode == 2 and "missing required key 'student'" in out.stderr
+    out = align("distill", "student=s", "data=d", f"runs_dir={tmp_path}")
+    assert out.returncode == 2 and "missing required key 'teacher'" in out.stderr
+    out = align("distill", "--print-config", "student=s", "data=d", "teacher.model=t")
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["teacher"] == {
+        "model": "t",
+        "mode": "online",
+        "top_k": 32,
+        "cache_dir": None,
+        "batch_size": 64,
+    }
+    assert not any(tmp_path.iterdir())
 
 
 def test_unknown_override_key_suggests_the_nearest(tmp_path):
@@ -119,11 +128,20 @@ def test_pipeline_checks_every_stage_before_running_the_first(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_pipeline_refuses_a_stage_this_version_lacks(tmp_path):
+def test_pipeline_checks_a_distill_stage_before_running(tmp_path):
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(yaml.safe_dump({"stages": [{"name": "s", "command": "distill"}]}))
+    stage = {
+        "name": "d",
+        "command": "distill",
+        "config": {"student": "s", "data": "d", "teacher": {"model": "t", "mode": "offlin"}},
+    }
+    pipeline.write_text(yaml.safe_dump({"stages": [stage]}))
     out = align("run", str(pipeline), f"runs_dir={tmp_path}")
-    assert out.returncode == 2 and "'distill'" in out.stderr and "does not have yet" in out.stderr
+    assert out.returncode == 2
+    assert (
+        "stages[0] (d)" in out.stderr and "teacher.mode" in out.stderr and "'offline'" in out.stderr
+    )
+    assert not (tmp_path / "runs").exists()
 
 
 def test_bad_data_is_a_clear_error(tmp_path):

@@ -1,0 +1,698 @@
+"""Stage `distill`: a teacher's soft targets mixed with hard labels, trained with TRL's SFTTrainer.
+
+The loss is `align.losses.distill.distillation_loss` (recipe section 4):
+
+    L = mean over completion tokens of [a_t T^2 D(p_teacher^T || p_student^T) + (1 - a_t) CE_t],
+    a_t = alpha(step) * w_t
+
+with alpha following a schedule over the optimiser steps and w_t an optional per-token weight
+(teacher confidence or entropy). The data are prompt/completion rows (the `sft` schema); the loss
+covers the completion tokens only.
+
+Teacher logits come from one of two places (`teacher.mode`):
+    online   the teacher runs forward on every batch, in eval mode under no_grad;
+    offline  a precompute step runs the teacher once over the (deduplicated) training rows and
+             writes its top-k logits (fp16) and ids (int32) per completion position to a cache
+             directory (`TopKCache`); training then reads them back as a sparse teacher. The
+             cache's manifest names the teacher (path and a hash of its files), k, the tokenizer
+             and the rows; a cache whose manifest does not match is refused, not silently reused.
+
+Steps: (1) check that teacher and student share a tokenizer and a vocabulary size; (2) load the
+data and fit it to the token budget; (3) build the trainer (SFTTrainer with `compute_loss`
+replaced) and, offline, build or reuse the top-k cache; (4) train, resuming from the newest
+checkpoint of an interrupted run; (5) save a Hugging Face checkpoint that vLLM loads;
+(6) held-out student CE and teacher-student KL on gold completions (`heldout_sft`), and greedy
+accuracy / pass@k through `align eval` (`heldout`).
+
+Output under runs/<name>/: `model/` (with `train_result.json`), `checkpoints/`, `teacher_cache/`
+(offline, unless `teacher.cache_dir` puts it elsewhere), `eval/`, `expert_load.json`/`.png`,
+`metrics.jsonl` (per step: loss, soft_loss, hard_loss, alpha, effective_alpha, teacher_kl),
+`tb/`, `log.txt`, `config.yaml`, `result.json`.
+
+Tensor legend: b batch, t position, v vocabulary, k cached teacher entries per position, n
+completion tokens of one row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+from trl import SFTConfig, SFTTrainer
+
+from align import engine
+from align.config import check
+from align.data import load_dataset_file
+from align.losses.distill import (
+    IGNORE_INDEX,
+    AlphaSchedule,
+    DistillLossConfig,
+    TeacherLogits,
+    distillation_loss,
+)
+from align.modeling import load_model
+from align.runs import Run, write_json_atomic
+from align.training import (
+    LoraSettings,
+    RunLogger,
+    TrainSettings,
+    finish,
+    finished_result,
+    fit_budget,
+    lora_config,
+    resume_point,
+    token_count,
+    trainer_arguments,
+)
+from align.weight_sync import export_weights
+from pipelines import evaluate
+
+log = logging.getLogger(__name__)
+
+# Bumped when the cache layout changes, so an old cache is refused rather than misread.
+CACHE_FORMAT = 1
+# The per-step values of `DistillOutput` that go to metrics.jsonl / TensorBoard (as train/<name>).
+LOGGED = ("soft_loss", "hard_loss", "effective_alpha", "teacher_kl")
+
+
+@dataclass
+class TeacherSettings:
+    """Where the teacher's logits come from."""
+
+    # Teacher checkpoint directory (Hugging Face format, safetensors); it must use the student's
+    # tokenizer.
+    model: str
+    # online: teacher forward pass on every batch. offline: top-k logits precomputed once and
+    # read back from `cache_dir`.
+    mode: Literal["online", "offline"] = "online"
+    # offline: teacher entries kept per completion position (the truncated teacher is
+    # softmax(top-k logits); see align/losses/distill.py). At most the vocabulary size.
+    top_k: int = 32
+    # offline: cache directory; null puts it in runs/<name>/teacher_cache. Runs with the same
+    # teacher, student tokenizer, data, budget, seed and max_length can share one.
+    cache_dir: str | None = None
+    # Rows per teacher forward pass when precomputing the cache.
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        check(self.top_k >= 1, "top_k", f"must be >= 1 (got {self.top_k})")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1 (got {self.batch_size})")
+        check(
+            self.mode == "offline" or self.cache_dir is None,
+            "cache_dir",
+            "is only used with mode 'offline'",
+        )
+
+
+@dataclass
+class OnPolicySettings:
+    """GKD-style on-policy distillation: some batches train on completions the student samples.
+
+    On such a batch the dataset completions are replaced by the student's own samples (vLLM,
+    from the batch's prompts), the online teacher scores them, and the loss is the divergence
+    alone (alpha = 1: a sampled completion has no gold label to take a CE on).
+    """
+
+    # Share of optimiser steps that are on-policy, spread evenly: step s is on-policy when
+    # floor((s + 1) * ratio) > floor(s * ratio). 0 turns it off; 1 makes every step on-policy.
+    ratio: float = 0.0
+    # Optimiser steps between exports of the student's weights to the sampling engine (the
+    # first on-policy step always exports).
+    refresh_every: int = 10
+    # Sampling temperature of the student's completions.
+    temperature: float = 1.0
+    # Longest sampled completion in tokens.
+    max_new_tokens: int = 32
+    # Sampling seed; step s samples with seed + s, so a resumed run samples the same.
+    seed: int = 0
+    # vLLM engine settings.
+    engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
+
+    def validate(self) -> None:
+        check(0.0 <= self.ratio <= 1.0, "ratio", f"must be in [0, 1] (got {self.ratio})")
+        check(self.refresh_every >= 1, "refresh_every", f"must be >= 1 ({self.refresh_every})")
+        check(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1 ({self.max_new_tokens})")
+
+
+@dataclass
+class Config:
+    """Settings of `align distill`."""
+
+    # Student checkpoint to train (Hugging Face format, safetensors).
+    student: str
+    # Training rows in the sft schema (prompt/completion): JSONL, Parquet or a `datasets`
+    # directory. The loss covers the completion tokens only.
+    data: str
+    # The teacher and where its logits come from.
+    teacher: TeacherSettings
+    # Held-out rows (prompt, answer) for greedy accuracy and pass@k; null skips them.
+    heldout: str | None = None
+    # Held-out prompt/completion rows for the student's CE and KL to the teacher on the gold
+    # completions, before and after training; null skips them.
+    heldout_sft: str | None = None
+    # Run name: everything is written under <runs_dir>/<name>/.
+    name: str = "distill"
+    # Root directory of runs.
+    runs_dir: str = "runs"
+    # The loss: divergence, temperature, per-token weighting and the alpha schedule.
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    # Optimisation (batch_size counts rows).
+    train: TrainSettings = field(default_factory=TrainSettings)
+    # LoRA on the student instead of full fine-tuning.
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # On-policy batches (student-sampled completions); off unless on_policy.ratio > 0.
+    on_policy: OnPolicySettings = field(default_factory=OnPolicySettings)
+    # Held-out evaluation after training.
+    eval: evaluate.EvalSettings = field(default_factory=evaluate.EvalSettings)
+    # Bad dataset rows: "raise" stops with the file, row and field; "skip" drops and counts them.
+    on_error: Literal["raise", "skip"] = "raise"
+
+    def validate(self) -> None:
+        if self.on_policy.ratio == 0.0:
+            return
+        check(
+            self.teacher.mode == "online",
+            "on_policy.ratio",
+            "on-policy batches need teacher.mode 'online' (a cache cannot hold the teacher's "
+            "logits for completions sampled during training)",
+        )
+        check(
+            self.loss.weighting != "confidence",
+            "on_policy.ratio",
+            "weighting 'confidence' reads the gold token, which a sampled completion lacks",
+        )
+        check(
+            not self.lora.enabled,
+            "on_policy.ratio",
+            "on-policy sampling exports full weights to vLLM; LoRA adapters are not exported",
+        )
+
+
+class DistillTrainer(SFTTrainer):
+    """SFTTrainer whose loss is `distillation_loss`; it overrides only `compute_loss`.
+
+    Everything else (tokenising prompt/completion rows, the completion-only labels, batching,
+    optimiser, schedules, checkpoints, resume, LoRA) is SFTTrainer's. `teacher` maps a batch to
+    the teacher's logits for its shifted positions: `OnlineTeacher` or `TopKCache`. `sampler`
+    (a `StudentSampler`, or None) swaps the completions of on-policy steps for the student's own.
+    """
+
+    def __init__(
+        self, *args, teacher, loss_config: DistillLossConfig, sampler=None, **kwargs
+    ) -> None:
+        self.teacher, self.loss_config, self.sampler = teacher, loss_config, sampler
+        # On-policy batches: divergence only, alpha 1 throughout.
+        self.on_policy_loss = replace(loss_config, alpha=AlphaSchedule("constant", 1.0))
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The distillation loss of one micro-batch, plus the MoE load-balancing loss.
+
+        With gradient accumulation the Trainer passes `num_items_in_batch`, the target tokens of
+        the whole accumulated batch; the loss is then `loss_sum / num_items_in_batch`, so that
+        the accumulated gradient is that of one big batch. On an on-policy step the batch is
+        first replaced by the student's samples for its prompts; its token count then differs
+        from `num_items_in_batch`, so its mean loss is used instead.
+        """
+        step = self.state.global_step
+        on_policy = self.sampler is not None and self.sampler.is_on_policy(step)
+        if on_policy:
+            inputs = self.sampler.resample(self.accelerator.unwrap_model(model), inputs, step)
+            num_items_in_batch = None
+        extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            use_cache=False,
+            **extra,
+        )
+        # Shift: position t predicts token t + 1.
+        student_logits_btv = outputs.logits[:, :-1]
+        labels_bt = inputs["labels"][:, 1:]
+        out = distillation_loss(
+            student_logits_btv,
+            labels_bt,
+            teacher=self.teacher(inputs["input_ids"], inputs["attention_mask"], labels_bt),
+            config=self.on_policy_loss if on_policy else self.loss_config,
+            step=step,
+            total_steps=max(self.state.max_steps, 1),
+        )
+        if num_items_in_batch is not None:
+            loss = out.loss_sum / num_items_in_batch
+        elif on_policy:
+            # The Trainer leaves the accumulation average to the loss here.
+            loss = out.loss / self.current_gradient_accumulation_steps
+        else:
+            loss = out.loss
+        if self.aux_loss_enabled:
+            # MoE load balancing as SFTTrainer adds it: a per-micro-batch mean, averaged over
+            # the accumulation steps.
+            aux_loss = load_balancing_loss_func(
+                outputs.router_logits,
+                self.model.config.num_experts,
+                self.model.config.num_experts_per_tok,
+                inputs["attention_mask"],
+            )
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch else 1
+            loss = loss + self.router_aux_loss_coef * aux_loss / steps
+            self._metrics["train"]["aux_loss"].append(aux_loss.item())
+        # SFTTrainer.log averages these over the logging interval and RunLogger writes them.
+        for name in LOGGED:
+            self._metrics["train"][name].append(getattr(out, name).item())
+        self._metrics["train"]["alpha"].append(out.alpha)
+        self._metrics["train"]["on_policy"].append(float(on_policy))
+        return (loss, outputs) if return_outputs else loss
+
+
+class StudentSampler:
+    """Samples the student's own completions with vLLM for on-policy steps.
+
+    Every `refresh_every` steps (and at the first on-policy step) the student's current weights
+    are exported (`align.weight_sync.export_weights`) and loaded into the engine
+    (`align.engine.sync_weights`); in between, samples come from weights at most that many
+    steps old.
+    """
+
+    def __init__(self, settings: OnPolicySettings, student: str, export_dir: Path, pad_id: int):
+        self.settings, self.export_dir, self.pad_id = settings, export_dir, pad_id
+        self.llm = engine.start_engine(student, settings.engine)
+        self.synced_step: int | None = None
+
+    def is_on_policy(self, step: int) -> bool:
+        ratio = self.settings.ratio
+        return math.floor((step + 1) * ratio) > math.floor(step * ratio)
+
+    def resample(self, model: torch.nn.Module, inputs: dict, step: int) -> dict:
+        """The batch with each completion replaced by one the student samples for its prompt."""
+        if self.synced_step is None or step - self.synced_step >= self.settings.refresh_every:
+            engine.sync_weights(self.llm, export_weights(model, self.export_dir))
+            self.synced_step = step
+        prompts = []
+        for ids_t, mask_t, labels_t in zip(
+            inputs["input_ids"], inputs["attention_mask"], inputs["labels"], strict=True
+        ):
+            ids_t, labels_t = ids_t[mask_t.bool()], labels_t[mask_t.bool()]
+            first = int((labels_t != IGNORE_INDEX).nonzero()[0, 0])
+            prompts.append(ids_t[:first].tolist())
+        completions = engine.generate(
+            self.llm,
+            prompts,
+            temperature=self.settings.temperature,
+            max_tokens=self.settings.max_new_tokens,
+            seed=self.settings.seed + step,
+        )
+        rows = [(p, c[0].token_ids) for p, c in zip(prompts, completions, strict=True)]
+        width = max(len(p) + len(c) for p, c in rows)
+        device = inputs["input_ids"].device
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=device)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, (prompt, completion) in enumerate(rows):
+            n = len(prompt) + len(completion)
+            input_ids[i, :n] = torch.tensor(prompt + completion)
+            labels[i, len(prompt) : n] = torch.tensor(completion, dtype=torch.long)
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class OnlineTeacher:
+    """The teacher model run forward on each batch (eval mode, no gradients)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, input_ids_bt, attention_mask_bt, labels_bt) -> TeacherLogits:
+        self.model.to(input_ids_bt.device)
+        logits_btv = self.model(
+            input_ids=input_ids_bt, attention_mask=attention_mask_bt, use_cache=False
+        ).logits
+        return TeacherLogits.dense(logits_btv[:, :-1])
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary and the special tokens: equal fingerprints mean equal token ids."""
+    data = json.dumps(
+        {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens}
+    )
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def check_same_tokenizer(student: str, teacher: str) -> None:
+    """Refuses a teacher whose tokenizer or output vocabulary differs from the student's.
+
+    Distillation compares the two next-token distributions id by id, so the ids must mean the
+    same tokens and both models must produce logits over the same number of ids.
+
+    Raises:
+        ValueError: naming both paths and the first difference found.
+    """
+    tokenizers = {path: AutoTokenizer.from_pretrained(path) for path in (student, teacher)}
+    vocabs = {path: tok.get_vocab() for path, tok in tokenizers.items()}
+    s_vocab, t_vocab = vocabs[student], vocabs[teacher]
+    if s_vocab != t_vocab:
+        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+        moved = sorted(k for k in set(s_vocab) & set(t_vocab) if s_vocab[k] != t_vocab[k])[:5]
+        raise ValueError(
+            f"teacher {teacher} and student {student} have different tokenizers: vocab sizes "
+            f"{len(t_vocab)} and {len(s_vocab)}; tokens only in the student's: {only_s}, only in "
+            f"the teacher's: {only_t}, with different ids: {moved}. Distillation needs a shared "
+            "tokenizer"
+        )
+    s_special = tokenizers[student].all_special_tokens
+    t_special = tokenizers[teacher].all_special_tokens
+    if s_special != t_special:
+        raise ValueError(
+            f"teacher {teacher} and student {student} have different special tokens: "
+            f"{t_special} vs {s_special}. Distillation needs a shared tokenizer"
+        )
+    sizes = {path: AutoConfig.from_pretrained(path).vocab_size for path in (student, teacher)}
+    for path, size in sizes.items():
+        if size < len(s_vocab):
+            raise ValueError(
+                f"model {path} has vocab_size {size} in config.json but its tokenizer has "
+                f"{len(s_vocab)} tokens: the model cannot score every token"
+            )
+    if sizes[student] != sizes[teacher]:
+        raise ValueError(
+            f"teacher {teacher} has vocab_size {sizes[teacher]} and student {student} has "
+            f"{sizes[student]}: their logits must cover the same ids"
+        )
+
+
+def teacher_fingerprint(path: str) -> str:
+    """sha256 over the teacher's config.json and weight files (contents, in name order)."""
+    digest = hashlib.sha256()
+    directory = Path(path)
+    for file in [directory / "config.json", *sorted(directory.glob("*.safetensors"))]:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sequence_key(input_ids_t: torch.Tensor, attention_mask_t: torch.Tensor) -> bytes:
+    """sha256 of one sequence's unpadded token ids: the cache's row key."""
+    ids = input_ids_t[attention_mask_t.bool()].to(torch.int64).cpu().numpy().tobytes()
+    return hashlib.sha256(ids).digest()
+
+
+class TopKCache:
+    """The offline teacher: top-k logits and ids per completion position, read back from disk.
+
+    Layout of the directory: `manifest.json` (format, teacher path and fingerprint, k, tokenizer
+    fingerprint, max_length, rows, positions) and `topk.safetensors` with
+        keys     (rows, 32) uint8   sha256 of each row's unpadded token ids (`sequence_key`)
+        offsets  (rows + 1) int64   row r owns positions offsets[r]:offsets[r + 1]
+        ids      (positions, k) int32    the teacher's top-k token ids, per completion position
+        logits   (positions, k) float16  their raw logits (T = 1), same order
+    A row's positions are its target positions (shifted labels != -100) in order. Rows are read
+    on demand through safetensors' memory map, so the cache need not fit in memory.
+    """
+
+    def __init__(self, directory: Path, manifest: dict) -> None:
+        self.directory, self.manifest = directory, manifest
+        self.file = safe_open(str(directory / "topk.safetensors"), framework="pt")
+        keys = self.file.get_tensor("keys")
+        offsets = self.file.get_tensor("offsets").tolist()
+        self.rows = {bytes(k.tolist()): (offsets[r], offsets[r + 1]) for r, k in enumerate(keys)}
+        self.ids = self.file.get_slice("ids")
+        self.logits = self.file.get_slice("logits")
+
+    @classmethod
+    def open(cls, directory: Path, expected: dict) -> TopKCache:
+        """Opens the cache in `directory`, refusing one whose manifest differs from `expected`."""
+        manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+        different = {
+            key: (manifest.get(key), value)
+            for key, value in expected.items()
+            if manifest.get(key) != value
+        }
+        if different:
+            lines = "; ".join(f"{k}: cached {c!r}, wanted {w!r}" for k, (c, w) in different.items())
+            raise ValueError(
+                f"teacher cache {directory} was built for other settings ({lines}). Delete it to "
+                "rebuild it, or set teacher.cache_dir to a new directory"
+            )
+        return cls(directory, manifest)
+
+    def check_covers(self, keys: set[bytes]) -> None:
+        """Raises if a training row has no cached logits (the data changed since the cache)."""
+        missing = len(keys - self.rows.keys())
+        if missing:
+            raise ValueError(
+                f"teacher cache {self.directory} lacks {missing} of the {len(keys)} training "
+                "sequences: it was built from other data. Delete it to rebuild it, or set "
+                "teacher.cache_dir to a new directory"
+            )
+
+    def __call__(self, input_ids_bt, attention_mask_bt, labels_bt) -> TeacherLogits:
+        k = self.manifest["top_k"]
+        b, t = labels_bt.shape
+        # Positions that are not targets get distinct dummy ids (arange) and zero logits; the
+        # loss drops them before any arithmetic.
+        ids_btk = torch.arange(k, device=labels_bt.device).expand(b, t, k).clone()
+        logits_btk = torch.zeros(b, t, k, device=labels_bt.device)
+        for i in range(b):
+            key = sequence_key(input_ids_bt[i], attention_mask_bt[i])
+            if key not in self.rows:
+                raise ValueError(
+                    f"teacher cache {self.directory} has no entry for batch row {i} (a sequence "
+                    "of the training data it was not built from)"
+                )
+            start, end = self.rows[key]
+            positions_n = (labels_bt[i] != IGNORE_INDEX).nonzero().squeeze(-1)
+            if len(positions_n) != end - start:
+                raise ValueError(
+                    f"teacher cache {self.directory}: batch row {i} has {len(positions_n)} "
+                    f"target tokens but the cache holds {end - start} for it"
+                )
+            ids_btk[i, positions_n] = self.ids[start:end].to(ids_btk.device, torch.int64)
+            logits_btk[i, positions_n] = self.logits[start:end].to(logits_btk.device).float()
+        return TeacherLogits.sparse(ids_btk, logits_btk)
+
+
+def build_topk_cache(
+    teacher: torch.nn.Module, batches, directory: Path, manifest: dict, k: int
+) -> None:
+    """Runs `teacher` over `batches` (collated, one per unique row group) and writes the cache.
+
+    Written into a `.partial` sibling and renamed into place, so an interrupted precompute
+    never leaves a cache that looks complete.
+    """
+    online = OnlineTeacher(teacher)
+    keys, offsets, ids, logits = [], [0], [], []
+    for batch in batches:
+        labels_bt = batch["labels"][:, 1:]
+        logits_btv = online(batch["input_ids"], batch["attention_mask"], labels_bt).logits_btv
+        top_logits_btk, top_ids_btk = logits_btv.topk(k, dim=-1)
+        for i in range(len(labels_bt)):
+            target_t = labels_bt[i] != IGNORE_INDEX
+            keys.append(sequence_key(batch["input_ids"][i], batch["attention_mask"][i]))
+            ids.append(top_ids_btk[i, target_t].to(torch.int32))
+            logits.append(top_logits_btk[i, target_t].to(torch.float16))
+            offsets.append(offsets[-1] + int(target_t.sum()))
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_file(
+        {
+            "keys": torch.tensor([list(key) for key in keys], dtype=torch.uint8),
+            "offsets": torch.tensor(offsets, dtype=torch.int64),
+            "ids": torch.cat(ids),
+            "logits": torch.cat(logits),
+        },
+        str(partial / "topk.safetensors"),
+    )
+    write_json_atomic(partial / "manifest.json", {**manifest, "positions": offsets[-1]})
+    shutil.rmtree(directory, ignore_errors=True)
+    os.rename(partial, directory)
+
+
+def offline_teacher(config: Config, trainer: SFTTrainer, tokenizer, out: Path) -> TopKCache:
+    """The top-k cache for `trainer`'s training rows: reused when it matches, else built."""
+    settings = config.teacher
+    directory = Path(settings.cache_dir) if settings.cache_dir else out / "teacher_cache"
+    vocab = AutoConfig.from_pretrained(config.student).vocab_size
+    if settings.top_k > vocab:
+        raise ValueError(f"teacher.top_k={settings.top_k} exceeds the vocabulary size {vocab}")
+    # One entry per distinct training row (the token budget repeats rows).
+    dataset = trainer.train_dataset
+    unique, seen = [], set()
+    for index, ids in enumerate(dataset["input_ids"]):
+        key = hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).digest()
+        if key not in seen:
+            seen.add(key)
+            unique.append(index)
+    expected = {
+        "format": CACHE_FORMAT,
+        "teacher": str(Path(settings.model).resolve()),
+        "teacher_sha256": teacher_fingerprint(settings.model),
+        "top_k": settings.top_k,
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        "max_length": config.train.max_length,
+    }
+    if not (directory / "manifest.json").exists():
+        log.info(
+            "precomputing the teacher's top-%d logits for %d distinct rows into %s",
+            settings.top_k,
+            len(unique),
+            directory,
+        )
+        step = settings.batch_size
+        batches = (
+            trainer.data_collator([dataset[i] for i in unique[start : start + step]])
+            for start in range(0, len(unique), step)
+        )
+        manifest = {**expected, "rows": len(unique)}
+        build_topk_cache(load_model(settings.model), batches, directory, manifest, settings.top_k)
+    else:
+        log.info("reusing the teacher cache in %s", directory)
+    cache = TopKCache.open(directory, expected)
+    keys = set()
+    for start in range(0, len(unique), settings.batch_size):
+        batch = trainer.data_collator(
+            [dataset[i] for i in unique[start : start + settings.batch_size]]
+        )
+        keys.update(
+            sequence_key(ids, mask)
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        )
+    cache.check_covers(keys)
+    return cache
+
+
+@torch.no_grad()
+def heldout_scores(student, teacher: OnlineTeacher, loader) -> dict:
+    """Student CE and forward KL(teacher || student) at T = 1 per gold completion token."""
+    was_training = student.training
+    student.eval()
+    ce_sum, kl_sum, tokens = 0.0, 0.0, 0
+    for batch in loader:
+        labels_bt = batch["labels"][:, 1:]
+        student_logits_btv = student(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits[:, :-1]
+        teacher_logits = teacher(batch["input_ids"], batch["attention_mask"], labels_bt)
+        target_bt = labels_bt != IGNORE_INDEX
+        logp_s_nv = student_logits_btv[target_bt].float().log_softmax(-1)
+        logp_t_nv = teacher_logits.logits_btv[target_bt].float().log_softmax(-1)
+        ce_sum += -logp_s_nv.gather(-1, labels_bt[target_bt][:, None]).sum().item()
+        kl_sum += (logp_t_nv.exp() * (logp_t_nv - logp_s_nv)).sum().item()
+        tokens += int(target_bt.sum())
+    student.train(was_training)
+    return {"ce": ce_sum / max(tokens, 1), "teacher_kl": kl_sum / max(tokens, 1), "tokens": tokens}
+
+
+def run(config: Config, callbacks: list | None = None) -> dict:
+    """Distils `config.teacher.model` into `config.student`; extra TrainerCallbacks may be given.
+
+    Raises:
+        ValueError: teacher and student tokenizers or vocabulary sizes differ (before anything is
+            written), or an offline cache does not match the run.
+    """
+    # 1. A shared tokenizer, checked before anything is written.
+    check_same_tokenizer(config.student, config.teacher.model)
+    out = Path(config.runs_dir) / config.name
+    with Run(out, config) as run_dir:
+        model_dir = out / "model"
+        result = finished_result(model_dir)
+        if result is None:
+            # 2. Data, fitted to the token budget.
+            dataset, data_report = load_dataset_file(config.data, "sft", config.on_error)
+            tokenizer = AutoTokenizer.from_pretrained(config.student)
+            counts = [token_count(tokenizer, row["prompt"], row["completion"]) for row in dataset]
+            too_long = sum(n > config.train.max_length for n in counts)
+            if too_long:
+                log.warning(
+                    "%d of %d rows are longer than train.max_length=%d tokens and are truncated",
+                    too_long,
+                    len(counts),
+                    config.train.max_length,
+                )
+            dataset, tokens = fit_budget(
+                dataset.select_columns(["prompt", "completion"]), counts, config.train, "rows"
+            )
+            heldout_rows = None
+            if config.heldout_sft is not None:
+                heldout_rows, _ = load_dataset_file(config.heldout_sft, "sft", config.on_error)
+                heldout_rows = heldout_rows.select_columns(["prompt", "completion"])
+
+            # 3. The trainer; its teacher is set once the tokenised rows exist (offline cache).
+            args = SFTConfig(
+                **trainer_arguments(config.train, out / "checkpoints"),
+                completion_only_loss=True,
+                per_device_eval_batch_size=config.train.batch_size,
+            )
+            trainer = DistillTrainer(
+                model=load_model(config.student),
+                args=args,
+                train_dataset=dataset,
+                eval_dataset=heldout_rows,
+                processing_class=tokenizer,
+                peft_config=lora_config(config.lora),
+                callbacks=callbacks,
+                teacher=None,
+                loss_config=config.loss,
+            )
+            trainer.add_callback(RunLogger(run_dir, trainer.model))
+            online = None
+            if config.teacher.mode == "online" or heldout_rows is not None:
+                online = OnlineTeacher(load_model(config.teacher.model))
+            if config.teacher.mode == "online":
+                trainer.teacher = online
+            else:
+                trainer.teacher = offline_teacher(config, trainer, tokenizer, out)
+            if config.on_policy.ratio > 0:
+                trainer.sampler = StudentSampler(
+                    config.on_policy, config.student, out / "policy-export", tokenizer.pad_token_id
+                )
+
+            # 4. Training; an interrupted run continues from its newest checkpoint.
+            resume = resume_point(out / "checkpoints")
+            heldout_before = None
+            if heldout_rows is not None and resume is None:
+                heldout_before = heldout_scores(
+                    trainer.model, online, trainer.get_eval_dataloader()
+                )
+            train_output = trainer.train(resume_from_checkpoint=resume)
+            facts = {}
+            if heldout_rows is not None:
+                after = heldout_scores(trainer.model, online, trainer.get_eval_dataloader())
+                facts = {"heldout_before": heldout_before, "heldout_after": after}
+                log.info("held-out gold completions: %s -> %s", heldout_before, after)
+
+            # 5. The checkpoint vLLM loads.
+            result = finish(
+                trainer,
+                train_output,
+                tokenizer,
+                model_dir,
+                data=data_report,
+                budget_tokens=tokens,
+                teacher=config.teacher.model,
+                **facts,
+            )
+
+        # 6. Held-out evaluation.
+        if config.heldout is not None:
+            result["eval"] = evaluate.evaluate_checkpoint(
+                config.eval, str(model_dir), config.heldout, f"{config.name}/eval", config.runs_dir
+            )
+        run_dir.write_json("result.json", result)
+    return result
