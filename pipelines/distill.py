@@ -406,10 +406,9 @@ def teacher_fingerprint(path: str) -> str:
     return digest.hexdigest()
 
 
-def sequence_key(input_ids_t: torch.Tensor, attention_mask_t: torch.Tensor) -> bytes:
+def sequence_key(ids_t: torch.Tensor) -> bytes:
     """sha256 of one sequence's unpadded token ids: the cache's row key."""
-    ids = input_ids_t[attention_mask_t.bool()].to(torch.int64).cpu().numpy().tobytes()
-    return hashlib.sha256(ids).digest()
+    return hashlib.sha256(ids_t.to(torch.int64).cpu().numpy().tobytes()).digest()
 
 
 class TopKCache:
@@ -469,7 +468,7 @@ class TopKCache:
         ids_btk = torch.arange(k, device=labels_bt.device).expand(b, t, k).clone()
         logits_btk = torch.zeros(b, t, k, device=labels_bt.device)
         for i in range(b):
-            key = sequence_key(input_ids_bt[i], attention_mask_bt[i])
+            key = sequence_key(input_ids_bt[i][attention_mask_bt[i].bool()])
             if key not in self.rows:
                 raise ValueError(
                     f"teacher cache {self.directory} has no entry for batch row {i} (a sequence "
@@ -503,7 +502,7 @@ def build_topk_cache(
         top_logits_btk, top_ids_btk = logits_btv.topk(k, dim=-1)
         for i in range(len(labels_bt)):
             target_t = labels_bt[i] != IGNORE_INDEX
-            keys.append(sequence_key(batch["input_ids"][i], batch["attention_mask"][i]))
+            keys.append(sequence_key(batch["input_ids"][i][batch["attention_mask"][i].bool()]))
             ids.append(top_ids_btk[i, target_t].to(torch.int32))
             logits.append(top_logits_btk[i, target_t].to(torch.float16))
             offsets.append(offsets[-1] + int(target_t.sum()))
@@ -531,11 +530,12 @@ def offline_teacher(config: Config, trainer: SFTTrainer, tokenizer, out: Path) -
     vocab = AutoConfig.from_pretrained(config.student).vocab_size
     if settings.top_k > vocab:
         raise ValueError(f"teacher.top_k={settings.top_k} exceeds the vocabulary size {vocab}")
-    # One entry per distinct training row (the token budget repeats rows).
+    # One entry per distinct training row (the token budget repeats rows). The collator only
+    # pads, so these keys are the ones the cache stores for the collated rows.
     dataset = trainer.train_dataset
     unique, seen = [], set()
     for index, ids in enumerate(dataset["input_ids"]):
-        key = hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).digest()
+        key = sequence_key(torch.tensor(ids))
         if key not in seen:
             seen.add(key)
             unique.append(index)
@@ -564,16 +564,7 @@ def offline_teacher(config: Config, trainer: SFTTrainer, tokenizer, out: Path) -
     else:
         log.info("reusing the teacher cache in %s", directory)
     cache = TopKCache.open(directory, expected)
-    keys = set()
-    for start in range(0, len(unique), settings.batch_size):
-        batch = trainer.data_collator(
-            [dataset[i] for i in unique[start : start + settings.batch_size]]
-        )
-        keys.update(
-            sequence_key(ids, mask)
-            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
-        )
-    cache.check_covers(keys)
+    cache.check_covers(seen)
     return cache
 
 
