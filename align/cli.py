@@ -87,12 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         module = pipeline
     else:
         module = stages.COMMANDS[args.command]
-        if module is None:
-            print(
-                f"align {args.command}: this stage is not in this version of the toolkit yet",
-                file=sys.stderr,
-            )
-            return 2
     try:
         config = load_config(module.Config, config_path, overrides)
         if args.command == "run":

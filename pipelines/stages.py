@@ -1,7 +1,6 @@
 """The commands `align` and pipeline files can run, by name.
 
-Each entry is a stage module with a `Config` dataclass and `run(config) -> dict`. None marks a
-command this version does not have yet; the CLI and pipeline files refuse it with that reason.
+Each entry is a stage module with a `Config` dataclass and `run(config) -> dict`.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from types import ModuleType
 from pipelines import distill, dpo, evaluate, make_data, make_model, rl, sft
 from pipelines import filter as filter_stage
 
-COMMANDS: dict[str, ModuleType | None] = {
+COMMANDS: dict[str, ModuleType] = {
     "make-model": make_model,
     "make-data": make_data,
     "eval": evaluate,
