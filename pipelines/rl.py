@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -244,7 +245,7 @@ class Controller:
         placement = self.config.placement
         self.learner = (
             ray.remote(Learner)
-            .options(num_cpus=placement.learner_cpus, num_gpus=placement.learner_gpus)
+            .options(**actor_options(placement.learner_cpus, placement.learner_gpus))
             .remote(
                 self.config.model,
                 self.config.learner,
@@ -266,10 +267,10 @@ class Controller:
         return (
             ray.remote(RolloutWorker)
             .options(
-                num_cpus=placement.worker_cpus,
-                num_gpus=placement.worker_gpus,
-                # vLLM reads these when the engine starts in the actor.
-                runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}},
+                # vLLM reads its logging level when the engine starts in the actor.
+                **actor_options(
+                    placement.worker_cpus, placement.worker_gpus, VLLM_LOGGING_LEVEL="WARNING"
+                )
             )
             .remote(
                 self.config.model,
@@ -731,6 +732,27 @@ class Controller:
             )
         write_json_atomic(self.out / "curve.json", {"points": curve})
         return curve
+
+
+def actor_options(cpus: float, gpus: float, **env: str) -> dict:
+    """Ray options of an actor holding `cpus` CPUs and `gpus` GPUs, with `env` set in it.
+
+    The actor gets floor(cpus) (at least 1) compute threads through OMP_NUM_THREADS in the
+    environment its process starts with.
+
+    Ray sets OMP_NUM_THREADS inside the worker only after the process has started. A driver
+    that has already run an in-process vLLM engine (a pipeline's evaluation, say) has put
+    torch's libgomp in LD_PRELOAD, which every actor inherits; the preloaded OpenMP reads its
+    thread count at process start, sees none, and takes every core. Two actors on two cores
+    then run four spinning threads, and a learner step took 5x longer. Set here, the count is
+    in the environment the process starts with.
+    """
+    threads = str(max(1, math.floor(cpus)))
+    return {
+        "num_cpus": cpus,
+        "num_gpus": gpus,
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads, **env}},
+    }
 
 
 def _step_of(path: Path) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,3 +264,36 @@ def test_the_learner_imports_without_vllm_ray_trl_or_datasets():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.ray
+def test_actors_get_their_cpu_count_of_threads_after_an_in_process_engine(monkeypatch):
+    """An in-process vLLM engine puts torch's libgomp in LD_PRELOAD (reproduced here); actors
+    started with `actor_options` still run floor(cpus) threads, those without take every core."""
+    import ray
+    import torch
+
+    from pipelines.rl import actor_options
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 cores to tell one thread from all of them")
+    libgomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    monkeypatch.setenv("LD_PRELOAD", str(libgomp))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    def threads(self):
+        return torch.get_num_threads()
+
+    class Probe:
+        pass
+
+    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=2)
+    try:
+        bare = ray.remote(Probe).options(num_cpus=1).remote()
+        pinned = ray.remote(Probe).options(**actor_options(1.0, 0.0)).remote()
+        got_bare, got_pinned = ray.get([a.__ray_call__.remote(threads) for a in (bare, pinned)])
+    finally:
+        ray.shutdown()
+    assert got_pinned == 1
+    # The condition the options guard against is real on this machine.
+    assert got_bare == min(os.cpu_count(), torch.get_num_threads()) > 1
