@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="print the resolved config (defaults, file, overrides) as YAML and exit",
         )
+        if name == "run":
+            p.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="check every stage's config, print the plan (stages, inputs, placement), exit",
+            )
         p.add_argument(
             "items",
             nargs="*",
@@ -96,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.print_config:
         print(dump_yaml(config), end="")
+        return 0
+    if getattr(args, "dry_run", False):
+        print(pipeline.plan(config, resolved))
         return 0
 
     try:

@@ -185,7 +185,12 @@ def get_task(name: str) -> TaskFamily:
 
 
 def make_problems(
-    tasks: list[str], levels: list[int] | None, n_per_level: int, seed: int
+    tasks: list[str],
+    levels: list[int] | None,
+    n_per_level: int,
+    seed: int,
+    *,
+    up_to: bool = False,
 ) -> list[dict]:
     """Generates `n_per_level` distinct problems for every (task, level).
 
@@ -197,6 +202,7 @@ def make_problems(
         levels: Levels to generate; None for every level of each task.
         n_per_level: Problems per (task, level).
         seed: Random seed.
+        up_to: a level with fewer distinct problems gives all it has instead of an error.
 
     Returns:
         Rows `{"id": "add-2-000017", "task", "level", "prompt", "answer"}`, no prompt twice.
@@ -210,14 +216,15 @@ def make_problems(
         task = get_task(name)
         for level in dict.fromkeys(task.levels if levels is None else levels):
             available = task.capacity(level)
-            if n_per_level > available:
+            wanted = min(n_per_level, available) if up_to else n_per_level
+            if wanted > available:
                 raise ValueError(
                     f"task {name!r} level {level} has only {available} distinct problems; "
                     f"asked for n_per_level={n_per_level}"
                 )
             rng = random.Random(f"{seed}:{name}:{level}")
             seen: set[str] = set()
-            while len(seen) < n_per_level:
+            while len(seen) < wanted:
                 prompt, answer = task.generate(rng, level)
                 if prompt not in seen:
                     rows.append(

@@ -32,6 +32,9 @@ class Config:
     levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     # Problems per task and level, before the held-out split.
     per_level: int = 100
+    # A level with fewer distinct problems than `per_level` (add level 1 has 100) gives all it
+    # has; false makes that an error.
+    up_to: bool = False
     # Fraction of each task x level held out for evaluation.
     heldout_fraction: float = 0.2
     # Generation and split seed.
@@ -60,7 +63,9 @@ class Config:
 def run(config: Config) -> dict:
     """Generates, splits and exports the tasks. Returns the output paths and row counts."""
     with Run(Path(config.runs_dir) / config.name, config) as run_dir:
-        problems = make_problems(config.tasks, config.levels, config.per_level, config.seed)
+        problems = make_problems(
+            config.tasks, config.levels, config.per_level, config.seed, up_to=config.up_to
+        )
         train, heldout = split_problems(problems, config.heldout_fraction, config.seed)
         out = run_dir.dir
         paths = {}

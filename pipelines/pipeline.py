@@ -5,7 +5,11 @@ does not cost the time of the first ones. Each stage writes to `runs/<pipeline>/
 string `{run}` in a stage's config stands for `runs/<pipeline>`, which is how a stage names an
 earlier stage's output (`model: "{run}/teacher/model"`). A finished stage leaves
 `stage-done.json` there and is skipped when the pipeline is run again, so an interrupted
-pipeline resumes at the stage it stopped in.
+pipeline resumes at the stage it stopped in (and that stage resumes from its own checkpoint).
+
+An `evaluation:` block makes every stage that produces a model score it on the same held-out
+rows with the same settings; the run ends with `report.md`, `report.json` and plots
+(see pipelines/report.py) and prints the report's table.
 """
 
 from __future__ import annotations
@@ -13,18 +17,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from align.config import ConfigError, check, from_dict
 from align.runs import write_json_atomic
-from pipelines import stages
+from pipelines import report, stages
 
 log = logging.getLogger(__name__)
 
 # File a finished stage leaves in its directory; the stage is skipped when it exists.
 DONE_MARKER = "stage-done.json"
+# Directories stages write that later stages read (`{run}/<stage>/model`, ...).
+STAGE_OUTPUTS = ("model", "kept", "train", "heldout")
 
 
 @dataclass
@@ -54,6 +60,25 @@ class StageEntry:
 
 
 @dataclass
+class Evaluation:
+    """How every stage's model is evaluated (the same rows and settings for all)."""
+
+    # Held-out rows (prompt, answer); `{run}` allowed. Every training stage gets it as its
+    # `heldout`, every `eval` stage as its `data`. null: each stage's own settings.
+    heldout: str | None = None
+    # Evaluation settings (the keys of `align eval`: samples, pass_k, temperature, ...), given
+    # to every stage.
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from pipelines.evaluate import EvalSettings
+
+        known = {f.name for f in fields(EvalSettings)}
+        unknown = sorted(set(self.settings) - known)
+        check(not unknown, "settings", f"unknown key(s) {unknown}; known: {sorted(known)}")
+
+
+@dataclass
 class Config:
     """A pipeline file."""
 
@@ -63,6 +88,8 @@ class Config:
     runs_dir: str = "runs"
     # The stages, run in order.
     stages: list[StageEntry] = field(default_factory=list)
+    # Evaluation shared by every stage.
+    evaluation: Evaluation = field(default_factory=Evaluation)
 
     def validate(self) -> None:
         check(bool(self.stages), "stages", "a pipeline needs at least one stage")
@@ -84,6 +111,20 @@ def resolve_stages(config: Config, source: str = "<pipeline>") -> list[tuple[Sta
                 f"pipeline (outputs go to {run_dir}/{entry.name})"
             )
         data = {**data, "name": entry.name, "runs_dir": run_dir}
+        data = _with_evaluation(data, entry, command, config.evaluation, run_dir, source)
+        earlier = [e.name for e in config.stages[:index]]
+        all_names = {e.name for e in config.stages}
+        for path in _run_paths(entry.config):
+            produced_by, _, rest = path.partition("/")
+            # A stage's output is read from an earlier stage; other directories under {run}
+            # (a shared cache, say) are fine unless they look like a stage's output.
+            names_a_stage = produced_by in all_names
+            looks_like_output = rest.split("/")[0] in STAGE_OUTPUTS
+            if produced_by not in earlier and (names_a_stage or looks_like_output):
+                raise ConfigError(
+                    f"stage {entry.name!r} in {source}: reads '{{run}}/{path}', but no earlier "
+                    f"stage is named {produced_by!r} (earlier stages: {', '.join(earlier) or 'none'})"
+                )
         stage_config = from_dict(
             command.Config, data, source=f"{source}: stages[{index}] ({entry.name})"
         )
@@ -116,26 +157,80 @@ def run(config: Config, resolved: list[tuple[StageEntry, Any]]) -> dict:
         write_json_atomic(done, {"result": result, "seconds": seconds})
         results[entry.name] = result
         print(f"{prefix}: finished in {seconds:.1f} s", flush=True)
-    summary = summary_table(config, results)
-    (run_dir / "summary.txt").write_text(summary + "\n", encoding="utf-8")
-    print(summary, flush=True)
+    written = report.write([(e.name, e.command) for e in config.stages], run_dir, config.name)
+    print(f"\npipeline {config.name}: held-out evaluation after every stage", flush=True)
+    print(report.table(written), flush=True)
+    print(f"report: {run_dir / 'report.md'}", flush=True)
     return results
 
 
-def summary_table(config: Config, results: dict[str, dict]) -> str:
-    """One line per evaluation stage: the model it scored and its held-out figures."""
-    header = f"{'stage':<16} {'model':<40} {'greedy acc':>10} {'pass@k':>8} {'k':>3}"
-    lines = [f"pipeline {config.name}: held-out evaluation", header, "-" * len(header)]
-    for entry in config.stages:
-        report = results.get(entry.name)
-        if entry.command != "eval" or report is None:
-            continue
-        pass_key = f"pass@{report['pass_k']}"
-        lines.append(
-            f"{entry.name:<16} {report['model'][-40:]:<40} {report['greedy_accuracy']:>10.3f} "
-            f"{report[pass_key]:>8.3f} {report['pass_k']:>3}"
+def _with_evaluation(
+    data: dict, entry: StageEntry, command, evaluation: Evaluation, run_dir: str, source: str
+) -> dict:
+    """The stage's config with the pipeline's held-out rows and evaluation settings."""
+    if evaluation.heldout is None:
+        return data
+    names = {f.name for f in fields(command.Config)}
+    heldout = _substitute(evaluation.heldout, run_dir)
+    if entry.command == "eval":
+        where, own = "data", data
+    elif {"heldout", "eval"} <= names:
+        where, own = "heldout", data.get("eval", {})
+    else:
+        return data
+    if data.get(where, heldout) != heldout:
+        raise ConfigError(
+            f"stage {entry.name!r} in {source}: '{where}' is set by the pipeline's evaluation "
+            f"block ({heldout}); remove it from the stage"
         )
+    clashes = sorted(k for k, v in evaluation.settings.items() if k in own and own[k] != v)
+    if clashes:
+        raise ConfigError(
+            f"stage {entry.name!r} in {source}: evaluation setting(s) {clashes} differ from the "
+            "pipeline's evaluation block; every stage is evaluated the same way"
+        )
+    if entry.command == "eval":
+        return {**data, **evaluation.settings, "data": heldout}
+    return {**data, "heldout": heldout, "eval": {**own, **evaluation.settings}}
+
+
+def plan(config: Config, resolved: list[tuple[StageEntry, Any]]) -> str:
+    """What `align run FILE --dry-run` prints: each stage, what it reads and where it writes."""
+    run_dir = Path(config.runs_dir) / config.name
+    lines = [f"pipeline {config.name}: {len(resolved)} stages, outputs under {run_dir}/"]
+    for number, (entry, stage_config) in enumerate(resolved, start=1):
+        done = (run_dir / entry.name / DONE_MARKER).exists()
+        lines.append(
+            f"[{number}/{len(resolved)}] {entry.name} ({entry.command})"
+            + (": finished, will be skipped" if done else "")
+        )
+        for key in ("model", "student", "data", "heldout"):
+            value = getattr(stage_config, key, None)
+            if isinstance(value, str):
+                lines.append(f"      {key:<8} {value}")
+        teacher = getattr(stage_config, "teacher", None)
+        if teacher is not None:
+            lines.append(f"      teacher  {teacher.model} ({teacher.mode})")
+        placement = getattr(stage_config, "placement", None)
+        if placement is not None:
+            lines.append(
+                f"      actors   learner: {placement.learner_gpus:g} GPU, "
+                f"{placement.learner_cpus:g} CPU; {placement.workers} rollout worker(s): "
+                f"{placement.worker_gpus:g} GPU, {placement.worker_cpus:g} CPU each; "
+                f"Ray at {placement.ray_address or 'a new local cluster'}"
+            )
     return "\n".join(lines)
+
+
+def _run_paths(value: Any) -> list[str]:
+    """The parts after `{run}/` of every string in a stage's (unsubstituted) config."""
+    if isinstance(value, str):
+        return [part.split()[0] for part in value.split("{run}/")[1:] if part.strip()]
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _run_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _run_paths(v)]
+    return []
 
 
 def _substitute(value: Any, run_dir: str) -> Any:

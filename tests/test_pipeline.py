@@ -6,42 +6,146 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.test_cli import align
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def small_default_pipeline(runs: Path) -> Path:
+    """pipelines/default.yaml with every budget cut down (same stages, same wiring, same code)."""
+    config = yaml.safe_load((REPO_ROOT / "pipelines" / "default.yaml").read_text())
+    config["runs_dir"] = str(runs)
+    config["evaluation"]["settings"] = {"samples": 4, "pass_k": 4}
+    stages = {s["name"]: s["config"] for s in config["stages"]}
+    stages["data"]["per_level"] = 12
+    stages["reference"]["train"]["token_budget"] = 30000
+    stages["filter"]["filters"][1]["options"]["samples"] = 4
+    stages["sft"]["train"]["token_budget"] = 30000
+    stages["rl"].update(
+        steps=3,
+        groups_per_step=8,
+        groups_per_request=4,
+        eval_every=2,
+        save_every=2,
+        pool={"rescore_every": 2, "rescore_samples": 4, "min_active": 8},
+    )
+    stages["rl"]["engine"] = {"kv_cache_gib": 0.125}
+    stages["dpo"]["pairs"]["samples"] = 4
+    stages["distill"]["train"]["token_budget"] = 20000
+    path = runs.parent / "default-small.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
 @pytest.mark.vllm
+@pytest.mark.ray
 @pytest.mark.slow
-def test_default_pipeline_runs_and_resumes(tmp_path):
+def test_default_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     runs = tmp_path / "runs"
-    out = align("run", str(REPO_ROOT / "pipelines" / "default.yaml"), f"runs_dir={runs}")
+    pipeline_file = small_default_pipeline(runs)
+    out = align("run", str(pipeline_file))
     assert out.returncode == 0, out.stderr[-3000:]
     root = runs / "default"
-    for stage in ("teacher", "student", "data", "eval-teacher", "eval-student"):
+    names = [s["name"] for s in yaml.safe_load(pipeline_file.read_text())["stages"]]
+    for stage in names:
         assert (root / stage / "stage-done.json").is_file(), stage
-    report = json.loads((root / "eval-teacher" / "eval.json").read_text())
-    assert report["n"] == 160  # 2 tasks x 4 levels x 20 held-out problems
-    assert sorted(report["by_level"]) == ["1", "2", "3", "4"]
-    assert "held-out evaluation" in out.stdout and "eval-student" in out.stdout
 
-    # Interrupted after the data stage: the finished stages are skipped, the rest run again.
-    first = json.loads((root / "eval-student" / "eval.json").read_text())
-    (root / "eval-student" / "stage-done.json").unlink()
-    again = align("run", str(REPO_ROOT / "pipelines" / "default.yaml"), f"runs_dir={runs}")
+    # The report: every stage, each training stage evaluated on the same held-out rows.
+    report = json.loads((root / "report.json").read_text())
+    assert [r["stage"] for r in report["stages"]] == names
+    by_stage = {r["stage"]: r for r in report["stages"]}
+    heldout = json.loads((root / "eval-teacher" / "eval.json").read_text())
+    evaluated = ["eval-teacher", "eval-student", "reference", "sft", "rl", "dpo", "distill"]
+    for stage in evaluated:
+        h = by_stage[stage]["heldout"]
+        assert h["n"] == heldout["n"] == 32, stage  # 2 tasks x 4 levels x 4 held-out rows
+        assert sorted(h["by_level"]) == ["1", "2", "3", "4"], stage
+        assert 0.0 <= h["greedy_accuracy"] <= 1.0 and h["samples"] == 4
+    for stage in ("sft", "dpo", "distill"):
+        budget = json.loads((root / stage / "result.json").read_text())["budget_tokens"]
+        assert by_stage[stage]["tokens"] == budget > 0
+    assert by_stage["rl"]["tokens"] > 0
+    assert by_stage["filter"]["did"].startswith("kept ")
+    assert abs(report["total_seconds"] - sum(r["seconds"] for r in report["stages"])) < 1e-6
+    for plot in ("accuracy.png", "rl-rl.png", "distill-distill.png"):
+        assert (root / plot).stat().st_size > 10_000, plot
+        assert f"]({plot})" in (root / "report.md").read_text()
+    markdown = (root / "report.md").read_text()
+    assert all(f"| {stage} |" in markdown for stage in names)
+    # The terminal ends with the table, one line per stage.
+    tail = out.stdout[out.stdout.index("held-out evaluation after every stage") :]
+    assert all(f"\n{stage} " in tail for stage in names)
+
+    # Interrupted before the last stage: finished stages are skipped, the last one runs again
+    # (its model is complete, so only its evaluation is redone) and the report is rewritten.
+    (root / "distill" / "stage-done.json").unlink()
+    (root / "report.json").unlink()
+    again = align("run", str(pipeline_file))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("finished in an earlier run, skipped") == 4
-    assert "[5/5] eval-student (eval): running" in again.stdout
-    rerun = json.loads((root / "eval-student" / "eval.json").read_text())
-    # Seeded engine and sampling: the re-run stage reproduces its numbers.
-    assert rerun["groups"] == first["groups"]
+    assert again.stdout.count("finished in an earlier run, skipped") == len(names) - 1
+    assert f"[{len(names)}/{len(names)}] distill (distill): running" in again.stdout
+    rerun = json.loads((root / "report.json").read_text())
+    assert [r["stage"] for r in rerun["stages"]] == names
+    # Seeded engine and sampling: the re-evaluated stage reproduces its numbers.
+    assert rerun["stages"][-1]["heldout"] == report["stages"][-1]["heldout"]
+
+
+def test_a_stage_reading_a_stage_that_does_not_come_before_it_is_refused(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "stages:\n"
+        "  - {name: data, command: make-data}\n"
+        "  - {name: sft, command: sft, config: {model: '{run}/teacher/model', data: '{run}/data/train/sft'}}\n"
+        "  - {name: teacher, command: make-model}\n"
+    )
+    out = align("run", str(path), "--dry-run")
+    assert out.returncode == 2
+    assert "stage 'sft'" in out.stderr and "'{run}/teacher/model'" in out.stderr
+    assert (
+        "no earlier stage is named 'teacher'" in out.stderr and "earlier stages: data" in out.stderr
+    )
+
+
+def test_the_evaluation_block_is_the_only_source_of_held_out_settings(tmp_path):
+    head = (
+        "evaluation: {heldout: '{run}/data/heldout/rl', settings: {samples: 8}}\n"
+        "stages:\n  - {name: data, command: make-data}\n  - {name: student, command: make-model}\n"
+    )
+    stage = "  - {name: sft, command: sft, config: {model: '{run}/student/model', data: x, %s}}\n"
+    for extra, message in (
+        ("heldout: other", "'heldout' is set by the pipeline's evaluation block"),
+        ("eval: {samples: 2}", "evaluation setting(s) ['samples'] differ"),
+    ):
+        path = tmp_path / "p.yaml"
+        path.write_text(head + stage % extra)
+        out = align("run", str(path), "--dry-run")
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+    path.write_text(head + stage % "eval: {pass_k: 2}")
+    from align.config import load_config
+    from pipelines import pipeline
+
+    resolved = pipeline.resolve_stages(load_config(pipeline.Config, path), str(path))
+    sft = resolved[-1][1]
+    assert sft.heldout == "runs/default/data/heldout/rl"
+    assert (sft.eval.samples, sft.eval.pass_k) == (8, 2)
+
+
+def test_gpu_pipeline_file_passes_the_dry_run():
+    """The real-checkpoint recipe cannot run here; its configs and wiring are checked."""
+    out = align("run", str(REPO_ROOT / "pipelines" / "qwen3-moe-gpu.yaml"), "--dry-run")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[5/7] rl (rl)" in out.stdout
+    assert "learner: 1 GPU" in out.stdout and "3 rollout worker(s): 2 GPU" in out.stdout
+    assert "model    Qwen/Qwen3-30B-A3B" in out.stdout
 
 
 @pytest.mark.parametrize(
     "path",
     [
         "default.yaml",
+        "qwen3-moe-gpu.yaml",
         *sorted(p.name for p in (REPO_ROOT / "pipelines" / "experiments").glob("*.yaml")),
     ],
 )

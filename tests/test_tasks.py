@@ -209,3 +209,12 @@ def test_unknown_schema_is_an_error():
     assert SCHEMAS == ("sft", "rl", "dpo", "chat")
     with pytest.raises(ValueError, match="known schemas: sft, rl, dpo, chat"):
         export(ROWS, "kto")
+
+
+def test_up_to_gives_what_a_small_level_has_and_the_rest_in_full():
+    rows = make_problems(["add"], [1, 2], 150, seed=0, up_to=True)
+    counts = {level: sum(r["level"] == level for r in rows) for level in (1, 2)}
+    assert counts == {1: get_task("add").capacity(1), 2: 150}
+    assert len({r["prompt"] for r in rows}) == len(rows)
+    with pytest.raises(ValueError, match="level 1 has only"):
+        make_problems(["add"], [1], 150, seed=0)

@@ -1,0 +1,365 @@
+"""The report of a pipeline run: `report.json`, `report.md` and plots in `runs/<pipeline>/`.
+
+Built from what the stages left on disk (`stage-done.json`, `metrics.jsonl`), so a resumed
+pipeline reports every stage, including those finished in an earlier run.
+
+Per stage: what it did in one line, wall time, tokens processed and, for every stage that
+was evaluated, the held-out figures: greedy accuracy overall and per level, pass@k, and the
+mean reward (the share of right answers among completions sampled at the evaluation
+temperature: the mean 0/1 `answer_match` reward).
+
+Plots: `accuracy.png` (held-out accuracy per stage and level), `<stage>-rl.png` (training
+reward, pool difficulty and the held-out curve of an RL stage) and `<stage>-distill.png` (soft
+and hard loss, alpha and teacher KL of a distillation stage).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from align.runs import write_json_atomic
+
+# File a finished stage leaves in its directory (see pipelines.pipeline).
+DONE_MARKER = "stage-done.json"
+
+
+def collect(stages: list[tuple[str, str]], run_dir: Path) -> dict:
+    """The report's data: one record per finished stage, in pipeline order.
+
+    Args:
+        stages: (name, command) of every stage of the pipeline.
+        run_dir: the pipeline's run directory.
+    """
+    records = []
+    for name, command in stages:
+        done = run_dir / name / DONE_MARKER
+        if not done.exists():
+            continue
+        finished = json.loads(done.read_text(encoding="utf-8"))
+        result = finished["result"]
+        evaluation = result if command == "eval" else result.get("eval")
+        records.append(
+            {
+                "stage": name,
+                "command": command,
+                "did": describe(command, result),
+                "seconds": finished["seconds"],
+                "tokens": tokens_processed(command, result, run_dir / name),
+                "model": result.get("model") or result.get("checkpoint"),
+                "heldout": heldout_summary(evaluation) if evaluation else None,
+            }
+        )
+    return {
+        "run_dir": str(run_dir),
+        "total_seconds": sum(r["seconds"] for r in records),
+        "stages": records,
+    }
+
+
+def heldout_summary(report: dict) -> dict:
+    """The evaluation figures the report shows, from an `align eval` report."""
+    pass_key = f"pass@{report['pass_k']}"
+    return {
+        "n": report["n"],
+        "greedy_accuracy": report["greedy_accuracy"],
+        "pass_k": report["pass_k"],
+        "pass@k": report[pass_key],
+        "mean_reward": report["sample_accuracy"],
+        "samples": report["samples"],
+        "by_level": {lv: m["greedy_accuracy"] for lv, m in report["by_level"].items()},
+        "by_task": {task: m["greedy_accuracy"] for task, m in report["by_task"].items()},
+    }
+
+
+def tokens_processed(command: str, result: dict, stage_dir: Path) -> int | None:
+    """Tokens a training stage processed: its training tokens (prompt + completion) for SFT,
+    DPO and distillation; the completion tokens the rollout workers generated for RL."""
+    if command in ("sft", "dpo", "distill"):
+        return int(result["budget_tokens"])
+    if command == "rl":
+        return int(sum(m.get("rollout/tokens", 0) for m in read_metrics(stage_dir)))
+    return None
+
+
+def describe(command: str, result: dict) -> str:
+    """One line saying what a stage did, from its result."""
+    if command == "make-model":
+        p = result["parameters"]
+        return (
+            f"built the {result['preset']} preset: {p['total'] / 1e6:.2f} M parameters, "
+            f"{p['active'] / 1e6:.2f} M active per token"
+        )
+    if command == "make-data":
+        rows = result["rows"]
+        return f"generated {rows['train']} training and {rows['heldout']} held-out problems"
+    if command == "eval":
+        return f"scored {Path(result['model']).parent.name} on {result['n']} held-out rows"
+    if command == "filter":
+        out, steps = result["output"], result["filters"]
+        chain = ", ".join(f"{f['name']} dropped {f['dropped']}" for f in steps)
+        return (
+            f"kept {out['kept']} of {result['input_rows']} rows ({chain}; "
+            f"{out['unscored']} unscored)"
+        )
+    if command == "sft":
+        return (
+            f"{result['steps']} steps on {result['data']['rows_after_filters']} rows, "
+            f"{result['budget_tokens'] / 1e3:.0f} k tokens, final training loss "
+            f"{result['train_loss']:.3f}"
+        )
+    if command == "rl":
+        buffer = result["buffer"]
+        return (
+            f"{result['steps']} steps, {result['samples_trained']} samples trained "
+            f"({result['samples_per_second']:.0f}/s), {buffer['dropped_constant']} "
+            f"zero-advantage samples dropped, {buffer['dropped_stale']} stale, "
+            f"{result['worker_restarts']} worker restarts"
+        )
+    if command == "dpo":
+        data = result["data"]
+        pairs = f"{data['pairs']} pairs from {data['prompts']} prompts" if "pairs" in data else ""
+        return f"{result['steps']} steps on {pairs or 'the preference rows'}"
+    if command == "distill":
+        line = f"{result['steps']} steps from teacher {Path(result['teacher']).parent.name}"
+        before, after = result.get("heldout_before"), result.get("heldout_after")
+        if before and after:
+            line += (
+                f"; held-out CE {before['ce']:.3f} -> {after['ce']:.3f}, teacher KL "
+                f"{before['teacher_kl']:.3f} -> {after['teacher_kl']:.3f}"
+            )
+        return line
+    return ""
+
+
+def read_metrics(stage_dir: Path) -> list[dict]:
+    """A stage's metrics.jsonl records (none if it wrote none)."""
+    path = stage_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def levels_of(report: dict) -> list[str]:
+    """The difficulty levels any evaluated stage has, in order."""
+    found = {lv for r in report["stages"] if r["heldout"] for lv in r["heldout"]["by_level"]}
+    return sorted(found, key=lambda lv: (len(lv), lv))
+
+
+def table(report: dict) -> str:
+    """The terminal table: one line per stage."""
+    levels = levels_of(report)
+    pass_k = next((r["heldout"]["pass_k"] for r in report["stages"] if r["heldout"]), 4)
+    header = (
+        f"{'stage':<14} {'command':<10} {'time':>7} {'tokens':>8} {'greedy':>7} "
+        f"{f'pass@{pass_k}':>7} {'reward':>7}" + "".join(f" {'L' + lv:>5}" for lv in levels)
+    )
+    lines = [header, "-" * len(header)]
+    for r in report["stages"]:
+        line = (
+            f"{r['stage']:<14} {r['command']:<10} {_seconds(r['seconds']):>7} "
+            f"{_tokens(r['tokens']):>8}"
+        )
+        h = r["heldout"]
+        if h:
+            line += f" {h['greedy_accuracy']:>7.3f} {h['pass@k']:>7.3f} {h['mean_reward']:>7.3f}"
+            line += "".join(f" {h['by_level'].get(lv, math.nan):>5.2f}" for lv in levels)
+        lines.append(line)
+    lines.append("-" * len(header))
+    lines.append(f"total wall time {_seconds(report['total_seconds'])}")
+    return "\n".join(lines)
+
+
+def markdown(report: dict, name: str, plots: list[str]) -> str:
+    """report.md: the table, what each stage did, and the plots."""
+    levels = levels_of(report)
+    pass_k = next((r["heldout"]["pass_k"] for r in report["stages"] if r["heldout"]), 4)
+    n = next((r["heldout"]["n"] for r in report["stages"] if r["heldout"]), 0)
+    head = ["stage", "command", "wall time", "tokens", "greedy acc", f"pass@{pass_k}", "reward"]
+    head += [f"level {lv}" for lv in levels]
+    out = [
+        f"# Pipeline `{name}`",
+        "",
+        f"Held-out evaluation of every stage's model on the same {n} rows. greedy acc: greedy "
+        f"decoding; pass@{pass_k}: unbiased, from the sampled completions; reward: mean "
+        "`answer_match` reward of the sampled completions (the share that is right); level N: "
+        "greedy accuracy on the rows of difficulty level N.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in report["stages"]:
+        cells = [r["stage"], r["command"], _seconds(r["seconds"]), _tokens(r["tokens"])]
+        h = r["heldout"]
+        if h:
+            cells += [
+                f"{h['greedy_accuracy']:.3f}",
+                f"{h['pass@k']:.3f}",
+                f"{h['mean_reward']:.3f}",
+            ]
+            cells += [f"{h['by_level'].get(lv, math.nan):.2f}" for lv in levels]
+        else:
+            cells += [""] * (3 + len(levels))
+        out.append("| " + " | ".join(cells) + " |")
+    out += [
+        "",
+        f"Total wall time: {_seconds(report['total_seconds'])}.",
+        "",
+        "## What each stage did",
+        "",
+    ]
+    out += [f"- **{r['stage']}** ({r['command']}): {r['did']}" for r in report["stages"]]
+    out += ["", "## Plots", ""]
+    out += [f"![{p}]({p})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def write(stages: list[tuple[str, str]], run_dir: Path, name: str) -> dict:
+    """Writes report.json, report.md and the plots; returns the report."""
+    report = collect(stages, run_dir)
+    plots = plot_accuracy(report, run_dir / "accuracy.png")
+    for record in report["stages"]:
+        stage_dir = run_dir / record["stage"]
+        if record["command"] == "rl":
+            plots += plot_rl(stage_dir, run_dir / f"{record['stage']}-rl.png")
+        elif record["command"] == "distill":
+            plots += plot_distill(stage_dir, run_dir / f"{record['stage']}-distill.png")
+    report["plots"] = plots
+    write_json_atomic(run_dir / "report.json", report)
+    (run_dir / "report.md").write_text(markdown(report, name, plots), encoding="utf-8")
+    return report
+
+
+def plot_accuracy(report: dict, path: Path) -> list[str]:
+    """Held-out greedy accuracy and mean reward per evaluated stage, and per level."""
+    evaluated = [r for r in report["stages"] if r["heldout"]]
+    if not evaluated:
+        return []
+    plt = _pyplot()
+    levels = levels_of(report)
+    names = [r["stage"] for r in evaluated]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    xs = range(len(names))
+    width = 0.4
+    left.bar(
+        [x - width / 2 for x in xs],
+        [r["heldout"]["greedy_accuracy"] for r in evaluated],
+        width,
+        label="greedy accuracy",
+    )
+    left.bar(
+        [x + width / 2 for x in xs],
+        [r["heldout"]["mean_reward"] for r in evaluated],
+        width,
+        label="mean reward (sampled)",
+    )
+    left.set_xticks(list(xs), names, rotation=30, ha="right")
+    left.set_ylim(0, 1)
+    left.set_title("held-out accuracy per stage")
+    left.legend()
+    width = 0.8 / max(len(levels), 1)
+    for i, lv in enumerate(levels):
+        offsets = [x - 0.4 + width * (i + 0.5) for x in xs]
+        right.bar(
+            offsets,
+            [r["heldout"]["by_level"].get(lv, 0.0) for r in evaluated],
+            width,
+            label=f"level {lv}",
+        )
+    right.set_xticks(list(xs), names, rotation=30, ha="right")
+    right.set_ylim(0, 1)
+    right.set_title("held-out greedy accuracy per difficulty level")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path.name]
+
+
+def plot_rl(stage_dir: Path, path: Path) -> list[str]:
+    """Training reward, the prompt pool's difficulty and the held-out curve over RL steps."""
+    metrics = read_metrics(stage_dir)
+    trained = [m for m in metrics if "train/reward_mean" in m]
+    pool = [m for m in metrics if "pool/mean_difficulty" in m]
+    result = json.loads((stage_dir / DONE_MARKER).read_text(encoding="utf-8"))["result"]
+    curve = result.get("curve") or []
+    if not trained:
+        return []
+    plt = _pyplot()
+    fig, (reward, difficulty, heldout) = plt.subplots(1, 3, figsize=(15, 4))
+    reward.plot([m["step"] for m in trained], [m["train/reward_mean"] for m in trained])
+    reward.set_title("training reward (mean over the step's samples)")
+    reward.set_xlabel("step")
+    difficulty.plot(
+        [m["step"] for m in pool],
+        [m["pool/mean_difficulty"] for m in pool],
+        label="mean difficulty of active prompts",
+    )
+    active = [m["pool/active"] / max(m["pool/total"], 1) for m in pool]
+    difficulty.plot([m["step"] for m in pool], active, label="share of prompts active")
+    difficulty.set_ylim(0, 1)
+    difficulty.set_title("prompt pool (re-filtered to medium-hard)")
+    difficulty.set_xlabel("step")
+    difficulty.legend()
+    if curve:
+        steps = [c["step"] for c in curve]
+        heldout.plot(
+            steps, [c["greedy_accuracy"] for c in curve], marker="o", label="greedy accuracy"
+        )
+        heldout.plot(
+            steps, [c["sample_accuracy"] for c in curve], marker="o", label="mean reward (sampled)"
+        )
+        heldout.legend()
+    heldout.set_title("held-out accuracy during RL")
+    heldout.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path.name]
+
+
+def plot_distill(stage_dir: Path, path: Path) -> list[str]:
+    """Soft (teacher) and hard (label) loss, alpha and teacher KL over distillation steps."""
+    logged = [m for m in read_metrics(stage_dir) if "train/soft_loss" in m]
+    if not logged:
+        return []
+    plt = _pyplot()
+    steps = [m["step"] for m in logged]
+    fig, (losses, weights) = plt.subplots(1, 2, figsize=(12, 4))
+    losses.plot(steps, [m["train/soft_loss"] for m in logged], label="soft loss (teacher)")
+    losses.plot(steps, [m["train/hard_loss"] for m in logged], label="hard loss (labels)")
+    losses.plot(steps, [m["train/teacher_kl"] for m in logged], label="KL(teacher || student)")
+    losses.set_yscale("log")
+    losses.set_xlabel("step")
+    losses.set_title("distillation losses")
+    losses.legend()
+    weights.plot(steps, [m["train/alpha"] for m in logged], label="alpha (scheduled)")
+    weights.plot(steps, [m["train/effective_alpha"] for m in logged], label="effective alpha")
+    weights.set_ylim(0, 1.05)
+    weights.set_xlabel("step")
+    weights.set_title("weight of the soft targets")
+    weights.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path.name]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)}m{seconds % 60:02.0f}s"
+
+
+def _tokens(n: int | None) -> str:
+    if n is None:
+        return ""
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
