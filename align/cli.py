@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="check every stage's config, print the plan (stages, inputs, placement), exit",
             )
+            p.add_argument(
+                "--from",
+                dest="rerun_from",
+                metavar="STAGE",
+                help="run STAGE and every later stage again (earlier outputs are moved aside)",
+            )
         p.add_argument(
             "items",
             nargs="*",
@@ -109,11 +115,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
-            result = pipeline.run(config, resolved)
+            result = pipeline.run(config, resolved, rerun_from=args.rerun_from)
         else:
             result = module.run(config)
     except DataError as error:
         print(f"align {args.command}: bad data: {error}", file=sys.stderr)
+        return 2
+    except ConfigError as error:
+        print(f"align {args.command}: {error}", file=sys.stderr)
         return 2
     if args.command in ("make-model", "make-data"):
         print(json.dumps(result, indent=2))

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from align.config import ConfigError, check, from_dict
+from align.config import ConfigError, check, from_dict, to_dict
 from align.runs import write_json_atomic
 from pipelines import report, stages
 
@@ -132,15 +133,26 @@ def resolve_stages(config: Config, source: str = "<pipeline>") -> list[tuple[Sta
     return resolved
 
 
-def run(config: Config, resolved: list[tuple[StageEntry, Any]]) -> dict:
+def run(
+    config: Config, resolved: list[tuple[StageEntry, Any]], rerun_from: str | None = None
+) -> dict:
     """Runs the pipeline's stages in order, skipping those already finished.
 
     Args:
         config: the pipeline.
         resolved: its stages with their typed configs, from `resolve_stages`.
+        rerun_from: run this stage and every later one again; their earlier outputs are moved
+            to `<run>/.previous/<time>/`, not deleted.
+
+    Raises:
+        ConfigError: a finished stage's config differs from the file's (it would be skipped
+            and its old outputs used): rerun from that stage, or restore its settings.
     """
     run_dir = Path(config.runs_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    if rerun_from is not None:
+        _set_aside(run_dir, [e.name for e, _ in resolved], rerun_from)
+    _check_finished_stages_unchanged(run_dir, resolved)
     results = {}
     for number, (entry, stage_config) in enumerate(resolved, start=1):
         done = run_dir / entry.name / DONE_MARKER
@@ -154,7 +166,9 @@ def run(config: Config, resolved: list[tuple[StageEntry, Any]]) -> dict:
         result = stages.COMMANDS[entry.command].run(stage_config)
         seconds = time.perf_counter() - started
         # Written last and atomically: its presence means the stage's outputs are complete.
-        write_json_atomic(done, {"result": result, "seconds": seconds})
+        write_json_atomic(
+            done, {"result": result, "seconds": seconds, "config": to_dict(stage_config)}
+        )
         results[entry.name] = result
         print(f"{prefix}: finished in {seconds:.1f} s", flush=True)
     written = report.write([(e.name, e.command) for e in config.stages], run_dir, config.name)
@@ -162,6 +176,43 @@ def run(config: Config, resolved: list[tuple[StageEntry, Any]]) -> dict:
     print(report.table(written), flush=True)
     print(f"report: {run_dir / 'report.md'}", flush=True)
     return results
+
+
+def _check_finished_stages_unchanged(run_dir: Path, resolved: list[tuple[StageEntry, Any]]) -> None:
+    for entry, stage_config in resolved:
+        done = run_dir / entry.name / DONE_MARKER
+        if not done.exists():
+            continue
+        before = json.loads(done.read_text(encoding="utf-8")).get("config")
+        now = json.loads(json.dumps(to_dict(stage_config)))
+        if before is None or before == now:
+            continue
+        changed = sorted(_differences(before, now))
+        raise ConfigError(
+            f"stage {entry.name!r} finished earlier with other settings ({', '.join(changed)}); "
+            f"its outputs would be reused as they are. Run again from it with "
+            f"`--from {entry.name}` (earlier outputs are kept in {run_dir}/.previous/), or "
+            "restore its settings"
+        )
+
+
+def _differences(before: Any, now: Any, prefix: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(now, dict):
+        keys = set(before) | set(now)
+        return [d for k in keys for d in _differences(before.get(k), now.get(k), f"{prefix}{k}.")]
+    return [] if before == now else [prefix.rstrip(".")]
+
+
+def _set_aside(run_dir: Path, names: list[str], rerun_from: str) -> None:
+    if rerun_from not in names:
+        raise ConfigError(f"--from {rerun_from}: no such stage; stages: {', '.join(names)}")
+    later = names[names.index(rerun_from) :]
+    previous = run_dir / ".previous" / time.strftime("%Y%m%d-%H%M%S")
+    for name in later:
+        if (run_dir / name).exists():
+            previous.mkdir(parents=True, exist_ok=True)
+            os.replace(run_dir / name, previous / name)
+            print(f"{name}: earlier outputs moved to {previous / name}", flush=True)
 
 
 def _with_evaluation(

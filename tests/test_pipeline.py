@@ -170,3 +170,33 @@ def test_shipped_stage_configs_load(command):
         stages.COMMANDS[command].Config, REPO_ROOT / "pipelines" / f"{command}.yaml"
     )
     assert config.name == command
+
+
+def test_a_finished_stage_with_changed_settings_is_refused_until_rerun_from_it(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"runs_dir: {tmp_path / 'runs'}\n"
+        "stages:\n"
+        "  - {name: student, command: make-model, config: {preset: student}}\n"
+        "  - {name: data, command: make-data, config: {per_level: 10}}\n"
+    )
+    assert align("run", str(path)).returncode == 0
+    root = tmp_path / "runs" / "default"
+    first_rows = (root / "data" / "train" / "problems.jsonl").read_text()
+
+    path.write_text(path.read_text().replace("per_level: 10", "per_level: 12"))
+    refused = align("run", str(path))
+    assert refused.returncode == 2
+    assert "stage 'data' finished earlier with other settings (per_level)" in refused.stderr
+    assert "--from data" in refused.stderr
+    # Nothing was touched.
+    assert (root / "data" / "train" / "problems.jsonl").read_text() == first_rows
+
+    again = align("run", str(path), "--from", "data")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "[1/2] student (make-model): finished in an earlier run, skipped" in again.stdout
+    assert "[2/2] data (make-data): running" in again.stdout
+    assert len((root / "data" / "train" / "problems.jsonl").read_text().splitlines()) == 2 * 4 * 10
+    (kept,) = (root / ".previous").glob("*/data/train/problems.jsonl")
+    assert kept.read_text() == first_rows
+    assert align("run", str(path), "--from", "nope").returncode == 2
