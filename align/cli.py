@@ -17,6 +17,7 @@ import warnings
 
 from align.config import COMMAND_LINE, ConfigError, dump_yaml, load_config
 from align.data import DataError
+from align.runs import RunStopped
 
 DESCRIPTIONS = {
     "run": "run a pipeline file: its stages in order, resuming where it stopped",
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"align {args.command}: {error}", file=sys.stderr)
         return 2
+    except RunStopped as error:
+        print(f"align {args.command}: stopped: {error}", file=sys.stderr)
+        return 1
     if args.command in ("make-model", "make-data"):
         print(json.dumps(result, indent=2))
     return 0

@@ -16,6 +16,17 @@ from pathlib import Path
 from align.config import save_config
 
 
+class RunStopped(RuntimeError):
+    """A run stopped on purpose after writing a checkpoint; the message says why and how to go on.
+
+    The `align` command prints it without a traceback and exits with status 1.
+    """
+
+
+class NonFiniteError(RunStopped):
+    """Too many consecutive training steps had a non-finite loss or gradient."""
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Writes `data` as JSON to `path` atomically: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

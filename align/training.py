@@ -24,9 +24,12 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from align.config import check
 from align.moe import ExpertLoad, routers, shares
-from align.runs import Run, write_json_atomic
+from align.runs import NonFiniteError, Run, write_json_atomic
 
 log = logging.getLogger(__name__)
+
+# The file transformers' Trainer writes last into a checkpoint: no file, no complete checkpoint.
+TRAINER_STATE_NAME = "trainer_state.json"
 
 
 @dataclass
@@ -100,6 +103,9 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     # Weight of the MoE router load-balancing loss (Llama 4 used 0.001); 0 turns it off.
     router_aux_loss_coef: float = 0.001
+    # A step whose gradients are not finite is skipped with the weights unchanged; this many
+    # in a row stop the run with a checkpoint.
+    max_nonfinite_steps: int = 3
 
     def validate(self) -> None:
         check(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
@@ -121,6 +127,11 @@ class TrainSettings:
             self.router_aux_loss_coef >= 0,
             "router_aux_loss_coef",
             f"must be >= 0 (got {self.router_aux_loss_coef})",
+        )
+        check(
+            self.max_nonfinite_steps >= 1,
+            "max_nonfinite_steps",
+            f"must be >= 1 (got {self.max_nonfinite_steps})",
         )
 
 
@@ -241,13 +252,28 @@ def fit_budget(dataset, token_counts: list[int], settings: TrainSettings, what: 
 
 
 def resume_point(checkpoints: Path) -> str | None:
-    """The newest resumable checkpoint under `checkpoints`, or None to start fresh."""
+    """The newest complete checkpoint under `checkpoints`, or None to start fresh.
+
+    The trainers write a checkpoint in place and its `trainer_state.json` last, so a checkpoint
+    without one was cut off half-way (the process died while saving). It is set aside as
+    `incomplete-checkpoint-N` and the one before it is used.
+    """
     if not checkpoints.is_dir():
         return None
-    last = get_last_checkpoint(str(checkpoints))
-    if last:
-        log.info("resuming from %s", last)
-    return last
+    while (last := get_last_checkpoint(str(checkpoints))) is not None:
+        if (Path(last) / TRAINER_STATE_NAME).exists():
+            log.info("resuming from %s", last)
+            return last
+        aside = Path(last).with_name(f"incomplete-{Path(last).name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        Path(last).rename(aside)
+        log.warning(
+            "%s was not completely written (no %s): set aside as %s",
+            last,
+            TRAINER_STATE_NAME,
+            aside.name,
+        )
+    return None
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer, directory: Path) -> Path:
@@ -265,6 +291,53 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, directory: Path) -> Path:
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
     return directory
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skips an optimiser step whose gradients are not finite; stops after `limit` in a row.
+
+    Called between gradient clipping and the optimiser step: a non-finite gradient (a NaN or
+    infinite loss gives one) is dropped (`grad = None`), so the optimiser leaves those
+    parameters and their moments unchanged; the learning-rate schedule moves on. The count of
+    skipped steps is logged as `train/skipped_nonfinite`. After `limit` consecutive skips the
+    trainer writes a checkpoint and the run stops with `NonFiniteError`.
+    """
+
+    def __init__(self, run: Run, limit: int) -> None:
+        self.run, self.limit = run, limit
+        self.skipped = 0
+        self.in_a_row = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+            self.in_a_row = 0
+            return
+        for parameter in model.parameters():
+            parameter.grad = None
+        self.skipped += 1
+        self.in_a_row += 1
+        step = state.global_step + 1
+        log.warning(
+            "step %d skipped: non-finite gradients (%d in a row, %d of %d allowed)",
+            step,
+            self.in_a_row,
+            self.in_a_row,
+            self.limit,
+        )
+        self.run.log_metrics(step, {"train/skipped_nonfinite": float(self.skipped)})
+        if self.in_a_row >= self.limit:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(
+                f"{self.in_a_row} consecutive steps had non-finite gradients (up to step "
+                f"{state.global_step}); the run stopped with a checkpoint in {args.output_dir}. "
+                "Lower train.learning_rate or check the data, then run the same command again "
+                "to resume, or raise train.max_nonfinite_steps."
+            )
 
 
 class RunLogger(TrainerCallback):

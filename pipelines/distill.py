@@ -66,6 +66,7 @@ from align.modeling import load_model
 from align.runs import Run, write_json_atomic
 from align.training import (
     LoraSettings,
+    NonFiniteGuard,
     RunLogger,
     TrainSettings,
     finish,
@@ -642,6 +643,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
                 loss_config=config.loss,
             )
             trainer.add_callback(RunLogger(run_dir, trainer.model))
+            trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
             online = None
             if config.teacher.mode == "online" or heldout_rows is not None:
                 online = OnlineTeacher(load_model(config.teacher.model))

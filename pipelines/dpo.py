@@ -37,6 +37,7 @@ from align.rewarding import RewardSpec, build_reward_set
 from align.runs import Run
 from align.training import (
     LoraSettings,
+    NonFiniteGuard,
     RunLogger,
     TrainSettings,
     finish,
@@ -217,6 +218,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
             for callback in callbacks or []:
                 trainer.add_callback(callback)
             trainer.add_callback(RunLogger(run_dir, trainer.model))
+            trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
             train_output = trainer.train(resume_from_checkpoint=resume_point(out / "checkpoints"))
 
             # 4. The checkpoint vLLM loads.

@@ -29,6 +29,7 @@ from align.modeling import load_model
 from align.runs import Run
 from align.training import (
     LoraSettings,
+    NonFiniteGuard,
     RunLogger,
     TrainSettings,
     finish,
@@ -145,6 +146,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
                 callbacks=callbacks,
             )
             trainer.add_callback(RunLogger(run_dir, trainer.model))
+            trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
             train_output = trainer.train(resume_from_checkpoint=resume_point(out / "checkpoints"))
 
             # 4. The checkpoint vLLM loads.
