@@ -33,6 +33,7 @@ from align.losses.policy import PolicyLossSettings, advantages, policy_loss
 from align.modeling import load_model
 from align.moe import ExpertLoad, RouterLogits, routers
 from align.rollout import Rollout
+from align.runs import NonFiniteError
 from align.training import use_bf16
 from align.weight_sync import export_weights
 
@@ -86,10 +87,6 @@ class LearnerSettings:
         )
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient norm."""
-
-
 @dataclass
 class Batch:
     """Rollout groups as padded tensors, one row per scored completion."""
@@ -135,7 +132,8 @@ def collate(rollouts: list[Rollout], pad_id: int) -> Batch:
         attention_mask_bt=attention_mask_bt,
         mask_bt=mask_bt,
         behaviour_bt=behaviour_bt,
-        rewards_b=torch.tensor([r[3] for r in rows], dtype=torch.float32),
+        # float64 to the advantages: any finite reward is accepted (see Learner.train_step).
+        rewards_b=torch.tensor([r[3] for r in rows], dtype=torch.float64),
         group_ids_b=torch.tensor([r[4] for r in rows]),
     )
 
@@ -225,7 +223,9 @@ class Learner:
         started = time.perf_counter()
         self.router_logits.take()  # forwards outside training steps are not this step's
         batch = collate(rollouts, self.pad_id)
-        adv_b = advantages(batch.rewards_b, batch.group_ids_b, self.loss)
+        # In float64, then float32 like the rest of the loss: a reward too large for float32
+        # statistics gives a non-finite loss, and the step is skipped below.
+        adv_b = advantages(batch.rewards_b, batch.group_ids_b, self.loss).float()
         ref_bt = self._logprobs(self.reference, batch) if self.reference is not None else None
         total_tokens = int(batch.mask_bt.sum())
         total_sequences = batch.input_ids_bt.shape[0]

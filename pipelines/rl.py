@@ -49,7 +49,7 @@ from align.losses.policy import PolicyLossSettings
 from align.prompt_pool import PoolSettings, PromptPool
 from align.rewarding import RewardSpec
 from align.rollout import RolloutBuffer, RolloutWorker, SamplingSettings
-from align.runs import Run, write_json_atomic
+from align.runs import NonFiniteError, Run, RunStopped, write_json_atomic
 from align.training import finished_result
 from pipelines import evaluate
 
@@ -182,7 +182,7 @@ class Request:
     sent: float
 
 
-class WorkerFailure(RuntimeError):
+class WorkerFailure(RunStopped):
     """Rollout workers failed or hung more often than `max_worker_restarts` allows."""
 
 
@@ -352,7 +352,20 @@ class Controller:
 
             if ref is train_ref:
                 # 4a. A learner step finished: publish weights, log, checkpoint.
-                metrics = ray.get(train_ref)
+                try:
+                    metrics = ray.get(train_ref)
+                except NonFiniteError as error:
+                    # The learner skipped this step too (weights unchanged) and counted it.
+                    self.step += 1
+                    self.version += 1
+                    self._record_batch(train_batch)
+                    self._save_checkpoint(inflight)
+                    raise NonFiniteError(
+                        f"{error.cause} at step "
+                        f"{self.step}; the run stopped with a checkpoint in "
+                        f"{self.out / 'checkpoints'}. Lower learner.learning_rate or check "
+                        "the rewards, then run the same command again to resume."
+                    ) from None
                 train_ref = None
                 self.step += 1
                 self.version += 1
@@ -387,7 +400,7 @@ class Controller:
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayError as error:
-                    self._replace_worker(request, f"failed: {error}")
+                    self._replace_worker(request, f"failed: {error}", inflight)
                     continue
                 for rollout in result.rollouts:
                     scored = rollout.scored_rewards
@@ -449,11 +462,15 @@ class Controller:
             if now - request.sent >= self.config.worker_timeout_s:
                 del inflight[ref]
                 self._replace_worker(
-                    request, f"hung: no answer in {self.config.worker_timeout_s:.0f} s"
+                    request, f"hung: no answer in {self.config.worker_timeout_s:.0f} s", inflight
                 )
 
-    def _replace_worker(self, request: Request, why: str) -> None:
-        """Gives the request's prompts back to the pool and starts a fresh worker in its place."""
+    def _replace_worker(self, request: Request, why: str, inflight: dict) -> None:
+        """Gives the request's prompts back to the pool and starts a fresh worker in its place.
+
+        `inflight` holds the other workers' requests: a run stopped here checkpoints their
+        prompts as in flight, so a resumed run samples them again.
+        """
         import ray
 
         self.pool.give_back(request.prompt_ids)
@@ -466,7 +483,7 @@ class Controller:
             self.config.max_worker_restarts,
         )
         if self.restarts > self.config.max_worker_restarts:
-            self._save_checkpoint()
+            self._save_checkpoint(inflight)
             raise WorkerFailure(
                 f"rollout workers failed {self.restarts} times (max_worker_restarts="
                 f"{self.config.max_worker_restarts}); last: worker {request.worker} {why}. "
@@ -474,6 +491,17 @@ class Controller:
             )
         ray.kill(self.workers[request.worker])
         self.workers[request.worker] = self._start_worker(request.worker)
+        # Wait for its engine: the clock of the worker's first request starts when it is up,
+        # or a slow engine start would count as a hang.
+        try:
+            ready = self.workers[request.worker].__ray_ready__.remote()
+            ray.get(ready, timeout=self.config.worker_timeout_s)
+        except ray.exceptions.RayError as error:
+            self._save_checkpoint(inflight)
+            raise WorkerFailure(
+                f"the replacement of rollout worker {request.worker} did not start: {error}. "
+                "The run was checkpointed: run the same command again to resume."
+            ) from None
         self.worker_version[request.worker] = 0
         if self.version > 0:
             directory = self._latest_published()

@@ -210,10 +210,33 @@ def test_learner_skips_a_non_finite_step_with_parameters_unchanged(student_check
     assert metrics["train/skipped"] == 1.0
     for name, tensor in learner.unwrapped.state_dict().items():
         assert torch.equal(tensor, before[name]), name
-    from align.learner import NonFiniteError
+    from align.runs import NonFiniteError
 
     with pytest.raises(NonFiniteError, match="2 consecutive steps"):
         learner.train_step(groups)
+
+
+def test_rewards_too_large_for_float32_train_like_their_scaled_down_values(student_checkpoint):
+    """Group advantages do not depend on the rewards' scale; a reward of 1e39 (finite, but
+    infinite in float32) must neither crash the step nor be skipped."""
+
+    def step(scale: float) -> dict:
+        learner = Learner(
+            str(student_checkpoint),
+            LearnerSettings(learning_rate=1e-3),
+            PolicyLossSettings(kind="grpo", correction="none"),
+        )
+        groups = on_policy_groups(learner.unwrapped, groups=2)
+        for group in groups:
+            group.rewards = [scale * r for r in group.rewards]
+        return learner.train_step(groups)
+
+    small, large = step(1.0), step(1e39)
+    assert large["train/skipped"] == 0.0
+    assert large["train/advantage_abs_mean"] == pytest.approx(
+        small["train/advantage_abs_mean"], rel=1e-5
+    )
+    assert large["train/grad_norm"] == pytest.approx(small["train/grad_norm"], rel=1e-4)
 
 
 def test_learner_save_and_load_restore_the_next_step_exactly(student_checkpoint, tmp_path):

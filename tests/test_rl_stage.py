@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from align.tasks import make_problems, to_rl
-from tests.test_cli import ALIGN, align
+from tests.test_cli import align
+from tests.test_faults import kill_when
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 
@@ -157,52 +158,103 @@ def test_sync_run_raises_the_reward_and_resumes_to_the_same_steps(
     last = (expected[5]["reward/sampled_mean"] + expected[6]["reward/sampled_mean"]) / 2
     assert last > first + 0.05, (first, last)
 
-    # The same run, interrupted once its step-3 checkpoint is written, then run again.
-    cut = tmp_path / "cut"
-    config = write_config(cut, briefly_trained, easy_prompts, **settings)
-    run = cut / "runs" / "rl"
-    process = subprocess.Popen(
-        [ALIGN, "rl", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ,
-    )
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoints" / "step-3").exists():
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "no step-3 checkpoint in 300 s"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    process.communicate(timeout=120)
-    assert not (run / "model" / "train_result.json").exists(), "the run was not interrupted"
+    def same_steps_after_resume(run: Path) -> None:
+        """The resumed run has every step, and steps 4-10 equal the uninterrupted run's."""
+        assert "resuming from" in (run / "log.txt").read_text(encoding="utf-8")
+        resumed = steps_of(run)
+        assert sorted(resumed) == list(range(1, 11))
+        for step in range(4, 11):
+            for key in ("train/loss", "train/reward_mean", "train/grad_norm", "train/sequences"):
+                assert resumed[step][key] == expected[step][key], (step, key)
+        audit = [json.loads(x) for x in (run / "trained.jsonl").read_text().splitlines()]
+        assert [a["step"] for a in audit] == list(range(1, 11))
+        assert audit == [
+            json.loads(x)
+            for x in (whole / "runs" / "rl" / "trained.jsonl").read_text().splitlines()
+        ]
 
+    # The same run, its whole process group killed (SIGKILL: no clean-up runs) once the
+    # step-3 checkpoint is written, then run again.
+    killed = tmp_path / "killed"
+    config = write_config(killed, briefly_trained, easy_prompts, **settings)
+    run = killed / "runs" / "rl"
+    kill_when(
+        ["rl", "--config", str(config)],
+        (run / "checkpoints" / "step-3").exists,
+        killed / "first.log",
+    )
+    assert not (run / "model" / "train_result.json").exists(), "the run was not interrupted"
     out = align("rl", "--config", str(config))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "resuming from" in (run / "log.txt").read_text(encoding="utf-8")
-    resumed = steps_of(run)
-    assert sorted(resumed) == list(range(1, 11))
-    for step in range(4, 11):
-        for key in ("train/loss", "train/reward_mean", "train/grad_norm", "train/sequences"):
-            assert resumed[step][key] == expected[step][key], (step, key)
-    audit = [json.loads(x) for x in (run / "trained.jsonl").read_text().splitlines()]
-    assert [a["step"] for a in audit] == list(range(1, 11))
+    same_steps_after_resume(run)
+
+    # The same run dying half-way through writing its step-6 checkpoint: the learner's state
+    # is written, the loop state half of it. The resumed run starts from step 3.
+    cut = tmp_path / "cut"
+    config = write_config(cut, briefly_trained, easy_prompts, **settings)
+    driver = cut / "cut_save.py"
+    driver.write_text(CUT_RL_SAVE, encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, str(driver), "rl", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    run = cut / "runs" / "rl"
+    assert out.returncode == 9, out.stderr[-3000:]
+    assert (run / "checkpoints" / "step-6.partial" / "learner" / "model.safetensors").exists()
+    out = align("rl", "--config", str(config))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoints' / 'step-3'}" in (run / "log.txt").read_text()
+    same_steps_after_resume(run)
+
+
+# Runs `align` with the RL controller dying while it writes its step-6 checkpoint: after the
+# learner's state and half of the loop state (state.json cut in the middle) are written, before
+# the checkpoint is moved into place.
+CUT_RL_SAVE = """
+import os
+import sys
+from pathlib import Path
+
+from align.cli import main
+from pipelines import rl
+
+replace = os.replace
+
+
+def cut(source, destination):
+    source = Path(source)
+    if source.name == "step-6.partial":
+        state = source / "state.json"
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+        os._exit(9)
+    return replace(source, destination)
+
+
+rl.os.replace = cut
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 KILL_ONCE = '''
 import json
 import os
+import time
+
+import ray
 
 from rewards.answers import answer_match
 
 
 def kill_once(prompts, completions, **columns):
-    """Kills its own process (the rollout worker) the first time it is called."""
+    """`ray.kill`s the rollout worker it runs in, in the middle of its first request."""
     mark = os.environ["ALIGN_TEST_KILL_MARK"]
     if not os.path.exists(mark):
         with open(mark, "w") as f:
             json.dump([p[-1]["content"] for p in prompts], f)
-        os._exit(1)
+        ray.kill(ray.get_runtime_context().current_actor)
+        time.sleep(60)
     return answer_match(prompts, completions, **columns)
 '''
 
@@ -246,3 +298,146 @@ def test_a_killed_rollout_worker_is_replaced_and_no_prompt_is_lost(
     ]
     assert len(trained) == 4 * 8 and len(set(trained)) == len(trained)
     assert killed <= set(trained), killed - set(trained)
+
+
+HANG_ON_CALLS = '''
+import json
+import os
+import time
+from pathlib import Path
+
+from rewards.answers import answer_match
+
+
+def hang_on_calls(prompts, completions, **columns):
+    """Hangs (an hour) on the calls numbered in ALIGN_TEST_HANG_CALLS, counted across workers."""
+    folder = Path(os.environ["ALIGN_TEST_HANG_DIR"])
+    with open(folder / "calls", "a") as f:
+        f.write("call\\n")
+    number = len((folder / "calls").read_text().splitlines())
+    if str(number) in os.environ["ALIGN_TEST_HANG_CALLS"].split(","):
+        (folder / f"hung-{number}.json").write_text(json.dumps([p[-1]["content"] for p in prompts]))
+        time.sleep(3600)
+    return answer_match(prompts, completions, **columns)
+'''
+
+
+@pytest.mark.fault
+def test_hung_workers_are_replaced_until_the_limit_stops_the_run_with_a_checkpoint(
+    tmp_path, partially_trained, sort_prompts
+):
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "hanger.py").write_text(HANG_ON_CALLS, encoding="utf-8")
+    config = write_config(
+        tmp_path,
+        partially_trained["checkpoint"],
+        sort_prompts,
+        steps=6,
+        max_staleness=1,
+        dynamic_sampling=False,
+        save_every=2,
+        worker_timeout_s=20,
+        max_worker_restarts=1,
+        # The reward's own time limit is longer than the worker's, so the worker hangs.
+        rewards=[{"name": "hanger:hang_on_calls", "timeout_s": 3600}],
+    )
+    env = {
+        "PYTHONPATH": f"{plugin}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "ALIGN_TEST_HANG_DIR": str(tmp_path),
+        "ALIGN_TEST_HANG_CALLS": "3,5",
+    }
+    # Request 3 hangs: its worker is replaced. Request 5 hangs too: one replacement is all
+    # max_worker_restarts allows, so the run stops with a checkpoint and a clear error.
+    out = align("rl", "--config", str(config), env=env)
+    run = tmp_path / "runs" / "rl"
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "stopped: rollout workers failed 2 times (max_worker_restarts=1)" in out.stderr
+    assert "Traceback" not in out.stderr
+    log_text = (run / "log.txt").read_text(encoding="utf-8")
+    assert log_text.count("hung: no answer in 20 s") == 2
+    assert list((run / "checkpoints").glob("step-*/state.json"))
+
+    # Run again without hangs: it resumes from the checkpoint and finishes.
+    out = align("rl", "--config", str(config), env={**env, "ALIGN_TEST_HANG_CALLS": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming from" in (run / "log.txt").read_text(encoding="utf-8")
+    assert json.loads((run / "result.json").read_text())["steps"] == 6
+    # Every step trained once; no prompt twice; the hung requests' prompts trained later.
+    rows = [json.loads(line) for line in sort_prompts.read_text().splitlines()]
+    id_of = {row["prompt"][-1]["content"]: i for i, row in enumerate(rows)}
+    hung = {
+        id_of[text]
+        for n in (3, 5)
+        for text in json.loads((tmp_path / f"hung-{n}.json").read_text())
+    }
+    audit = [json.loads(line) for line in (run / "trained.jsonl").read_text().splitlines()]
+    assert [a["step"] for a in audit] == list(range(1, 7))
+    trained = [i for a in audit for i in a["prompts"]]
+    assert len(trained) == 6 * 8 and len(set(trained)) == len(trained)
+    assert hung <= set(trained), hung - set(trained)
+
+
+# Runs `align` with a learner whose every gradient is NaN (a hook on each parameter): what a
+# NaN or infinite loss leaves behind. The subclass is defined here, in __main__, so Ray ships
+# its code to the learner actor.
+NAN_GRADIENTS = """
+import sys
+
+import torch
+
+from align.cli import main
+from align.learner import Learner
+from pipelines import rl
+
+
+class NanGradients(Learner):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for parameter in self.unwrapped.parameters():
+            parameter.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+
+
+rl.Learner = NanGradients
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.fault
+def test_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint_and_the_weights_unchanged(
+    tmp_path, briefly_trained, easy_prompts
+):
+    from safetensors.torch import load_file
+
+    from align.modeling import load_model
+
+    config = write_config(
+        tmp_path,
+        briefly_trained,
+        easy_prompts,
+        steps=6,
+        max_staleness=0,
+        dynamic_sampling=False,
+        learner={"learning_rate": 1e-4, "max_nonfinite_steps": 2},
+    )
+    driver = tmp_path / "nan_gradients.py"
+    driver.write_text(NAN_GRADIENTS, encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, str(driver), "rl", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "stopped: 2 consecutive steps had a non-finite loss or gradient norm" in out.stderr
+    assert "at step 2; the run stopped with a checkpoint" in out.stderr
+    assert "Traceback" not in out.stderr
+    run = tmp_path / "runs" / "rl"
+    steps = steps_of(run)
+    assert sorted(steps) == [1] and steps[1]["train/skipped"] == 1.0
+    # The checkpoint of step 2 holds the starting weights: no skipped step changed them.
+    saved = load_file(str(run / "checkpoints" / "step-2" / "learner" / "model.safetensors"))
+    start = load_model(str(briefly_trained)).state_dict()
+    assert saved and all(torch.equal(saved[k], start[k]) for k in saved)
+    state = json.loads((run / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["step"] == state["version"] == 2
