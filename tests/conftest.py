@@ -9,6 +9,7 @@ process-global distributed state, and every other live engine then fails
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -32,6 +33,29 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         family: write_checkpoint(build_model(preset, seed=0), root / preset)
         for family, preset in FAMILY_PRESETS.items()
     }
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory) -> Path:
+    """A random-initialised `student` preset checkpoint (seed 0) for training tests."""
+    return write_checkpoint(
+        build_model("student", seed=0), tmp_path_factory.mktemp("student") / "m"
+    )
+
+
+@pytest.fixture(scope="session")
+def sft_file(tmp_path_factory) -> str:
+    """32 prompt/completion rows (add and sort, levels 1-2) as JSON lines."""
+    from align.tasks import make_problems, to_sft
+
+    rows = list(to_sft(make_problems(["add", "sort"], [1, 2], 8, seed=2)))
+    return write_jsonl(tmp_path_factory.mktemp("sft-data") / "sft.jsonl", rows)
+
+
+def write_jsonl(path: Path, rows) -> str:
+    """Writes `rows` (dicts) as JSON lines to `path`; returns the path as a string."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
 
 
 _engines: dict[str, object] = {}

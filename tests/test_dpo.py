@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from align.modeling import build_model, load_model, write_checkpoint
+from align.modeling import load_model
 from align.preferences import FormatMaskingCollator, format_token_ids
 from align.tasks import make_problems, to_dpo
 from align.tokenizer import build_tokenizer
@@ -68,11 +68,6 @@ def test_nll_term_is_the_mean_chosen_token_nll():
     with_nll = reference_loss("sigmoid", 0.1, 0, 0.2, **sums, **lengths)
     assert base.item() == pytest.approx(math.log(2))
     assert (with_nll - base).item() == pytest.approx(0.2 * 4 / 6)
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory):
-    return write_checkpoint(build_model("student", seed=0), tmp_path_factory.mktemp("m") / "m")
 
 
 def pairs_dataset(n: int = 6) -> Dataset:

@@ -27,11 +27,12 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from align.modeling import build_model, write_checkpoint
 from align.runs import NonFiniteError
 from align.tasks import make_problems, to_dpo, to_sft
 from align.training import TrainSettings
 from pipelines import dpo, sft
+from tests import test_train_stages as train_stages
+from tests.conftest import write_jsonl
 from tests.test_cli import ALIGN, align
 
 pytestmark = pytest.mark.fault
@@ -72,31 +73,31 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def write_jsonl(path: Path, rows) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory) -> Path:
-    return write_checkpoint(build_model("student", seed=0), tmp_path_factory.mktemp("s") / "m")
-
-
-@pytest.fixture(scope="module")
-def sft_file(tmp_path_factory) -> str:
-    rows = list(to_sft(make_problems(["add", "sort"], [1, 2], 8, seed=2)))
-    return write_jsonl(tmp_path_factory.mktemp("d") / "sft.jsonl", rows)
-
-
 def sft_config(tmp_path: Path, model: Path, data: str, name: str, **train) -> sft.Config:
-    settings = dict(batch_size=8, epochs=2.0, learning_rate=3e-3, logging_steps=1, save_steps=2)
-    return sft.Config(
-        model=str(model),
-        data=data,
-        name=name,
-        runs_dir=str(tmp_path / "runs"),
-        train=TrainSettings(**{**settings, **train}),
+    """tests/test_train_stages.py's SFT config, 2 epochs: 8 steps of 8 rows."""
+    return train_stages.sft_config(tmp_path, model, data, name, **{"epochs": 2.0, **train})
+
+
+def run_driver(tmp_path: Path, source: str, args: list[str], **env: str):
+    """Runs `align ARGS` through a Python file holding `source` (which patches in a fault and
+    then calls align.cli.main)."""
+    driver = tmp_path / "fault_driver.py"
+    driver.write_text(source, encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, str(driver), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
     )
+
+
+def plugin_env(tmp_path: Path, module: str, source: str) -> dict[str, str]:
+    """Writes a reward plug-in module and returns the environment that makes it importable."""
+    folder = tmp_path / "plugin"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{module}.py").write_text(source, encoding="utf-8")
+    return {"PYTHONPATH": f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 def logged(run_dir: Path, key: str) -> dict[int, float]:
@@ -213,14 +214,8 @@ def test_a_save_cut_off_half_way_leaves_the_previous_checkpoint_usable(
     from align.config import save_config
 
     save_config(config, config_file)
-    driver = tmp_path / "cut_save.py"
-    driver.write_text(CUT_SAVE, encoding="utf-8")
-    out = subprocess.run(
-        [sys.executable, str(driver), "sft", "--config", str(config_file)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "ALIGN_TEST_CUT_AT": "4"},
-        timeout=600,
+    out = run_driver(
+        tmp_path, CUT_SAVE, ["sft", "--config", str(config_file)], ALIGN_TEST_CUT_AT="4"
     )
     assert out.returncode == 9, out.stderr[-3000:]
     checkpoints = tmp_path / "runs" / "cut" / "checkpoints"

@@ -11,7 +11,7 @@ import torch
 
 from align.learner import Learner, LearnerSettings, collate, token_logprobs
 from align.losses.policy import PolicyLossSettings
-from align.modeling import build_model, write_checkpoint
+from align.modeling import build_model
 from align.rollout import Rollout, RolloutBuffer
 
 
@@ -85,11 +85,6 @@ def test_collate_places_completion_tokens_and_behaviour_logprobs():
         collate([rollout(0, [None, None])], pad_id=0)
 
 
-@pytest.fixture(scope="module")
-def student_checkpoint(tmp_path_factory):
-    return write_checkpoint(build_model("student", seed=0), tmp_path_factory.mktemp("rl") / "m")
-
-
 def on_policy_groups(model, groups: int = 4, size: int = 4, seed: int = 0) -> list[Rollout]:
     """Groups sampled from `model` itself, with their exact logprobs, rewarded on token parity."""
     torch.manual_seed(seed)
@@ -134,9 +129,9 @@ def mean_logprob_gap(model, groups) -> float:
 
 
 @pytest.mark.parametrize("kind", ["grpo", "dapo", "dr_grpo", "gspo", "cispo"])
-def test_learner_steps_raise_the_likelihood_of_rewarded_completions(student_checkpoint, kind):
+def test_learner_steps_raise_the_likelihood_of_rewarded_completions(student_dir, kind):
     learner = Learner(
-        str(student_checkpoint),
+        str(student_dir),
         LearnerSettings(learning_rate=3e-3, micro_batch_size=8),
         PolicyLossSettings(kind=kind),
     )
@@ -153,9 +148,9 @@ def test_learner_steps_raise_the_likelihood_of_rewarded_completions(student_chec
     assert 0 < metrics["moe/routing_change"] < 0.5
 
 
-def test_routing_change_is_zero_for_an_update_too_small_to_reroute(student_checkpoint):
+def test_routing_change_is_zero_for_an_update_too_small_to_reroute(student_dir):
     learner = Learner(
-        str(student_checkpoint),
+        str(student_dir),
         LearnerSettings(learning_rate=1e-12),
         PolicyLossSettings(kind="grpo"),
     )
@@ -163,7 +158,7 @@ def test_routing_change_is_zero_for_an_update_too_small_to_reroute(student_check
     assert metrics["moe/routing_change"] == 0.0
 
 
-def test_learner_micro_batches_give_the_same_gradient(student_checkpoint):
+def test_learner_micro_batches_give_the_same_gradient(student_dir):
     """The step's gradient is the whole batch's however it is split into micro-batches.
 
     Gradients are compared at the optimiser step: Adam's first update is about lr * sign(g), so
@@ -175,7 +170,7 @@ def test_learner_micro_batches_give_the_same_gradient(student_checkpoint):
     results = []
     for micro in (8, 3, 1):
         learner = Learner(
-            str(student_checkpoint),
+            str(student_dir),
             LearnerSettings(learning_rate=1e-3, micro_batch_size=micro, router_aux_loss_coef=0),
             PolicyLossSettings(kind="dapo"),
         )
@@ -197,9 +192,9 @@ def test_learner_micro_batches_give_the_same_gradient(student_checkpoint):
             torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7)
 
 
-def test_learner_skips_a_non_finite_step_with_parameters_unchanged(student_checkpoint):
+def test_learner_skips_a_non_finite_step_with_parameters_unchanged(student_dir):
     learner = Learner(
-        str(student_checkpoint),
+        str(student_dir),
         LearnerSettings(learning_rate=1e-3, max_nonfinite_steps=2),
         PolicyLossSettings(kind="grpo", correction="none"),
     )
@@ -216,13 +211,13 @@ def test_learner_skips_a_non_finite_step_with_parameters_unchanged(student_check
         learner.train_step(groups)
 
 
-def test_rewards_too_large_for_float32_train_like_their_scaled_down_values(student_checkpoint):
+def test_rewards_too_large_for_float32_train_like_their_scaled_down_values(student_dir):
     """Group advantages do not depend on the rewards' scale; a reward of 1e39 (finite, but
     infinite in float32) must neither crash the step nor be skipped."""
 
     def step(scale: float) -> dict:
         learner = Learner(
-            str(student_checkpoint),
+            str(student_dir),
             LearnerSettings(learning_rate=1e-3),
             PolicyLossSettings(kind="grpo", correction="none"),
         )
@@ -239,16 +234,16 @@ def test_rewards_too_large_for_float32_train_like_their_scaled_down_values(stude
     assert large["train/grad_norm"] == pytest.approx(small["train/grad_norm"], rel=1e-4)
 
 
-def test_learner_save_and_load_restore_the_next_step_exactly(student_checkpoint, tmp_path):
+def test_learner_save_and_load_restore_the_next_step_exactly(student_dir, tmp_path):
     settings = LearnerSettings(learning_rate=1e-3)
     loss = PolicyLossSettings(kind="grpo")
-    a = Learner(str(student_checkpoint), settings, loss)
+    a = Learner(str(student_dir), settings, loss)
     groups = on_policy_groups(a.unwrapped, groups=2)
     a.train_step(groups)
     a.save(str(tmp_path / "state"))
     expected = a.train_step(groups)
 
-    b = Learner(str(student_checkpoint), settings, loss)
+    b = Learner(str(student_dir), settings, loss)
     assert b.load(str(tmp_path / "state")) == 1
     got = b.train_step(groups)
     assert got["train/loss"] == expected["train/loss"]
@@ -256,16 +251,16 @@ def test_learner_save_and_load_restore_the_next_step_exactly(student_checkpoint,
         assert torch.equal(b.unwrapped.state_dict()[name], tensor), name
 
 
-def test_learning_rate_warms_up_linearly_and_resumes_where_it_was(student_checkpoint, tmp_path):
+def test_learning_rate_warms_up_linearly_and_resumes_where_it_was(student_dir, tmp_path):
     settings = LearnerSettings(learning_rate=1e-3, warmup_steps=4)
     loss = PolicyLossSettings(kind="grpo")
-    a = Learner(str(student_checkpoint), settings, loss)
+    a = Learner(str(student_dir), settings, loss)
     groups = on_policy_groups(a.unwrapped, groups=2)
     rates = [a.train_step(groups)["train/learning_rate"] for _ in range(2)]
     assert rates == pytest.approx([2.5e-4, 5e-4])
     assert a.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
     a.save(str(tmp_path / "state"))
-    b = Learner(str(student_checkpoint), settings, loss)
+    b = Learner(str(student_dir), settings, loss)
     b.load(str(tmp_path / "state"))
     rates = [b.train_step(groups)["train/learning_rate"] for _ in range(3)]
     assert rates == pytest.approx([7.5e-4, 1e-3, 1e-3])

@@ -7,9 +7,6 @@ Each run starts a local Ray, a learner actor and a rollout worker with its own v
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ import yaml
 
 from align.tasks import make_problems, to_rl
 from tests.test_cli import align
-from tests.test_faults import kill_when
+from tests.test_faults import kill_when, plugin_env, run_driver
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 
@@ -192,14 +189,7 @@ def test_sync_run_raises_the_reward_and_resumes_to_the_same_steps(
     # is written, the loop state half of it. The resumed run starts from step 3.
     cut = tmp_path / "cut"
     config = write_config(cut, briefly_trained, easy_prompts, **settings)
-    driver = cut / "cut_save.py"
-    driver.write_text(CUT_RL_SAVE, encoding="utf-8")
-    out = subprocess.run(
-        [sys.executable, str(driver), "rl", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_driver(cut, CUT_RL_SAVE, ["rl", "--config", str(config)])
     run = cut / "runs" / "rl"
     assert out.returncode == 9, out.stderr[-3000:]
     assert (run / "checkpoints" / "step-6.partial" / "learner" / "model.safetensors").exists()
@@ -263,9 +253,7 @@ def kill_once(prompts, completions, **columns):
 def test_a_killed_rollout_worker_is_replaced_and_no_prompt_is_lost(
     tmp_path, partially_trained, sort_prompts
 ):
-    plugin = tmp_path / "plugin"
-    plugin.mkdir()
-    (plugin / "killer.py").write_text(KILL_ONCE, encoding="utf-8")
+    env = plugin_env(tmp_path, "killer", KILL_ONCE)
     mark = tmp_path / "killed.json"
     config = write_config(
         tmp_path,
@@ -276,10 +264,7 @@ def test_a_killed_rollout_worker_is_replaced_and_no_prompt_is_lost(
         dynamic_sampling=False,
         rewards=[{"name": "killer:kill_once"}],
     )
-    env = {
-        "PYTHONPATH": f"{plugin}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "ALIGN_TEST_KILL_MARK": str(mark),
-    }
+    env["ALIGN_TEST_KILL_MARK"] = str(mark)
     out = align("rl", "--config", str(config), env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "runs" / "rl"
@@ -326,9 +311,7 @@ def hang_on_calls(prompts, completions, **columns):
 def test_hung_workers_are_replaced_until_the_limit_stops_the_run_with_a_checkpoint(
     tmp_path, partially_trained, sort_prompts
 ):
-    plugin = tmp_path / "plugin"
-    plugin.mkdir()
-    (plugin / "hanger.py").write_text(HANG_ON_CALLS, encoding="utf-8")
+    env = plugin_env(tmp_path, "hanger", HANG_ON_CALLS)
     config = write_config(
         tmp_path,
         partially_trained["checkpoint"],
@@ -342,11 +325,7 @@ def test_hung_workers_are_replaced_until_the_limit_stops_the_run_with_a_checkpoi
         # The reward's own time limit is longer than the worker's, so the worker hangs.
         rewards=[{"name": "hanger:hang_on_calls", "timeout_s": 3600}],
     )
-    env = {
-        "PYTHONPATH": f"{plugin}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "ALIGN_TEST_HANG_DIR": str(tmp_path),
-        "ALIGN_TEST_HANG_CALLS": "3,5",
-    }
+    env |= {"ALIGN_TEST_HANG_DIR": str(tmp_path), "ALIGN_TEST_HANG_CALLS": "3,5"}
     # Request 3 hangs: its worker is replaced. Request 5 hangs too: one replacement is all
     # max_worker_restarts allows, so the run stops with a checkpoint and a clear error.
     out = align("rl", "--config", str(config), env=env)
@@ -420,14 +399,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_a_checkpoint_and_the_weight
         dynamic_sampling=False,
         learner={"learning_rate": 1e-4, "max_nonfinite_steps": 2},
     )
-    driver = tmp_path / "nan_gradients.py"
-    driver.write_text(NAN_GRADIENTS, encoding="utf-8")
-    out = subprocess.run(
-        [sys.executable, str(driver), "rl", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_driver(tmp_path, NAN_GRADIENTS, ["rl", "--config", str(config)])
     assert out.returncode == 1, out.stderr[-3000:]
     assert "stopped: 2 consecutive steps had a non-finite loss or gradient norm" in out.stderr
     assert "at step 2; the run stopped with a checkpoint" in out.stderr

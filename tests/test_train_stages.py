@@ -10,10 +10,10 @@ from datasets import load_from_disk
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from align.modeling import build_model, write_checkpoint
 from align.tasks import make_problems, split_problems, to_dpo, to_rl, to_sft
 from align.training import LoraSettings, TrainSettings
 from pipelines import dpo, sft
+from tests.conftest import write_jsonl
 from tests.test_cli import align
 
 
@@ -30,25 +30,9 @@ class CrashAfterSave(TrainerCallback):
             raise Crash(f"stopped after the checkpoint of step {self.step}")
 
 
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
 def logged(run_dir, key: str) -> list[float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)[key] for line in lines if key in json.loads(line)]
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory):
-    return write_checkpoint(build_model("student", seed=0), tmp_path_factory.mktemp("s") / "m")
-
-
-@pytest.fixture(scope="module")
-def sft_file(tmp_path_factory):
-    rows = list(to_sft(make_problems(["add", "sort"], [1, 2], 8, seed=2)))
-    return write_jsonl(tmp_path_factory.mktemp("d") / "sft.jsonl", rows)
 
 
 def sft_config(tmp_path, model, data, name, **train) -> sft.Config:

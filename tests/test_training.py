@@ -6,7 +6,7 @@ import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from align.modeling import build_model, load_model, write_checkpoint
+from align.modeling import build_model, load_model
 from align.moe import ExpertLoad
 from align.tasks import make_problems, to_sft
 from align.tokenizer import build_tokenizer
@@ -112,11 +112,6 @@ def test_packed_sequences_do_not_see_each_other(preset):
         ).logits[0]
     torch.testing.assert_close(packed[: len(a_t)], alone_a, atol=1e-5, rtol=0)
     torch.testing.assert_close(packed[len(a_t) :], alone_b, atol=1e-5, rtol=0)
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory):
-    return write_checkpoint(build_model("student", seed=0), tmp_path_factory.mktemp("m") / "m")
 
 
 @pytest.mark.parametrize("packing", [False, True])
