@@ -69,6 +69,16 @@ class RewardSpec:
         check(bool(self.name.strip()), "name", "must name a reward")
         check(math.isfinite(self.weight), "weight", f"must be finite (got {self.weight})")
         check(self.timeout_s > 0, "timeout_s", f"must be > 0 (got {self.timeout_s})")
+        # The name and options are checked with the config, not when the reward is built: the
+        # RL stage builds rewards inside its rollout workers, after Ray and vLLM have started.
+        try:
+            entry = _lookup(self.name)
+        except RegistryError as error:
+            check(False, "name", str(error))
+        try:
+            _check_spec_options(self, entry)
+        except RegistryError as error:
+            check(False, "options", str(error))
 
 
 @dataclass
@@ -311,18 +321,30 @@ def _check_options(
         raise RegistryError(f"reward {name!r} needs option(s) {', '.join(missing)}")
 
 
-def build_reward(spec: RewardSpec) -> RewardFunction:
-    """Looks up `spec.name` and binds its options; a reward class is constructed here."""
+def _lookup(name: str) -> Callable:
+    """The reward function or class `name` refers to (registered, or 'module:function')."""
     import rewards  # noqa: F401  (registers the built-in rewards)
 
-    entry = REWARDS.get(spec.name)
+    return REWARDS.get(name)
+
+
+def _check_spec_options(spec: RewardSpec, entry: Callable) -> None:
+    """Raises RegistryError when `spec.options` do not fit `entry`, the reward it names."""
     if inspect.isclass(entry):
         _check_options(spec.name, entry.__init__, spec.options, skip=1, is_class=True)
-        return RewardFunction(spec.name, entry(**spec.options), spec.weight, None, spec.timeout_s)
+        return
     _check_options(spec.name, entry, spec.options, skip=2, is_class=False)
     for option in spec.options:
         if option in RESERVED_ARGUMENTS:
             raise RegistryError(f"reward {spec.name!r}: option {option!r} is reserved")
+
+
+def build_reward(spec: RewardSpec) -> RewardFunction:
+    """Looks up `spec.name` and binds its options; a reward class is constructed here."""
+    entry = _lookup(spec.name)
+    _check_spec_options(spec, entry)
+    if inspect.isclass(entry):
+        return RewardFunction(spec.name, entry(**spec.options), spec.weight, None, spec.timeout_s)
     return RewardFunction(spec.name, entry, spec.weight, spec.options, spec.timeout_s)
 
 
