@@ -293,15 +293,17 @@ def _check_options(
     """Raises RegistryError when `options` do not fit the signature of `target`.
 
     Options must be named parameters: a function's `**columns` catch-all receives dataset
-    columns, not options, so it does not make every option name acceptable. Required options:
-    a class's parameters without a default; a function's keyword-only ones without a default
-    (its other parameters without a default are dataset columns).
+    columns, not options, so it does not make every option name acceptable, and the arguments
+    every reward receives (`RESERVED_ARGUMENTS`) are not options. Required options: a class's
+    parameters without a default; a function's keyword-only ones without a default (its other
+    parameters without a default are dataset columns).
     """
     parameters = list(inspect.signature(target).parameters.values())[skip:]
     named = [
         p
         for p in parameters
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        and p.name not in RESERVED_ARGUMENTS
     ]
     accepted = [p.name for p in named]
     unknown = sorted(set(options) - set(accepted))
@@ -332,11 +334,8 @@ def _check_spec_options(spec: RewardSpec, entry: Callable) -> None:
     """Raises RegistryError when `spec.options` do not fit `entry`, the reward it names."""
     if inspect.isclass(entry):
         _check_options(spec.name, entry.__init__, spec.options, skip=1, is_class=True)
-        return
-    _check_options(spec.name, entry, spec.options, skip=2, is_class=False)
-    for option in spec.options:
-        if option in RESERVED_ARGUMENTS:
-            raise RegistryError(f"reward {spec.name!r}: option {option!r} is reserved")
+    else:
+        _check_options(spec.name, entry, spec.options, skip=2, is_class=False)
 
 
 def build_reward(spec: RewardSpec) -> RewardFunction:
