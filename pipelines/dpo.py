@@ -176,8 +176,8 @@ class SimPOTrainer(DPOTrainer):
 def run(config: Config, callbacks: list | None = None) -> dict:
     """Trains `config.model` on preference pairs; extra TrainerCallbacks go in `callbacks`."""
     out = Path(config.runs_dir) / config.name
-    # 1. Inputs, checked before anything is written: the preference rows, or the prompts the
-    # pairs are built from.
+    # 1. Inputs, checked before anything is written: the checkpoint, the held-out rows, and the
+    # preference rows or the prompts the pairs are built from.
     check_checkpoint(config.model, "model")
     evaluate.check_heldout(config.heldout)
     if config.pairs is not None:

@@ -4,8 +4,8 @@ Every case must be refused with exit status 2 and a message naming the file, row
 the config key), with no Python traceback and before any work: nothing is written under the
 runs directory, so no model is saved and no engine or Ray cluster is started.
 
-Starting `align` costs about 5 s of imports (torch, transformers, TRL), so 70 cases as 70
-processes would take minutes. The cases run in `ForkedAlign` instead: one process imports the
+Starting `align` costs about 5 s of imports (torch, transformers, TRL), so one process per
+case would take minutes. The cases run in `ForkedAlign` instead: one process imports the
 command once, then each case runs in a fresh fork of it that calls `align.cli.main` with its
 output going to files, and exits with main's status (a traceback on stderr and status 1 if an
 exception escapes, as for the console script). `test_a_forked_run_matches_the_align_command`
