@@ -113,6 +113,8 @@ def start_engine(model_path: str, config: EngineConfig) -> LLM:
         enable_prefix_caching=config.prefix_caching,
         enable_chunked_prefill=config.chunked_prefill,
         tensor_parallel_size=config.tensor_parallel_size,
+        # Safetensors only: vLLM's default also loads pickle-based *.bin weights.
+        load_format="safetensors",
         trust_remote_code=False,
         enforce_eager=True,
         worker_extension_cls=WORKER_EXTENSION,

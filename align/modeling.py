@@ -24,6 +24,7 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+from align.config import ConfigError
 from align.moe import route_sparsely
 from align.tokenizer import build_tokenizer
 
@@ -178,6 +179,45 @@ def write_checkpoint(model: PreTrainedModel, directory: str | Path) -> Path:
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return directory
+
+
+# Suffixes of pickle-based weight files, which `check_checkpoint` names when it refuses them.
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_checkpoint(path: str | Path, key: str) -> None:
+    """Refuses a path that is not a local checkpoint directory with safetensors weights.
+
+    The stages call this before anything is written, so a wrong path fails fast instead of
+    after a run directory exists or an engine has started. Pickle-based weights
+    (`pytorch_model.bin`, `*.pt`) are refused without being opened: unpickling a file can run
+    code from it.
+
+    Args:
+        path: the checkpoint directory a config names.
+        key: that config key (`model`, `teacher.model`), named in the error.
+
+    Raises:
+        ConfigError: the directory is missing, has no config.json or no `*.safetensors` file.
+    """
+    directory = Path(path)
+    if not directory.exists():
+        reason = "does not exist"
+    elif not directory.is_dir():
+        reason = "is a file; a checkpoint is a directory (config.json, *.safetensors, tokenizer)"
+    elif not (directory / "config.json").is_file():
+        reason = "has no config.json: it is not a Hugging Face checkpoint directory"
+    elif not any(directory.glob("*.safetensors")):
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLED_WEIGHTS)
+        reason = "has no *.safetensors weights" + (
+            f" ({', '.join(pickled)} found: pickle-based weights are never loaded, since"
+            " unpickling can run code; convert them to safetensors)"
+            if pickled
+            else ""
+        )
+    else:
+        return
+    raise ConfigError(f"key '{key}': checkpoint {path} {reason}")
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

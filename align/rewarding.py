@@ -69,6 +69,16 @@ class RewardSpec:
         check(bool(self.name.strip()), "name", "must name a reward")
         check(math.isfinite(self.weight), "weight", f"must be finite (got {self.weight})")
         check(self.timeout_s > 0, "timeout_s", f"must be > 0 (got {self.timeout_s})")
+        # The name and options are checked with the config, not when the reward is built: the
+        # RL stage builds rewards inside its rollout workers, after Ray and vLLM have started.
+        try:
+            entry = _lookup(self.name)
+        except RegistryError as error:
+            check(False, "name", str(error))
+        try:
+            _check_spec_options(self, entry)
+        except RegistryError as error:
+            check(False, "options", str(error))
 
 
 @dataclass
@@ -283,15 +293,17 @@ def _check_options(
     """Raises RegistryError when `options` do not fit the signature of `target`.
 
     Options must be named parameters: a function's `**columns` catch-all receives dataset
-    columns, not options, so it does not make every option name acceptable. Required options:
-    a class's parameters without a default; a function's keyword-only ones without a default
-    (its other parameters without a default are dataset columns).
+    columns, not options, so it does not make every option name acceptable, and the arguments
+    every reward receives (`RESERVED_ARGUMENTS`) are not options. Required options: a class's
+    parameters without a default; a function's keyword-only ones without a default (its other
+    parameters without a default are dataset columns).
     """
     parameters = list(inspect.signature(target).parameters.values())[skip:]
     named = [
         p
         for p in parameters
         if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        and p.name not in RESERVED_ARGUMENTS
     ]
     accepted = [p.name for p in named]
     unknown = sorted(set(options) - set(accepted))
@@ -311,18 +323,27 @@ def _check_options(
         raise RegistryError(f"reward {name!r} needs option(s) {', '.join(missing)}")
 
 
-def build_reward(spec: RewardSpec) -> RewardFunction:
-    """Looks up `spec.name` and binds its options; a reward class is constructed here."""
+def _lookup(name: str) -> Callable:
+    """The reward function or class `name` refers to (registered, or 'module:function')."""
     import rewards  # noqa: F401  (registers the built-in rewards)
 
-    entry = REWARDS.get(spec.name)
+    return REWARDS.get(name)
+
+
+def _check_spec_options(spec: RewardSpec, entry: Callable) -> None:
+    """Raises RegistryError when `spec.options` do not fit `entry`, the reward it names."""
     if inspect.isclass(entry):
         _check_options(spec.name, entry.__init__, spec.options, skip=1, is_class=True)
+    else:
+        _check_options(spec.name, entry, spec.options, skip=2, is_class=False)
+
+
+def build_reward(spec: RewardSpec) -> RewardFunction:
+    """Looks up `spec.name` and binds its options; a reward class is constructed here."""
+    entry = _lookup(spec.name)
+    _check_spec_options(spec, entry)
+    if inspect.isclass(entry):
         return RewardFunction(spec.name, entry(**spec.options), spec.weight, None, spec.timeout_s)
-    _check_options(spec.name, entry, spec.options, skip=2, is_class=False)
-    for option in spec.options:
-        if option in RESERVED_ARGUMENTS:
-            raise RegistryError(f"reward {spec.name!r}: option {option!r} is reserved")
     return RewardFunction(spec.name, entry, spec.weight, spec.options, spec.timeout_s)
 
 

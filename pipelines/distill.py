@@ -17,8 +17,8 @@ Teacher logits come from one of two places (`teacher.mode`):
              cache's manifest names the teacher (path and a hash of its files), k, the tokenizer
              and the rows; a cache whose manifest does not match is refused, not silently reused.
 
-Steps: (1) check that teacher and student share a tokenizer and a vocabulary size; (2) load the
-data and fit it to the token budget; (3) build the trainer (SFTTrainer with `compute_loss`
+Steps: (1) check the inputs before anything is written: teacher and student share a tokenizer
+and a vocabulary size, the data files are valid; (2) fit the data to the token budget; (3) build the trainer (SFTTrainer with `compute_loss`
 replaced) and, offline, build or reuse the top-k cache; (4) train, resuming from the newest
 checkpoint of an interrupted run; (5) save a Hugging Face checkpoint that vLLM loads;
 (6) held-out student CE and teacher-student KL on gold completions (`heldout_sft`), and greedy
@@ -53,7 +53,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 from trl import SFTConfig, SFTTrainer
 
 from align import engine
-from align.config import check
+from align.config import ConfigError, check
 from align.data import load_dataset_file
 from align.losses.distill import (
     IGNORE_INDEX,
@@ -62,7 +62,7 @@ from align.losses.distill import (
     TeacherLogits,
     distillation_loss,
 )
-from align.modeling import load_model
+from align.modeling import check_checkpoint, load_model
 from align.runs import Run, write_json_atomic
 from align.training import (
     LoraSettings,
@@ -352,15 +352,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(data.encode()).hexdigest()
 
 
-def check_same_tokenizer(student: str, teacher: str) -> None:
+def check_same_tokenizer(student: str, teacher: str) -> int:
     """Refuses a teacher whose tokenizer or output vocabulary differs from the student's.
 
     Distillation compares the two next-token distributions id by id, so the ids must mean the
     same tokens and both models must produce logits over the same number of ids.
 
+    Returns:
+        The models' shared `vocab_size`.
+
     Raises:
-        ValueError: naming both paths and the first difference found.
+        ConfigError: naming the key `teacher.model`, both paths and the first difference found.
     """
+    key = "key 'teacher.model'"
     tokenizers = {path: AutoTokenizer.from_pretrained(path) for path in (student, teacher)}
     vocabs = {path: tok.get_vocab() for path, tok in tokenizers.items()}
     s_vocab, t_vocab = vocabs[student], vocabs[teacher]
@@ -368,31 +372,32 @@ def check_same_tokenizer(student: str, teacher: str) -> None:
         only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
         only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
         moved = sorted(k for k in set(s_vocab) & set(t_vocab) if s_vocab[k] != t_vocab[k])[:5]
-        raise ValueError(
-            f"teacher {teacher} and student {student} have different tokenizers: vocab sizes "
-            f"{len(t_vocab)} and {len(s_vocab)}; tokens only in the student's: {only_s}, only in "
-            f"the teacher's: {only_t}, with different ids: {moved}. Distillation needs a shared "
-            "tokenizer"
+        raise ConfigError(
+            f"{key}: teacher {teacher} and student {student} have different tokenizers: vocab "
+            f"sizes {len(t_vocab)} and {len(s_vocab)}; tokens only in the student's: {only_s}, "
+            f"only in the teacher's: {only_t}, with different ids: {moved}. Distillation needs "
+            "a shared tokenizer"
         )
     s_special = tokenizers[student].all_special_tokens
     t_special = tokenizers[teacher].all_special_tokens
     if s_special != t_special:
-        raise ValueError(
-            f"teacher {teacher} and student {student} have different special tokens: "
+        raise ConfigError(
+            f"{key}: teacher {teacher} and student {student} have different special tokens: "
             f"{t_special} vs {s_special}. Distillation needs a shared tokenizer"
         )
     sizes = {path: AutoConfig.from_pretrained(path).vocab_size for path in (student, teacher)}
     for path, size in sizes.items():
         if size < len(s_vocab):
-            raise ValueError(
-                f"model {path} has vocab_size {size} in config.json but its tokenizer has "
-                f"{len(s_vocab)} tokens: the model cannot score every token"
+            raise ConfigError(
+                f"{key}: model {path} has vocab_size {size} in config.json but its tokenizer "
+                f"has {len(s_vocab)} tokens: the model cannot score every token"
             )
     if sizes[student] != sizes[teacher]:
-        raise ValueError(
-            f"teacher {teacher} has vocab_size {sizes[teacher]} and student {student} has "
-            f"{sizes[student]}: their logits must cover the same ids"
+        raise ConfigError(
+            f"{key}: teacher {teacher} has vocab_size {sizes[teacher]} and student {student} "
+            f"has {sizes[student]}: their logits must cover the same ids"
         )
+    return sizes[student]
 
 
 def teacher_fingerprint(path: str) -> str:
@@ -445,7 +450,7 @@ class TopKCache:
         }
         if different:
             lines = "; ".join(f"{k}: cached {c!r}, wanted {w!r}" for k, (c, w) in different.items())
-            raise ValueError(
+            raise ConfigError(
                 f"teacher cache {directory} was built for other settings ({lines}). Delete it to "
                 "rebuild it, or set teacher.cache_dir to a new directory"
             )
@@ -455,7 +460,7 @@ class TopKCache:
         """Raises if a training row has no cached logits (the data changed since the cache)."""
         missing = len(keys - self.rows.keys())
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"teacher cache {self.directory} lacks {missing} of the {len(keys)} training "
                 "sequences: it was built from other data. Delete it to rebuild it, or set "
                 "teacher.cache_dir to a new directory"
@@ -528,9 +533,6 @@ def offline_teacher(config: Config, trainer: SFTTrainer, tokenizer, out: Path) -
     """The top-k cache for `trainer`'s training rows: reused when it matches, else built."""
     settings = config.teacher
     directory = Path(settings.cache_dir) if settings.cache_dir else out / "teacher_cache"
-    vocab = AutoConfig.from_pretrained(config.student).vocab_size
-    if settings.top_k > vocab:
-        raise ValueError(f"teacher.top_k={settings.top_k} exceeds the vocabulary size {vocab}")
     # One entry per distinct training row (the token budget repeats rows). The collator only
     # pads, so these keys are the ones the cache stores for the collated rows.
     dataset = trainer.train_dataset
@@ -595,18 +597,32 @@ def run(config: Config, callbacks: list | None = None) -> dict:
     """Distils `config.teacher.model` into `config.student`; extra TrainerCallbacks may be given.
 
     Raises:
-        ValueError: teacher and student tokenizers or vocabulary sizes differ (before anything is
-            written), or an offline cache does not match the run.
+        ConfigError: a checkpoint is missing, teacher and student tokenizers or vocabulary sizes
+            differ, `teacher.top_k` exceeds the vocabulary (all before anything is written), or
+            an offline cache does not match the run.
+        DataError: a bad row in `data`, `heldout_sft` or `heldout` (before anything is written).
     """
-    # 1. A shared tokenizer, checked before anything is written.
-    check_same_tokenizer(config.student, config.teacher.model)
+    # 1. The inputs, checked before anything is written: the checkpoints share a tokenizer,
+    # the data files are readable and valid.
+    check_checkpoint(config.student, "student")
+    check_checkpoint(config.teacher.model, "teacher.model")
+    vocab = check_same_tokenizer(config.student, config.teacher.model)
+    if config.teacher.mode == "offline" and config.teacher.top_k > vocab:
+        raise ConfigError(
+            f"key 'teacher.top_k': {config.teacher.top_k} exceeds the vocabulary size {vocab}"
+        )
+    dataset, data_report = load_dataset_file(config.data, "sft", config.on_error)
+    heldout_rows = None
+    if config.heldout_sft is not None:
+        heldout_rows, _ = load_dataset_file(config.heldout_sft, "sft", config.on_error)
+        heldout_rows = heldout_rows.select_columns(["prompt", "completion"])
+    evaluate.check_heldout(config.heldout)
     out = Path(config.runs_dir) / config.name
     with Run(out, config) as run_dir:
         model_dir = out / "model"
         result = finished_result(model_dir)
         if result is None:
             # 2. Data, fitted to the token budget.
-            dataset, data_report = load_dataset_file(config.data, "sft", config.on_error)
             tokenizer = AutoTokenizer.from_pretrained(config.student)
             counts = [token_count(tokenizer, row["prompt"], row["completion"]) for row in dataset]
             too_long = sum(n > config.train.max_length for n in counts)
@@ -620,10 +636,6 @@ def run(config: Config, callbacks: list | None = None) -> dict:
             dataset, tokens = fit_budget(
                 dataset.select_columns(["prompt", "completion"]), counts, config.train, "rows"
             )
-            heldout_rows = None
-            if config.heldout_sft is not None:
-                heldout_rows, _ = load_dataset_file(config.heldout_sft, "sft", config.on_error)
-                heldout_rows = heldout_rows.select_columns(["prompt", "completion"])
 
             # 3. The trainer; its teacher is set once the tokenised rows exist (offline cache).
             args = SFTConfig(

@@ -9,8 +9,10 @@ Losses (`loss.kind`): sigmoid DPO, IPO, length-normalised DPO, and SimPO (no ref
 Llama 3's additions: an NLL term on the chosen answer (`loss.nll_weight`) and formatting tokens
 taken out of the loss (`loss.mask_format_tokens`).
 
-Steps: (1) build or load the pairs; (2) fit them to the token budget; (3) train (resuming from
-the newest checkpoint of an interrupted run); (4) save a checkpoint vLLM loads; (5) evaluate.
+Steps: (1) check the inputs before anything is written (the checkpoint, the held-out rows, the
+preference rows or prompts); (2) build or load the pairs; (3) fit them to the token budget;
+(4) train (resuming from the newest checkpoint of an interrupted run); (5) save a checkpoint
+vLLM loads; (6) evaluate.
 
 Output under runs/<name>/: `pairs/` and `pairs.json` (when built from rollouts), `model/`,
 `checkpoints/`, `eval/`, `expert_load.json`/`.png`, `metrics.jsonl`, `tb/`, `log.txt`.
@@ -31,7 +33,7 @@ from trl import DPOConfig, DPOTrainer
 from align import engine
 from align.config import check
 from align.data import DataError, load_dataset_file
-from align.modeling import load_model
+from align.modeling import check_checkpoint, load_model
 from align.preferences import FormatMaskingCollator, build_pairs, format_token_ids
 from align.rewarding import RewardSpec, build_reward_set
 from align.runs import Run
@@ -175,18 +177,29 @@ class SimPOTrainer(DPOTrainer):
 def run(config: Config, callbacks: list | None = None) -> dict:
     """Trains `config.model` on preference pairs; extra TrainerCallbacks go in `callbacks`."""
     out = Path(config.runs_dir) / config.name
+    # 1. Inputs, checked before anything is written: the checkpoint, the held-out rows, and the
+    # preference rows or the prompts the pairs are built from.
+    check_checkpoint(config.model, "model")
+    evaluate.check_heldout(config.heldout)
+    if config.pairs is not None:
+        rows, rows_report = load_dataset_file(config.pairs.prompts, "rl", config.on_error)
+    else:
+        rows, rows_report = load_dataset_file(config.data, "dpo", config.on_error)
     with Run(out, config) as run_dir:
         model_dir = out / "model"
         result = finished_result(model_dir)
         if result is None:
             tokenizer = AutoTokenizer.from_pretrained(config.model)
-            # 1. Pairs: read, or built from the model's rollouts (kept for a resumed run).
+            # 2. Pairs: the rows read, or built from the model's rollouts on the prompts (kept
+            # for a resumed run).
             if config.pairs is not None:
-                dataset, data_report = rollout_pairs(config, tokenizer, out, run_dir)
+                dataset, data_report = rollout_pairs(
+                    config, tokenizer, rows, rows_report, out, run_dir
+                )
             else:
-                dataset, data_report = load_dataset_file(config.data, "dpo", config.on_error)
+                dataset, data_report = rows, rows_report
 
-            # 2. Fitted to the token budget (chosen and rejected sequences both count).
+            # 3. Fitted to the token budget (chosen and rejected sequences both count).
             lengths = [
                 (
                     token_count(tokenizer, row["prompt"], row["chosen"]),
@@ -213,7 +226,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
             # in-memory dataset's cache lives in a per-process temporary directory instead.
             dataset = Dataset.from_list(list(dataset))
 
-            # 3. Training.
+            # 4. Training.
             trainer = build_trainer(config, load_model(config.model), tokenizer, dataset, out)
             for callback in callbacks or []:
                 trainer.add_callback(callback)
@@ -221,7 +234,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
             trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
             train_output = trainer.train(resume_from_checkpoint=resume_point(out / "checkpoints"))
 
-            # 4. The checkpoint vLLM loads.
+            # 5. The checkpoint vLLM loads.
             result = finish(
                 trainer,
                 train_output,
@@ -231,7 +244,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
                 budget_tokens=tokens,
             )
 
-        # 5. Held-out evaluation.
+        # 6. Held-out evaluation.
         if config.heldout is not None:
             result["eval"] = evaluate.evaluate_checkpoint(
                 config.eval, str(model_dir), config.heldout, f"{config.name}/eval", config.runs_dir
@@ -278,14 +291,15 @@ def build_trainer(config: Config, model, tokenizer, dataset: Dataset, out: Path)
     )
 
 
-def rollout_pairs(config: Config, tokenizer, out: Path, run_dir: Run) -> tuple[Dataset, dict]:
-    """Builds the pairs from `config.model`'s rollouts, or loads those an earlier try built."""
+def rollout_pairs(
+    config: Config, tokenizer, prompts: Dataset, prompt_report: dict, out: Path, run_dir: Run
+) -> tuple[Dataset, dict]:
+    """Builds the pairs from `config.model`'s rollouts on `prompts`, or loads an earlier try's."""
     pairs_dir = out / "pairs"
     if pairs_dir.is_dir():
         log.info("using the pairs built earlier in %s", pairs_dir)
         return load_from_disk(str(pairs_dir)), {"pairs_from": str(pairs_dir)}
     settings = config.pairs
-    prompts, prompt_report = load_dataset_file(settings.prompts, "rl", config.on_error)
     rewards = build_reward_set(settings.rewards)
     llm = engine.start_engine(config.model, settings.engine)
     pairs, stats = build_pairs(

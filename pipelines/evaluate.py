@@ -17,6 +17,7 @@ from align import engine
 from align.config import check
 from align.data import load_dataset_file
 from align.evaluate import evaluate, format_table, scalars
+from align.modeling import check_checkpoint
 from align.runs import Run
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,24 @@ def evaluate_checkpoint(
     return run(Config(model=model, data=data, name=name, runs_dir=runs_dir, **shared))
 
 
+def check_heldout(path: str | None) -> None:
+    """Reads the held-out rows a training stage evaluates on when it ends, before it starts.
+
+    So a bad held-out file is refused before any training rather than after it.
+
+    Raises:
+        DataError: naming the file, row and field, as `align eval` would at the end.
+    """
+    if path is not None:
+        load_dataset_file(path, "rl")
+
+
 def run(config: Config, llm=None) -> dict:
     """Evaluates `config.model`; pass a started engine as `llm` to reuse it."""
+    # Inputs are checked before anything is written.
+    check_checkpoint(config.model, "model")
+    dataset, data_report = load_dataset_file(config.data, "rl", on_error=config.on_error)
     with Run(Path(config.runs_dir) / config.name, config) as run_dir:
-        dataset, data_report = load_dataset_file(config.data, "rl", on_error=config.on_error)
         rows = list(dataset)[: config.limit]
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         llm = llm or engine.start_engine(config.model, config.engine)

@@ -216,13 +216,14 @@ def format_report(report: dict) -> str:
 
 def run(config: Config) -> dict:
     """Scores and prunes `config.data`; see the module docstring for what it writes."""
-    # Build every filter before any work, so bad names and options fail fast.
+    # Build every filter and read the data before anything is written: bad names, options
+    # and rows fail fast.
     filters = [
         build_filter(step.name, step.options, f"filters[{i}]")
         for i, step in enumerate(config.filters)
     ]
+    dataset, data_report = load_dataset_file(config.data, config.schema, config.on_error)
     with Run(Path(config.runs_dir) / config.name, config) as run_dir:
-        dataset, data_report = load_dataset_file(config.data, config.schema, config.on_error)
         rows = list(dataset)
         if not rows:
             raise DataError("dataset has no rows to filter", file=config.data)

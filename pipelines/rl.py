@@ -43,9 +43,10 @@ from tqdm import tqdm
 
 from align import engine
 from align.config import check
-from align.data import load_dataset_file
+from align.data import DataError, load_dataset_file
 from align.learner import Learner, LearnerSettings
 from align.losses.policy import PolicyLossSettings
+from align.modeling import check_checkpoint
 from align.prompt_pool import PoolSettings, PromptPool
 from align.rewarding import RewardSpec
 from align.rollout import RolloutBuffer, RolloutWorker, SamplingSettings
@@ -154,6 +155,12 @@ class Config:
             f"must be <= max_staleness + 1 = {self.max_staleness + 1}: workers holding older"
             " weights would only produce groups too stale to train",
         )
+        names = [spec.name for spec in self.rewards]
+        check(
+            len(set(names)) == len(names),
+            "rewards",
+            f"lists a reward more than once ({', '.join(names)}); list each reward once",
+        )
         check(
             self.sampling.group_size >= 2,
             "sampling.group_size",
@@ -189,11 +196,25 @@ class WorkerFailure(RunStopped):
 def run(config: Config) -> dict:
     """Trains `config.model` with online RL; returns the result (also `result.json`)."""
     out = Path(config.runs_dir) / config.name
+    # Inputs are checked before anything is written or any actor starts.
+    check_checkpoint(config.model, "model")
+    evaluate.check_heldout(config.heldout)
+    dataset, data_report = load_dataset_file(config.data, "rl", config.on_error)
+    if not isinstance(dataset[0]["prompt"], list):
+        raise DataError(
+            "is plain text; the RL stage needs conversational prompts (lists of "
+            '{"role", "content"} messages), which the rollout workers render with the chat '
+            "template",
+            file=config.data,
+            row=0,
+            field="prompt",
+        )
     with Run(out, config) as run_dir:
         model_dir = out / "model"
         result = finished_result(model_dir)
         if result is None:
-            result = Controller(config, run_dir).train()
+            rows = [dict(row) for row in dataset]
+            result = Controller(config, run_dir, rows, data_report).train()
         if config.heldout is not None:
             result["eval"] = evaluate.evaluate_checkpoint(
                 config.eval, str(model_dir), config.heldout, f"{config.name}/eval", config.runs_dir
@@ -205,11 +226,10 @@ def run(config: Config) -> dict:
 class Controller:
     """The single controller of one RL run: owns the pool and buffer, drives the actors."""
 
-    def __init__(self, config: Config, run_dir: Run) -> None:
+    def __init__(self, config: Config, run_dir: Run, rows: list[dict], data_report: dict) -> None:
         self.config, self.run_dir = config, run_dir
         self.out = run_dir.dir
-        rows, self.data_report = load_dataset_file(config.data, "rl", config.on_error)
-        self.rows = [dict(row) for row in rows]
+        self.rows, self.data_report = rows, data_report
         self.pool = PromptPool(self.rows, config.pool, config.seed)
         self.buffer = RolloutBuffer(config.max_staleness, config.dynamic_sampling)
         # Counters saved in checkpoints: learner steps, requests sent (request seeds), worker

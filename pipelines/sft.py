@@ -3,7 +3,8 @@
 Lightweight, as in Llama 4's recipe: the data can first go through the `filter` stage's filters
 (score difficulty, drop the easy part) and training can stop at a token budget.
 
-Steps: (1) filter the data, if `filters` are given; (2) load it and fit it to the token budget;
+Steps: (1) check the inputs before anything is written: the checkpoint, the held-out rows and
+the data (filtered first, if `filters` are given); (2) fit the data to the token budget;
 (3) train with SFTTrainer (loss on the completion only, packing, LoRA optional, MoE
 load-balancing loss), resuming from the newest checkpoint of an interrupted run; (4) save a
 Hugging Face checkpoint that vLLM loads; (5) evaluate it on the held-out rows.
@@ -25,7 +26,7 @@ from trl import SFTConfig, SFTTrainer
 
 from align.config import check
 from align.data import load_dataset_file
-from align.modeling import load_model
+from align.modeling import check_checkpoint, load_model
 from align.runs import Run
 from align.training import (
     LoraSettings,
@@ -94,28 +95,30 @@ class Config:
 def run(config: Config, callbacks: list | None = None) -> dict:
     """Fine-tunes `config.model`; extra TrainerCallbacks may be passed as `callbacks`."""
     out = Path(config.runs_dir) / config.name
-    with Run(out, config) as run_dir:
-        # 1. Difficulty (or other) filtering, through the filter stage; its scores are cached.
-        data = config.data
-        if config.filters:
-            filter_stage.run(
-                filter_stage.Config(
-                    data=data,
-                    name=f"{config.name}/filter",
-                    runs_dir=config.runs_dir,
-                    schema=config.schema,
-                    filters=config.filters,
-                    seed=config.train.seed,
-                    on_error=config.on_error,
-                )
+    # 1. Inputs, checked before anything is written. With `filters`, the filter stage reads the
+    # data (its scores are cached) and the rows it keeps are the training data.
+    check_checkpoint(config.model, "model")
+    evaluate.check_heldout(config.heldout)
+    data = config.data
+    if config.filters:
+        filter_stage.run(
+            filter_stage.Config(
+                data=data,
+                name=f"{config.name}/filter",
+                runs_dir=config.runs_dir,
+                schema=config.schema,
+                filters=config.filters,
+                seed=config.train.seed,
+                on_error=config.on_error,
             )
-            data = str(out / "filter" / "kept")
-
+        )
+        data = str(out / "filter" / "kept")
+    dataset, data_report = load_dataset_file(data, config.schema, config.on_error)
+    with Run(out, config) as run_dir:
         model_dir = out / "model"
         result = finished_result(model_dir)
         if result is None:
             # 2. Data, fitted to the token budget.
-            dataset, data_report = load_dataset_file(data, config.schema, config.on_error)
             tokenizer = AutoTokenizer.from_pretrained(config.model)
             columns = TRAIN_COLUMNS[config.schema]
             counts = [token_count(tokenizer, *(row[c] for c in columns)) for row in dataset]
