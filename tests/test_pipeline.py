@@ -138,7 +138,7 @@ def test_gpu_pipeline_file_passes_the_dry_run():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[5/7] rl (rl)" in out.stdout
     assert "learner: 1 GPU" in out.stdout and "3 rollout worker(s): 2 GPU" in out.stdout
-    assert "model    Qwen/Qwen3-30B-A3B" in out.stdout
+    assert "model    /models/Qwen3-30B-A3B" in out.stdout
 
 
 @pytest.mark.parametrize(
