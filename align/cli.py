@@ -69,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling `items` at the first option, so overrides written after one
+    # (`align run FILE --dry-run key=value`) arrive here.
+    unknown = [item for item in extra if item.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.items += extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # vLLM logs every engine detail at INFO, and datasets/transformers draw a bar for every
     # small file they write; keep the terminal for the toolkit's own progress.

@@ -153,3 +153,12 @@ def test_bad_data_is_a_clear_error(tmp_path):
     out = align("eval", f"model={tmp_path / 'model'}", f"data={data}", f"runs_dir={tmp_path}")
     assert out.returncode == 2
     assert "bad.jsonl" in out.stderr and "row 1" in out.stderr and "answer" in out.stderr
+
+
+def test_overrides_may_follow_options(tmp_path):
+    default = Path(__file__).resolve().parents[1] / "pipelines" / "default.yaml"
+    out = align("run", str(default), "--dry-run", f"runs_dir={tmp_path}", "name=x")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"outputs under {tmp_path}/x/" in out.stdout
+    out = align("make-model", "--print-config", "preset=teacher", "--nonsense")
+    assert out.returncode == 2 and "unrecognized arguments: --nonsense" in out.stderr
