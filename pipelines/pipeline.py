@@ -52,7 +52,6 @@ class StageEntry:
             "command",
             f"unknown command {self.command!r}; known: {', '.join(stages.COMMANDS)}",
         )
-        check(self.command != "run", "command", "a pipeline cannot run another pipeline")
         check(
             bool(self.name) and "/" not in self.name,
             "name",
