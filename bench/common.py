@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # Models, data and the benchmark runs themselves (git-ignored).
@@ -275,6 +278,28 @@ def print_table(
     return text
 
 
+def align_training(command: str, config: dict, out: Path) -> dict:
+    """Runs `align COMMAND` (sft, dpo, distill) with `config` as the run `out`/run and measures it.
+
+    Returns the Trainer's `train_runtime` (train_s: the training loop), the seconds from launch
+    to the end of training (ready_s, from the time metrics.jsonl records with the Trainer's
+    final log), the steps, the process's wall time and its peak RSS.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump({**config, "name": "run", "runs_dir": str(out)}))
+    child = run_child([ALIGN, command, "--config", str(path)], out / "log.txt")
+    records = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
+    final = next(r for r in reversed(records) if "train/train_runtime" in r)
+    return {
+        "train_s": final["train/train_runtime"],
+        "ready_s": final["time"] - child.launched,
+        "steps": final["step"],
+        "wall_s": child.wall_s,
+        "peak_rss_mib": child.peak_rss_mib,
+    }
+
+
 # ------------------------------------------------------------------------------- models, data
 def align_command(args: list[str], log: Path) -> ChildRun:
     """Runs `align ARGS` (output in `log`)."""
@@ -372,3 +397,32 @@ def transformers_model(path: str):
         if isinstance(layer, Llama4TextMoe):
             del layer.forward  # the instance's routed forward; the class's dense one remains
     return model
+
+
+def training_rows(schema: str, count: int, seed: int, model: str, path: Path) -> int:
+    """Writes `count` rows of the embedded tasks' training data in `schema` (sft: prompt,
+    completion; dpo: prompt, chosen, rejected) to `path` as JSONL: whole seeded passes, the last
+    one cut. Returns their tokens as the toolkit's token budgets count them (prompt +
+    completion; chosen and rejected both for DPO), with `model`'s tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    from align.data import load_dataset_file
+    from align.training import token_count
+
+    columns = {"sft": ["prompt", "completion"], "dpo": ["prompt", "chosen", "rejected"]}[schema]
+    rows, _ = load_dataset_file(str(ensure_data() / "train" / schema), schema)
+    rows = [{c: row[c] for c in columns} for row in rows]
+    rng, order = random.Random(seed), []
+    while len(order) < count:
+        shuffled = list(range(len(rows)))
+        rng.shuffle(shuffled)
+        order += shuffled
+    chosen = [rows[i] for i in order[:count]]
+    path.write_text("".join(json.dumps(row) + "\n" for row in chosen), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return sum(
+        token_count(tokenizer, row["prompt"], row[completion])
+        for row in chosen
+        for completion in columns[1:]
+    )

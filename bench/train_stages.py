@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 import common
-import yaml
 
 STAGES = ("sft", "dpo")
 METRICS = [
@@ -47,8 +45,6 @@ METRICS = [
     common.Metric("ready_s", "ready s", "lower"),
     common.Metric("peak_rss_mib", "peak RSS MiB", "lower", "{:.0f}"),
 ]
-# The columns each stage trains on.
-COLUMNS = {"sft": ["prompt", "completion"], "dpo": ["prompt", "chosen", "rejected"]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,43 +73,11 @@ def settings(args, stage: str) -> tuple[int, float]:
     return args.dpo_batch, args.dpo_lr
 
 
-# ------------------------------------------------------------------------------- data
-def write_rows(args, stage: str, path: Path) -> int:
-    """Writes steps x batch rows of the stage's training data (a seeded order, repeated when
-    short) to `path` as JSONL; returns their tokens as the toolkit counts them."""
-    from transformers import AutoTokenizer
-
-    from align.data import load_dataset_file
-    from align.training import token_count
-
-    rows, _ = load_dataset_file(str(common.RUNS / "data" / "train" / stage), stage)
-    rows = [{c: row[c] for c in COLUMNS[stage]} for row in rows]
-    batch, _ = settings(args, stage)
-    order: list[int] = []
-    rng = random.Random(args.seed)
-    while len(order) < args.steps * batch:
-        shuffled = list(range(len(rows)))
-        rng.shuffle(shuffled)
-        order += shuffled
-    chosen = [rows[i] for i in order[: args.steps * batch]]
-    path.write_text("".join(json.dumps(row) + "\n" for row in chosen), encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if stage == "sft":
-        return sum(token_count(tokenizer, r["prompt"], r["completion"]) for r in chosen)
-    return sum(
-        token_count(tokenizer, r["prompt"], r["chosen"])
-        + token_count(tokenizer, r["prompt"], r["rejected"])
-        for r in chosen
-    )
-
-
 # ------------------------------------------------------------------------------- arms
 def run_align(args, stage: str, data: Path, out: Path) -> dict:
     """`align sft|dpo` on `data`; the training time and end come from its metrics.jsonl."""
     batch, lr = settings(args, stage)
     config = {
-        "name": "run",
-        "runs_dir": str(out),
         "model": args.model,
         "data": str(data),
         "heldout": None,
@@ -126,18 +90,7 @@ def run_align(args, stage: str, data: Path, out: Path) -> dict:
             "seed": args.seed,
         },
     }
-    path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    child = common.run_child([common.ALIGN, stage, "--config", str(path)], out / "log.txt")
-    records = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
-    final = next(r for r in reversed(records) if "train/train_runtime" in r)
-    return {
-        "train_s": final["train/train_runtime"],
-        "ready_s": final["time"] - child.launched,
-        "steps": final["step"],
-        "wall_s": child.wall_s,
-        "peak_rss_mib": child.peak_rss_mib,
-    }
+    return common.align_training(stage, config, out)
 
 
 def run_trl(args, stage: str, data: Path, out: Path) -> dict:
@@ -227,11 +180,11 @@ def main(argv=None) -> None:
     stages = args.stages.split(",")
     for stage in stages:
         data = root / f"{stage}.jsonl"
-        tokens = write_rows(args, stage, data)
+        batch, _ = settings(args, stage)
+        tokens = common.training_rows(stage, args.steps * batch, args.seed, args.model, data)
         arms = [f"align {stage}", f"trl {stage}"]
         for rep, arm in common.alternate(arms, args.repeats):
             out = root / stage / f"rep{rep}" / arm.split()[0]
-            out.mkdir(parents=True)
             print(f"[rep {rep}] {arm} ...", flush=True)
             run = run_align if arm.startswith("align") else run_trl
             result = run(args, stage, data, out)
