@@ -93,11 +93,24 @@ class ChildRun:
     # Wall time from launch to exit.
     wall_s: float
     # Peak resident memory (MiB) of the process, or of the largest of its descendants that it
-    # waited for, from the kernel's rusage (ru_maxrss): a maximum, not a sum. Processes it did
-    # not wait for (Ray's actors, for one) are not in it.
+    # waited for: ru_maxrss of getrusage(RUSAGE_CHILDREN) in a small launcher process, a
+    # maximum, not a sum. Processes it did not wait for (Ray's actors, for one) are not in it.
     peak_rss_mib: float
     # time.time() at launch, to compare with timestamps the process writes.
     launched: float
+
+
+# Runs argv[2:], writes its peak RSS (KiB) to the file argv[1] and exits with its exit status.
+# Why a launcher: Linux counts the pages a forked child shares with its parent until exec in the
+# child's ru_maxrss, so a child of the (large) benchmark process would report at least the
+# benchmark's own memory; a child of this small process reports its own peak.
+LAUNCHER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.call(sys.argv[2:])\n"
+    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+    "open(sys.argv[1], 'w').write(str(peak))\n"
+    "sys.exit(code)\n"
+)
 
 
 def run_child(argv: list[str], log: Path, env: dict[str, str] | None = None) -> ChildRun:
@@ -107,20 +120,22 @@ def run_child(argv: list[str], log: Path, env: dict[str, str] | None = None) -> 
         RuntimeError: the process failed; the message names its log and shows the log's end.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
+    peak_file = log.with_name(log.name + ".peak_rss_kib")
     with open(log, "w") as out:
         launched = time.time()
         started = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        # os.wait4 rather than Popen.wait: it returns this child's own rusage.
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:])
-        raise RuntimeError(
-            f"{' '.join(argv[:3])} ... exited with {process.returncode}; log {log}:\n{tail}"
+        code = subprocess.call(
+            [sys.executable, "-c", LAUNCHER, str(peak_file), *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
-    return ChildRun(wall_s=wall, peak_rss_mib=usage.ru_maxrss / 1024, launched=launched)
+        wall = time.perf_counter() - started
+    if code != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"{' '.join(argv[:3])} ... exited with {code}; log {log}:\n{tail}")
+    peak_kib = int(peak_file.read_text())
+    return ChildRun(wall_s=wall, peak_rss_mib=peak_kib / 1024, launched=launched)
 
 
 def medians(raw: dict[str, list[dict]]) -> dict[str, dict[str, float | None]]:
@@ -244,33 +259,29 @@ def print_table(
 ) -> str:
     """Prints (and returns) the medians as a table, one row per arm, then one per ratio.
 
-    The header says which way each metric is better; a ratio row reads `ours / peer`.
+    A line under the title says which way each metric is better; a ratio row reads
+    `ours / peer`, "-" where there is nothing to divide.
     """
-    headers = ["", *(f"{m.label} ({m.better} better)" for m in metrics)]
-    rows = [
-        [arm, *("-" if v.get(m.key) is None else m.fmt.format(v[m.key]) for m in metrics)]
-        for arm, v in table.items()
-    ]
+    better = {
+        way: ", ".join(m.label for m in metrics if m.better == way) for way in ("higher", "lower")
+    }
+    legend = "; ".join(f"{way} is better: {labels}" for way, labels in better.items() if labels)
+    rows = [["", *(m.label for m in metrics)]]
+    for arm, values in table.items():
+        cells = [
+            None if values.get(m.key) is None else m.fmt.format(values[m.key]) for m in metrics
+        ]
+        rows.append([arm, *(c or "-" for c in cells)])
     for label, values in (ratio_rows or {}).items():
-        rows.append(
-            [
-                f"ratio {label}",
-                *("-" if values.get(m.key) is None else f"{values[m.key]:.2f}x" for m in metrics),
-            ]
-        )
-    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
-    lines = [
-        title,
-        "  ".join(
-            h.rjust(w) if i else h.ljust(w)
-            for i, (h, w) in enumerate(zip(headers, widths, strict=True))
-        ),
-    ]
+        cells = [None if values.get(m.key) is None else f"{values[m.key]:.2f}x" for m in metrics]
+        rows.append([f"ratio {label}", *(c or "-" for c in cells)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [title, f"({legend})"]
     for row in rows:
         lines.append(
             "  ".join(
-                c.rjust(w) if i else c.ljust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                cell.ljust(width) if i == 0 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
             )
         )
     text = "\n".join(lines)
@@ -356,7 +367,7 @@ def write_sized_model(size: str, directory: Path) -> None:
     write_checkpoint(family.model_cls(config).to(torch.float32).eval(), directory)
 
 
-def ensure_sft_teacher(tokens: int = 60_000) -> Path:
+def ensure_sft_teacher(tokens: int = 100_000) -> Path:
     """The teacher preset after a short `align sft` (bench/runs/sft-teacher/model): a starting
     point that solves some prompts, so RL groups have rewards that differ."""
     model = RUNS / "sft-teacher" / "model"
@@ -426,3 +437,12 @@ def training_rows(schema: str, count: int, seed: int, model: str, path: Path) ->
         for row in chosen
         for completion in columns[1:]
     )
+
+
+if __name__ == "__main__":
+    # `python bench/common.py` generates everything the suite runs on (`make bench` does this
+    # first): bench/rl.py reads its checkpoint and data from the command line.
+    ensure_data()
+    for name in ("student", "teacher", "medium", "large"):
+        ensure_model(name)
+    ensure_sft_teacher()
