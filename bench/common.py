@@ -96,19 +96,24 @@ class ChildRun:
     # waited for: ru_maxrss of getrusage(RUSAGE_CHILDREN) in a small launcher process, a
     # maximum, not a sum. Processes it did not wait for (Ray's actors, for one) are not in it.
     peak_rss_mib: float
+    # CPU seconds (user + system) of the process and the descendants it waited for. Less
+    # sensitive than wall time to other jobs on the machine, which it does not count.
+    cpu_s: float
     # time.time() at launch, to compare with timestamps the process writes.
     launched: float
 
 
-# Runs argv[2:], writes its peak RSS (KiB) to the file argv[1] and exits with its exit status.
+# Runs argv[2:], writes its peak RSS (KiB) and CPU seconds to the file argv[1] as JSON and exits
+# with its exit status.
 # Why a launcher: Linux counts the pages a forked child shares with its parent until exec in the
 # child's ru_maxrss, so a child of the (large) benchmark process would report at least the
 # benchmark's own memory; a child of this small process reports its own peak.
 LAUNCHER = (
-    "import resource, subprocess, sys\n"
+    "import json, resource, subprocess, sys\n"
     "code = subprocess.call(sys.argv[2:])\n"
-    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-    "open(sys.argv[1], 'w').write(str(peak))\n"
+    "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "facts = {'maxrss_kib': usage.ru_maxrss, 'cpu_s': usage.ru_utime + usage.ru_stime}\n"
+    "open(sys.argv[1], 'w').write(json.dumps(facts))\n"
     "sys.exit(code)\n"
 )
 
@@ -120,12 +125,12 @@ def run_child(argv: list[str], log: Path, env: dict[str, str] | None = None) -> 
         RuntimeError: the process failed; the message names its log and shows the log's end.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
-    peak_file = log.with_name(log.name + ".peak_rss_kib")
+    usage_file = log.with_name(log.name + ".usage.json")
     with open(log, "w") as out:
         launched = time.time()
         started = time.perf_counter()
         code = subprocess.call(
-            [sys.executable, "-c", LAUNCHER, str(peak_file), *argv],
+            [sys.executable, "-c", LAUNCHER, str(usage_file), *argv],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -134,8 +139,13 @@ def run_child(argv: list[str], log: Path, env: dict[str, str] | None = None) -> 
     if code != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:])
         raise RuntimeError(f"{' '.join(argv[:3])} ... exited with {code}; log {log}:\n{tail}")
-    peak_kib = int(peak_file.read_text())
-    return ChildRun(wall_s=wall, peak_rss_mib=peak_kib / 1024, launched=launched)
+    usage = json.loads(usage_file.read_text())
+    return ChildRun(
+        wall_s=wall,
+        peak_rss_mib=usage["maxrss_kib"] / 1024,
+        cpu_s=usage["cpu_s"],
+        launched=launched,
+    )
 
 
 def medians(raw: dict[str, list[dict]]) -> dict[str, dict[str, float | None]]:
@@ -307,6 +317,7 @@ def align_training(command: str, config: dict, out: Path) -> dict:
         "ready_s": final["time"] - child.launched,
         "steps": final["step"],
         "wall_s": child.wall_s,
+        "cpu_s": child.cpu_s,
         "peak_rss_mib": child.peak_rss_mib,
     }
 

@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import common
 
@@ -162,8 +163,8 @@ def serve(args) -> None:
 class Server:
     """The parent's handle on one serving arm."""
 
-    def __init__(self, args, arm: str, model: str, log) -> None:
-        self.log = log
+    def __init__(self, args, arm: str, model: str, log: Path) -> None:
+        self.log, self.log_file = log, open(log, "w")
         argv = [sys.executable, __file__, "--serve", arm, "--model", model]
         for key in ("prompts", "n", "max_new_tokens", "threads"):
             argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
@@ -173,7 +174,7 @@ class Server:
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=open(log, "w"),
+            stderr=self.log_file,
             env=env,
             text=True,
         )
@@ -198,6 +199,7 @@ class Server:
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait()
+        self.log_file.close()
 
 
 def main(argv=None) -> None:

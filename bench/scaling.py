@@ -119,6 +119,7 @@ def run_ours(args, point: dict, out: Path) -> dict:
         "samples_per_s": statistics.median(r["train/sequences"] / r["time/step"] for r in steps),
         "steps_timed": len(steps),
         "wall_s": child.wall_s,
+        "cpu_s": child.cpu_s,
         "worker_cpus": worker_cpus,
     }
 
@@ -150,6 +151,7 @@ def run_trl(args, point: dict, out: Path) -> dict:
         "samples_per_s": statistics.median(samples / s for s in steps),
         "steps_timed": len(steps),
         "wall_s": child.wall_s,
+        "cpu_s": child.cpu_s,
     }
 
 

@@ -106,6 +106,7 @@ def run_trl(args, stage: str, data: Path, out: Path) -> dict:
         "ready_s": result["train_end"] - child.launched,
         "steps": result["steps"],
         "wall_s": child.wall_s,
+        "cpu_s": child.cpu_s,
         "peak_rss_mib": child.peak_rss_mib,
     }
 
