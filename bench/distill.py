@@ -3,22 +3,22 @@
 The peer here is the online arm, the usual way to distil: the teacher runs forward on every
 batch. The offline arm reads the teacher's top-k logits from a cache built once before
 training (pipelines/distill.py, `teacher.mode: offline`). Both arms train the same student on
-the same rows (`--steps` x `--batch` rows of the embedded tasks' SFT data, one pass) with the
-same loss, learning rate, max_length and seed, held-out evaluation off, each in a process of its
-own, alternating across repetitions.
+the same rows (`--steps` x `--batch` rows of the embedded tasks' SFT data in whole seeded
+passes, trained in one epoch) with the same loss, learning rate, max_length and seed,
+held-out evaluation off, each in a process of its own, alternating across repetitions.
 
 Before the repetitions, one offline run builds the cache that every offline repetition then
 reuses; its manifest gives the one-time build time (the teacher's forward passes over the
 distinct rows and the writing). Reported per arm (medians over repetitions): training tokens/s
 (prompt + completion tokens over the Trainer's `train_runtime`), ready s (launch to the end of
-training) and peak RSS (ru_maxrss of the process, from os.wait4); and for the cache: the build
-time, its bytes on disk and bytes per cached completion token. Ratios are offline / online:
-above 1 is better for tokens/s, below 1 for ready s and memory.
+training) and peak RSS (the process's ru_maxrss, bench/common.py `run_child`); and for the
+cache: the build time, its bytes on disk and bytes per cached completion token. Ratios are
+offline / online: above 1 is better for tokens/s, below 1 for ready s and memory.
 
 Student: the `student` preset (0.4 M parameters); teacher: the `teacher` preset (3.6 M), both
 random-initialised (the speed does not depend on what the weights have learnt).
 
-    python bench/distill.py --steps 20 --repeats 3
+    python bench/distill.py --steps 60 --repeats 3
 
 Writes bench/results/distill-<time>.json and prints the table.
 """
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--student", help="student checkpoint (default: the student preset)")
     p.add_argument("--teacher", help="teacher checkpoint (default: the teacher preset)")
-    p.add_argument("--steps", type=int, default=20, help="optimiser steps per arm")
+    p.add_argument("--steps", type=int, default=60, help="optimiser steps per arm")
     p.add_argument("--batch", type=int, default=32, help="rows per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--top-k", type=int, default=32, help="teacher entries cached per position")

@@ -1,9 +1,9 @@
 """SFT and DPO speed and memory, side by side in one run: `align sft`/`align dpo` vs plain TRL.
 
 Per stage, both arms train the same checkpoint on the same rows (`--steps` x batch rows of the
-embedded tasks, written once to a JSONL file, one pass) with the same batch, learning rate,
-schedule (cosine, 5% warmup), max_length, seed, MoE router loss (0.001) and number of steps,
-with held-out evaluation off:
+embedded tasks in whole seeded passes, written once to a JSONL file, trained in one epoch)
+with the same batch, learning rate, schedule (cosine, 5% warmup), max_length, seed, MoE router
+loss (0.001) and number of steps, with held-out evaluation off:
 
     align   `align sft` / `align dpo` with the toolkit's defaults otherwise: the model loaded
             by align.modeling.load_model (each token runs only its routed experts), MoE
@@ -21,10 +21,10 @@ per arm (medians over repetitions):
 - ready s: from launching the process to the end of training (imports, loading, tokenising,
   DPO's reference pass, training; saving the model excluded). For DPO this is the fair speed
   comparison, since `align dpo`'s reference pass is outside its training loop;
-- peak RSS: the process's peak resident memory, from os.wait4's rusage (ru_maxrss).
+- peak RSS: the process's peak resident memory (ru_maxrss, bench/common.py `run_child`).
 Ratios are align / trl: above 1 is better for tokens/s, below 1 for ready s and memory.
 
-    python bench/train_stages.py --stages sft,dpo --steps 10 --repeats 3
+    python bench/train_stages.py --stages sft,dpo --steps 30 --repeats 3
 
 Writes bench/results/train_stages-<time>.json and prints the table.
 """
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="checkpoint to train (default: the teacher preset)")
     p.add_argument("--stages", default="sft,dpo")
-    p.add_argument("--steps", type=int, default=10, help="optimiser steps per arm")
+    p.add_argument("--steps", type=int, default=30, help="optimiser steps per arm")
     p.add_argument("--sft-batch", type=int, default=32, help="SFT rows per step")
     p.add_argument("--dpo-batch", type=int, default=16, help="DPO pairs per step")
     p.add_argument("--sft-lr", type=float, default=1e-3)
@@ -220,7 +220,8 @@ def main(argv=None) -> None:
         medians=table,
         ratios=ratio_rows,
         notes="ratio = align / trl; training tokens/s: above 1 is better; ready s and peak "
-        "RSS: below 1 is better. Peak RSS: ru_maxrss of each arm's process (os.wait4).",
+        "RSS: below 1 is better. Peak RSS: ru_maxrss of each arm's process, read by a launcher"
+        " process (getrusage RUSAGE_CHILDREN).",
     )
     print(f"wrote {path}")
 
