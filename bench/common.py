@@ -41,7 +41,8 @@ RESULTS = ROOT / "bench" / "results"
 ALIGN = str(Path(sys.executable).with_name("align"))
 
 # Llama 4 style MoEs larger than the toolkit's presets, built here (same family settings and
-# tokenizer as the presets, align/modeling.py). About 15 M and 73 M parameters.
+# tokenizer as the presets, align/modeling.py): 14.0 M parameters (5.8 M active per token) and
+# 74.6 M (30.5 M active).
 SIZES = {
     "medium": dict(
         hidden_size=256,
@@ -62,6 +63,11 @@ SIZES = {
         intermediate_size_mlp=2048,
     ),
 }
+
+# Tokens of `align sft` for bench/runs/sft-teacher. After 100 k, most RL groups still had equal
+# rewards (all wrong; mean sampled reward 0.04-0.11 in a trial) but enough differed for
+# bench/rl.py's arms to train.
+SFT_TEACHER_TOKENS = 100_000
 
 
 # ------------------------------------------------------------------------------- measuring
@@ -118,7 +124,7 @@ LAUNCHER = (
 )
 
 
-def run_child(argv: list[str], log: Path, env: dict[str, str] | None = None) -> ChildRun:
+def run_child(argv: list[str], log: Path) -> ChildRun:
     """Runs `argv` to its end with stdout and stderr in `log` and measures it.
 
     Raises:
@@ -133,7 +139,6 @@ def run_child(argv: list[str], log: Path, env: dict[str, str] | None = None) -> 
             [sys.executable, "-c", LAUNCHER, str(usage_file), *argv],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=env,
         )
         wall = time.perf_counter() - started
     if code != 0:
@@ -146,6 +151,29 @@ def run_child(argv: list[str], log: Path, env: dict[str, str] | None = None) -> 
         cpu_s=usage["cpu_s"],
         launched=launched,
     )
+
+
+def align_training(command: str, config: dict, out: Path) -> dict:
+    """Runs `align COMMAND` (sft, dpo, distill) with `config` as the run `out`/run and measures it.
+
+    Returns the Trainer's `train_runtime` (train_s: the training loop), the seconds from launch
+    to the end of training (ready_s, from the time metrics.jsonl records with the Trainer's
+    final log), the steps, the process's wall time and its peak RSS.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump({**config, "name": "run", "runs_dir": str(out)}))
+    child = run_child([ALIGN, command, "--config", str(path)], out / "log.txt")
+    records = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
+    final = next(r for r in reversed(records) if "train/train_runtime" in r)
+    return {
+        "train_s": final["train/train_runtime"],
+        "ready_s": final["time"] - child.launched,
+        "steps": final["step"],
+        "wall_s": child.wall_s,
+        "cpu_s": child.cpu_s,
+        "peak_rss_mib": child.peak_rss_mib,
+    }
 
 
 def medians(raw: dict[str, list[dict]]) -> dict[str, dict[str, float | None]]:
@@ -299,29 +327,6 @@ def print_table(
     return text
 
 
-def align_training(command: str, config: dict, out: Path) -> dict:
-    """Runs `align COMMAND` (sft, dpo, distill) with `config` as the run `out`/run and measures it.
-
-    Returns the Trainer's `train_runtime` (train_s: the training loop), the seconds from launch
-    to the end of training (ready_s, from the time metrics.jsonl records with the Trainer's
-    final log), the steps, the process's wall time and its peak RSS.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.yaml"
-    path.write_text(yaml.safe_dump({**config, "name": "run", "runs_dir": str(out)}))
-    child = run_child([ALIGN, command, "--config", str(path)], out / "log.txt")
-    records = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
-    final = next(r for r in reversed(records) if "train/train_runtime" in r)
-    return {
-        "train_s": final["train/train_runtime"],
-        "ready_s": final["time"] - child.launched,
-        "steps": final["step"],
-        "wall_s": child.wall_s,
-        "cpu_s": child.cpu_s,
-        "peak_rss_mib": child.peak_rss_mib,
-    }
-
-
 # ------------------------------------------------------------------------------- models, data
 def align_command(args: list[str], log: Path) -> ChildRun:
     """Runs `align ARGS` (output in `log`)."""
@@ -378,13 +383,14 @@ def write_sized_model(size: str, directory: Path) -> None:
     write_checkpoint(family.model_cls(config).to(torch.float32).eval(), directory)
 
 
-def ensure_sft_teacher(tokens: int = 100_000) -> Path:
+def ensure_sft_teacher() -> Path:
     """The teacher preset after a short `align sft` (bench/runs/sft-teacher/model): a starting
     point that solves some prompts, so RL groups have rewards that differ."""
     model = RUNS / "sft-teacher" / "model"
     if (model / "train_result.json").exists():
         return model
     data, teacher = ensure_data(), ensure_model("teacher")
+    tokens = SFT_TEACHER_TOKENS
     print(f"training bench/runs/sft-teacher ({tokens} tokens of align sft) ...", flush=True)
     align_command(
         [

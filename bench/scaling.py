@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 
 import common
+import yaml
 
 AXES = ("group_size", "max_new_tokens", "model", "workers")
 METRICS = [
@@ -110,7 +111,7 @@ def run_ours(args, point: dict, out: Path) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
-    path.write_text(json.dumps(config), encoding="utf-8")  # JSON is YAML
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
     child = common.run_child([common.ALIGN, "rl", "--config", str(path)], out / "log.txt")
     records = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
     steps = [r for r in records if "time/step" in r][args.warmup :]
@@ -118,8 +119,8 @@ def run_ours(args, point: dict, out: Path) -> dict:
         "step_s": statistics.median(r["time/step"] for r in steps),
         "samples_per_s": statistics.median(r["train/sequences"] / r["time/step"] for r in steps),
         "steps_timed": len(steps),
+        # The whole run, start-up included (CPU seconds would miss the Ray actors).
         "wall_s": child.wall_s,
-        "cpu_s": child.cpu_s,
         "worker_cpus": worker_cpus,
     }
 
