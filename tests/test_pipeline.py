@@ -22,7 +22,9 @@ def small_default_pipeline(runs: Path) -> Path:
     stages["data"]["per_level"] = 12
     stages["reference"]["train"]["token_budget"] = 30000
     stages["filter"]["filters"][1]["options"]["samples"] = 4
-    stages["sft"]["train"]["token_budget"] = 30000
+    # Enough for the policy to solve some prompts (39 of 80 in the RL pool's band when
+    # measured): at 30 k tokens it solved none and RL stopped, every group constant.
+    stages["sft"]["train"]["token_budget"] = 120000
     stages["rl"].update(
         steps=3,
         groups_per_step=8,
@@ -60,7 +62,8 @@ def test_default_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     evaluated = ["eval-teacher", "eval-student", "reference", "sft", "rl", "dpo", "distill"]
     for stage in evaluated:
         h = by_stage[stage]["heldout"]
-        assert h["n"] == heldout["n"] == 32, stage  # 2 tasks x 4 levels x 4 held-out rows
+        # 2 tasks x 4 levels x 2 held-out rows (20% of 12 per level)
+        assert h["n"] == heldout["n"] == 16, stage
         assert sorted(h["by_level"]) == ["1", "2", "3", "4"], stage
         assert 0.0 <= h["greedy_accuracy"] <= 1.0 and h["samples"] == 4
     for stage in ("sft", "dpo", "distill"):
