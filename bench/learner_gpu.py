@@ -3,8 +3,9 @@
 Runs `align.learner.Learner.train_step` (the code path `align rl` uses) on synthetic rollout
 groups, without vLLM or Ray, so it runs on a bare GPU machine. MFU = achieved FLOP/s over the
 chip's dense bf16 peak, counting 6 x active parameters x tokens per step for forward and
-backward, plus 2 x active parameters x tokens for the proximal-logprob forward (attention
-FLOPs are left out, so MFU is slightly understated).
+backward (the learner runs one forward per step: with one optimiser step per batch the
+proximal policy's logprobs are the training forward's, detached). Attention FLOPs are left
+out, so MFU is slightly understated.
 
     python bench/learner_gpu.py --peak-tflops 989 --lengths 256,512,1024
 
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
         tokens = args.sequences * length
-        flops = 8 * active * tokens  # 6 (train) + 2 (proximal forward)
+        flops = 6 * active * tokens  # forward + backward
         rows.append(
             {
                 "length": length,
