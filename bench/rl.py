@@ -64,7 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=10, help="linear warmup steps")
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--eval-limit", type=int, default=160)
+    p.add_argument(
+        "--eval-limit", type=int, default=160, help="held-out rows, spread evenly over the file"
+    )
     p.add_argument("--eval-samples", type=int, default=8, help="completions per held-out row")
     p.add_argument("--seed", type=int, default=0)
     # Internal: run one TRL arm in this process.
@@ -198,7 +200,9 @@ def evaluate_snapshots(args, directories: list[Path]) -> dict[str, list[dict]]:
     from align.data import load_dataset_file
     from align.evaluate import evaluate
 
-    rows = [dict(r) for r in load_dataset_file(args.heldout, "rl")[0]][: args.eval_limit]
+    rows = evenly_spaced(
+        [dict(r) for r in load_dataset_file(args.heldout, "rl")[0]], args.eval_limit
+    )
     llm = engine.start_engine(args.model, engine.EngineConfig())
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     curves = {}
@@ -224,6 +228,14 @@ def evaluate_snapshots(args, directories: list[Path]) -> dict[str, list[dict]]:
             )
         curves[str(directory)] = points
     return curves
+
+
+def evenly_spaced(rows: list, limit: int) -> list:
+    """`limit` rows spread evenly over the file: held-out files are often ordered by task and
+    difficulty, and their first rows alone would be one task's easiest level."""
+    if len(rows) <= limit:
+        return rows
+    return [rows[i * len(rows) // limit] for i in range(limit)]
 
 
 def time_to(points: list[dict], target: float) -> float | None:

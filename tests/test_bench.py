@@ -169,3 +169,19 @@ def test_run_child_measures_the_child_peak_memory_and_names_the_log_of_a_failure
         )
     assert str(tmp_path / "bad.log") in str(error.value) and "boom" in str(error.value)
     del held
+
+
+def test_rl_scores_held_out_rows_spread_over_the_file():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_rl", BENCH / "rl.py")
+        rl = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(rl)
+    finally:
+        sys.path.remove(str(BENCH))
+    # A file ordered by task: the first 40 rows would all be 'add'.
+    rows = [{"task": "add" if i < 80 else "sort", "i": i} for i in range(160)]
+    picked = rl.evenly_spaced(rows, 40)
+    assert len(picked) == 40 and len({r["i"] for r in picked}) == 40
+    assert sum(r["task"] == "sort" for r in picked) == 20
+    assert rl.evenly_spaced(rows[:3], 40) == rows[:3]
