@@ -26,8 +26,8 @@ test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Settings chosen so that the whole target stays under 30 minutes on a 2-core CPU machine:
-# 22 minutes from an empty bench/runs/ with a load average of 1-2 (other jobs running); under a
-# load average of 4-6 the same suite has taken twice as long.
+# 24 minutes from an empty bench/runs/ on a quiet machine (docs/benchmarks.md); under a load
+# average of 4-6 (other jobs running) the suite has taken up to twice as long.
 bench: install
 	$(VENV)/bin/python bench/common.py
 	$(VENV)/bin/python bench/generation.py --sizes teacher,large --repeats 3
