@@ -144,11 +144,16 @@ def model_config(preset: str) -> PretrainedConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
     family_name, sizes = PRESETS[preset]
+    return family_config(family_name, **sizes)
+
+
+def family_config(family_name: str, **sizes) -> PretrainedConfig:
+    """Returns the config of a `FAMILIES[family_name]` model with the given sizes (overriding the
+    family's base settings) and the embedded tokenizer's special ids."""
     family = FAMILIES[family_name]
     tokenizer = build_tokenizer()
     return family.config_cls(
-        **family.base,
-        **sizes,
+        **{**family.base, **sizes},
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

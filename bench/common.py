@@ -83,6 +83,14 @@ class Metric:
     fmt: str = "{:.1f}"
 
 
+# What the training benchmarks (train_stages.py, distill.py) report for each arm.
+TRAINING_METRICS = [
+    Metric("train_tokens_per_s", "training tokens/s", "higher"),
+    Metric("ready_s", "ready s", "lower"),
+    Metric("peak_rss_mib", "peak RSS MiB", "lower", "{:.0f}"),
+]
+
+
 def alternate(arms: list[str], repeats: int) -> list[tuple[int, str]]:
     """The run order: (repetition, arm), the arms in the given order on even repetitions and
     reversed on odd ones, so that drift on the machine (heat, other jobs) hits every arm alike.
@@ -366,20 +374,9 @@ def write_sized_model(size: str, directory: Path) -> None:
     """Writes the Llama 4 style model of `SIZES[size]` (seed 0) as a checkpoint in `directory`."""
     import torch
 
-    from align.modeling import FAMILIES, write_checkpoint
-    from align.tokenizer import build_tokenizer
+    from align.modeling import FAMILIES, family_config, write_checkpoint
 
-    family, tokenizer = FAMILIES["llama4"], build_tokenizer()
-    config = family.config_cls(
-        **family.base,
-        **SIZES[size],
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        architectures=[family.model_cls.__name__],
-        dtype="float32",
-    )
+    family, config = FAMILIES["llama4"], family_config("llama4", **SIZES[size])
     torch.manual_seed(0)
     write_checkpoint(family.model_cls(config).to(torch.float32).eval(), directory)
 

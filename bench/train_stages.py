@@ -40,11 +40,7 @@ from pathlib import Path
 import common
 
 STAGES = ("sft", "dpo")
-METRICS = [
-    common.Metric("train_tokens_per_s", "training tokens/s", "higher"),
-    common.Metric("ready_s", "ready s", "lower"),
-    common.Metric("peak_rss_mib", "peak RSS MiB", "lower", "{:.0f}"),
-]
+METRICS = common.TRAINING_METRICS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
