@@ -113,8 +113,9 @@ def describe(command: str, result: dict) -> str:
         buffer = result["buffer"]
         return (
             f"{result['steps']} steps, {result['samples_trained']} samples trained "
-            f"({result['samples_per_second']:.0f}/s), {buffer['dropped_constant']} "
-            f"zero-advantage samples dropped, {buffer['dropped_stale']} stale, "
+            f"({result['samples_per_second']:.0f}/s); of {buffer['received']} groups generated, "
+            f"{buffer['dropped_constant']} dropped as zero-advantage and "
+            f"{buffer['dropped_stale']} as stale; "
             f"{result['worker_restarts']} worker restarts"
         )
     if command == "dpo":

@@ -71,6 +71,14 @@ def test_default_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
         assert by_stage[stage]["tokens"] == budget > 0
     assert by_stage["rl"]["tokens"] > 0
     assert by_stage["filter"]["did"].startswith("kept ")
+    # The RL line counts groups as groups: generated = trained + dropped (+ any left over).
+    rl_result = json.loads((root / "rl" / "result.json").read_text())
+    buffer = rl_result["buffer"]
+    assert buffer["received"] >= 3 * 8 + buffer["dropped_constant"] + buffer["dropped_stale"]
+    assert (
+        f"of {buffer['received']} groups generated, {buffer['dropped_constant']} dropped as"
+        in by_stage["rl"]["did"]
+    )
     assert abs(report["total_seconds"] - sum(r["seconds"] for r in report["stages"])) < 1e-6
     for plot in ("accuracy.png", "rl-rl.png", "distill-distill.png"):
         assert (root / plot).stat().st_size > 10_000, plot
