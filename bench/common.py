@@ -117,6 +117,19 @@ class ChildRun:
     # time.time() at launch, to compare with timestamps the process writes.
     launched: float
 
+    def training_result(self, train_s: float, ended: float, steps: int) -> dict:
+        """A training arm's measurements: the training loop's seconds (train_s), launch to the
+        end of training (ready_s, from `ended`: the time.time() the process recorded there),
+        the steps, and this process's wall time, CPU seconds and peak RSS."""
+        return {
+            "train_s": train_s,
+            "ready_s": ended - self.launched,
+            "steps": steps,
+            "wall_s": self.wall_s,
+            "cpu_s": self.cpu_s,
+            "peak_rss_mib": self.peak_rss_mib,
+        }
+
 
 # Runs argv[2:], writes its peak RSS (KiB) and CPU seconds to the file argv[1] as JSON and exits
 # with its exit status.
@@ -131,6 +144,11 @@ LAUNCHER = (
     "open(sys.argv[1], 'w').write(json.dumps(facts))\n"
     "sys.exit(code)\n"
 )
+
+
+def log_tail(log: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a process's log, for an error message."""
+    return "".join(log.read_text(errors="replace").splitlines(keepends=True)[-lines:])
 
 
 def run_child(argv: list[str], log: Path) -> ChildRun:
@@ -151,8 +169,9 @@ def run_child(argv: list[str], log: Path) -> ChildRun:
         )
         wall = time.perf_counter() - started
     if code != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:])
-        raise RuntimeError(f"{' '.join(argv[:3])} ... exited with {code}; log {log}:\n{tail}")
+        raise RuntimeError(
+            f"{' '.join(argv[:3])} ... exited with {code}; log {log}:\n{log_tail(log)}"
+        )
     usage = json.loads(usage_file.read_text())
     return ChildRun(
         wall_s=wall,
@@ -162,27 +181,23 @@ def run_child(argv: list[str], log: Path) -> ChildRun:
     )
 
 
-def align_training(command: str, config: dict, out: Path) -> dict:
-    """Runs `align COMMAND` (sft, dpo, distill) with `config` as the run `out`/run and measures it.
-
-    Returns the Trainer's `train_runtime` (train_s: the training loop), the seconds from launch
-    to the end of training (ready_s, from the time metrics.jsonl records with the Trainer's
-    final log), the steps, the process's wall time and its peak RSS.
-    """
+def run_align(command: str, config: dict, out: Path) -> ChildRun:
+    """Runs `align COMMAND --config out/config.yaml` with `config` as the run out/run (its name
+    and runs_dir are set here), output in out/log.txt, and measures it (`run_child`)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump({**config, "name": "run", "runs_dir": str(out)}))
-    child = run_child([ALIGN, command, "--config", str(path)], out / "log.txt")
+    return run_child([ALIGN, command, "--config", str(path)], out / "log.txt")
+
+
+def align_training(command: str, config: dict, out: Path) -> dict:
+    """Runs `align COMMAND` (sft, dpo, distill) with `config` as the run `out`/run and measures it
+    (`ChildRun.training_result`): the Trainer's `train_runtime` and the time metrics.jsonl
+    records with the Trainer's final log mark the training loop and its end."""
+    child = run_align(command, config, out)
     records = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
     final = next(r for r in reversed(records) if "train/train_runtime" in r)
-    return {
-        "train_s": final["train/train_runtime"],
-        "ready_s": final["time"] - child.launched,
-        "steps": final["step"],
-        "wall_s": child.wall_s,
-        "cpu_s": child.cpu_s,
-        "peak_rss_mib": child.peak_rss_mib,
-    }
+    return child.training_result(final["train/train_runtime"], final["time"], final["step"])
 
 
 def medians(raw: dict[str, list[dict]]) -> dict[str, dict[str, float | None]]:

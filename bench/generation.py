@@ -185,9 +185,9 @@ class Server:
         line = self.process.stdout.readline()
         if not line:
             self.process.wait()
-            tail = "".join(self.log.read_text(errors="replace").splitlines(keepends=True)[-20:])
             raise RuntimeError(
-                f"generation arm exited with {self.process.returncode}; log {self.log}:\n{tail}"
+                f"generation arm exited with {self.process.returncode}; log {self.log}:\n"
+                + common.log_tail(self.log)
             )
         return json.loads(line)
 

@@ -36,7 +36,6 @@ import sys
 from pathlib import Path
 
 import common
-import yaml
 
 AXES = ("group_size", "max_new_tokens", "model", "workers")
 METRICS = [
@@ -92,8 +91,6 @@ def run_ours(args, point: dict, out: Path) -> dict:
     cpus = os.cpu_count() or 1
     worker_cpus = min(1.0, (cpus - 1) / point["workers"])
     config = {
-        "name": "run",
-        "runs_dir": str(out),
         "model": str(common.ensure_model(point["model"])),
         "data": str(common.RUNS / "data" / "train" / "rl"),
         "heldout": None,
@@ -109,10 +106,7 @@ def run_ours(args, point: dict, out: Path) -> dict:
         "save_every": 1_000_000,
         "seed": args.seed,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    child = common.run_child([common.ALIGN, "rl", "--config", str(path)], out / "log.txt")
+    child = common.run_align("rl", config, out)
     records = [json.loads(line) for line in open(out / "run" / "metrics.jsonl")]
     steps = [r for r in records if "time/step" in r][args.warmup :]
     return {

@@ -97,14 +97,7 @@ def run_trl(args, stage: str, data: Path, out: Path) -> dict:
     argv += ["--seed", str(args.seed)]
     child = common.run_child(argv, out / "log.txt")
     result = json.loads((out / "result.json").read_text())
-    return {
-        "train_s": result["train_runtime"],
-        "ready_s": result["train_end"] - child.launched,
-        "steps": result["steps"],
-        "wall_s": child.wall_s,
-        "cpu_s": child.cpu_s,
-        "peak_rss_mib": child.peak_rss_mib,
-    }
+    return child.training_result(result["train_runtime"], result["train_end"], result["steps"])
 
 
 def trl_arm(args) -> None:
