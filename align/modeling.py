@@ -8,12 +8,14 @@ transformers and vLLM load. The same loading code (`load_model`) serves real che
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     GenerationConfig,
     Llama4ForCausalLM,
@@ -230,6 +232,30 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
+    return _for_training(model)
+
+
+def empty_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The checkpoint's architecture on the meta device: no memory, no weights.
+
+    A sharded learner cuts this into shards before any weight exists, then fills the shards
+    from one rank's copy of the checkpoint (`align.rl.learner`), so no rank ever holds the
+    whole model on its device.
+    """
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    return _for_training(model)
+
+
+def checkpoint_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (config.json's `dtype`; float32 if none)."""
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
+
+
+def _for_training(model: PreTrainedModel) -> PreTrainedModel:
     if isinstance(model, Llama4ForCausalLM):
         # Two gaps between transformers' text-only Llama 4 and TRL's trainers, closed on this
         # instance only (nothing changes in what is saved):

@@ -99,19 +99,8 @@ class ExpertLoad:
         return count
 
     def summary(self) -> dict[str, float]:
-        """Load relative to a uniform share, worst over layers: 1.0 everywhere is perfect balance.
-
-        Example: 4 experts with shares 0.4, 0.3, 0.2, 0.1 -> load_max 1.6, load_min 0.4,
-        load_cv = std/mean of the shares = 0.1118 / 0.25 = 0.447.
-        """
-        if self.counts_le.sum() == 0:
-            return {}
-        relative_le = shares(self.counts_le) * self.counts_le.shape[1]
-        return {
-            "moe/load_max": relative_le.max().item(),
-            "moe/load_min": relative_le.min().item(),
-            "moe/load_cv": (relative_le.std(dim=1, unbiased=False)).max().item(),
-        }
+        """`load_summary` of the counts so far."""
+        return load_summary(self.counts_le)
 
     def reset(self) -> None:
         self.counts_le.zero_()
@@ -146,6 +135,69 @@ class RouterLogits:
         """The logits recorded since the last call, one tensor per MoE layer in order."""
         logits, self.logits = tuple(self.logits), []
         return logits
+
+
+def load_summary(counts_le: torch.Tensor) -> dict[str, float]:
+    """Load relative to a uniform share, worst over layers: 1.0 everywhere is perfect balance.
+
+    Example: 4 experts with shares 0.4, 0.3, 0.2, 0.1 -> load_max 1.6, load_min 0.4,
+    load_cv = std/mean of the shares = 0.1118 / 0.25 = 0.447. Empty counts give {}.
+    """
+    if counts_le.sum() == 0:
+        return {}
+    relative_le = shares(counts_le) * counts_le.shape[1]
+    return {
+        "moe/load_max": relative_le.max().item(),
+        "moe/load_min": relative_le.min().item(),
+        "moe/load_cv": (relative_le.std(dim=1, unbiased=False)).max().item(),
+    }
+
+
+@dataclass
+class BalanceTerms:
+    """The sums the router load-balancing loss is made of, over some tokens of every MoE layer.
+
+    transformers' `load_balancing_loss_func` (Switch Transformer's loss, used by TRL and by
+    Llama 4's recipe) is, over all layers' real tokens of a batch,
+        aux = E * sum_e (count_e / R) * (prob_e / R)
+    with count_e the top-k assignments to expert e, prob_e the sum of softmax(router logits)_e
+    and R the (layer, token) rows. Both sums are additive over tokens, so a batch split across
+    ranks gets the batch's loss exactly: all-reduce `counts_e` and `rows` (no gradient), then
+    each rank's `loss(...)` of its own `prob_e` adds up to the batch's aux (and so do the
+    gradients).
+    """
+
+    counts_e: torch.Tensor
+    prob_e: torch.Tensor
+    rows: torch.Tensor
+
+    def loss(self, counts_e: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """This part's share of the aux loss, given the counts and rows of the whole batch."""
+        rows = rows.clamp(min=1)
+        return counts_e.shape[0] * ((counts_e / rows) * (self.prob_e / rows)).sum()
+
+
+def balance_terms(
+    router_logits: tuple[torch.Tensor, ...], top_k: int, token_mask_t: torch.Tensor
+) -> BalanceTerms:
+    """`BalanceTerms` of the tokens where `token_mask_t` (flattened batch x sequence) is 1.
+
+    Same reductions as transformers' `load_balancing_loss_func` with an attention mask.
+    """
+    num_experts = router_logits[0].shape[-1]
+    device = router_logits[0].device
+    mask_t = token_mask_t.reshape(-1).to(device=device, dtype=torch.float32)
+    counts_e = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    prob_e = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    for logits_te in router_logits:
+        probs_te = torch.softmax(logits_te, dim=-1)
+        chosen_tk = torch.topk(probs_te, top_k, dim=-1).indices
+        counts_e = counts_e + torch.zeros_like(counts_e).scatter_add_(
+            0, chosen_tk.reshape(-1), mask_t.repeat_interleave(top_k)
+        )
+        prob_e = prob_e + (probs_te.float() * mask_t.unsqueeze(-1)).sum(dim=0)
+    rows = mask_t.sum() * len(router_logits)
+    return BalanceTerms(counts_e.detach(), prob_e, rows.detach())
 
 
 def _llama4_routed_forward(self, hidden_states: torch.Tensor):
