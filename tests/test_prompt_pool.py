@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from align.config import ConfigError, from_dict
-from align.prompt_pool import PoolSettings, PromptPool
+from align.rl.pool import PoolSettings, PromptPool
 
 
 def make_rows(counts: dict[str | None, int]) -> list[dict]:
@@ -57,7 +57,7 @@ def test_band_keeps_exactly_the_inclusive_band_and_counts_each_side(caplog):
     pool = PromptPool(make_rows({"add": 10}), settings, seed=0)
     # Prompts 8 and 9 are not scored: unknown difficulty keeps them active.
     difficulties = [0.0, 0.125, 0.25, 0.5, 0.75, 0.875, 1.0, 0.24]
-    with caplog.at_level(logging.INFO, logger="align.prompt_pool"):
+    with caplog.at_level(logging.INFO, logger="align.rl.pool"):
         metrics = pool.rescore(rates(difficulties), step=10)
     assert active_ids(pool) == [2, 3, 4, 8, 9]  # both edges inclusive
     assert metrics["pool/dropped_easy"] == 3  # 0.0, 0.125, 0.24
@@ -88,7 +88,7 @@ def test_min_active_keeps_the_closest_prompts_and_warns(caplog):
     settings = PoolSettings(min_difficulty=0.4, max_difficulty=0.6, min_active=4)
     pool = PromptPool(make_rows({"add": 7}), settings, seed=0)
     difficulties = [0.0, 0.2, 0.35, 0.5, 0.7, 0.9, 1.0]  # distances .4 .2 .05 0 .1 .3 .4
-    with caplog.at_level(logging.WARNING, logger="align.prompt_pool"):
+    with caplog.at_level(logging.WARNING, logger="align.rl.pool"):
         metrics = pool.rescore(rates(difficulties), step=5)
     assert active_ids(pool) == [1, 2, 3, 4]
     assert metrics["pool/kept_by_min_active"] == 3
@@ -107,7 +107,7 @@ def test_min_active_keeps_the_closest_prompts_and_warns(caplog):
 
 
 def test_a_pool_no_larger_than_min_active_keeps_everything(caplog):
-    with caplog.at_level(logging.WARNING, logger="align.prompt_pool"):
+    with caplog.at_level(logging.WARNING, logger="align.rl.pool"):
         pool = PromptPool(make_rows({"add": 3}), PoolSettings(min_active=8), seed=0)
         pool.rescore(rates([0.0, 0.0, 1.0]), step=1)
     assert active_ids(pool) == [0, 1, 2]
@@ -176,7 +176,7 @@ def test_the_share_of_a_task_without_active_prompts_goes_to_the_others(caplog):
     rows = make_rows({"add": 30, "sort": 30, "mul": 30})
     settings = PoolSettings(task_weights={"add": 2.0, "sort": 1.0, "mul": 1.0}, min_active=1)
     pool = PromptPool(rows, settings, seed=0)
-    with caplog.at_level(logging.WARNING, logger="align.prompt_pool"):
+    with caplog.at_level(logging.WARNING, logger="align.rl.pool"):
         pool.rescore(rates([0.5] * 60 + [0.0] * 30), step=1)  # every mul prompt too easy
     assert "['mul'] have a weight but no active prompts" in caplog.text
     got = shares(pool.take(DRAWS))
@@ -187,7 +187,7 @@ def test_the_share_of_a_task_without_active_prompts_goes_to_the_others(caplog):
 
 def test_unlisted_tasks_are_never_taken_and_unknown_ones_are_refused(caplog):
     rows = make_rows({"add": 10, "sort": 10})
-    with caplog.at_level(logging.WARNING, logger="align.prompt_pool"):
+    with caplog.at_level(logging.WARNING, logger="align.rl.pool"):
         pool = PromptPool(rows, PoolSettings(task_weights={"add": 1.0}), seed=0)
     assert "['sort'] have no entry in task_weights" in caplog.text
     assert shares(pool.take(200)) == {"add": 1.0}
@@ -244,7 +244,7 @@ def test_a_rescore_mid_epoch_goes_on_with_the_prompts_still_active(caplog):
     untaken = sorted(set(range(20)) - set(taken))
     # Drop one given-back prompt and two untaken ones.
     dropped = {taken[0], untaken[0], untaken[1]}
-    with caplog.at_level(logging.INFO, logger="align.prompt_pool"):
+    with caplog.at_level(logging.INFO, logger="align.rl.pool"):
         pool.rescore(rates([0.0 if i in dropped else 0.5 for i in range(20)]), step=1)
     assert "forgot 1 given-back prompts" in caplog.text
     rest = [p.id for p in pool.take(1 + 12 - 2)]
@@ -359,14 +359,11 @@ def test_load_state_dict_refuses_another_pool():
 # --- records and bad input ------------------------------------------------------------------
 
 
-def test_record_keeps_running_statistics_per_prompt():
+def test_record_keeps_the_rollout_statistics_of_the_window():
     pool = PromptPool(make_rows({"add": 3}), PoolSettings(), seed=0)
     pool.record(1, [1.0, 0.0], [True, False])
     pool.record(1, [1.0, 1.0], [True, True])
     pool.record(2, [0.0, 0.0], [False, False])
-    state = pool.state_dict()
-    assert (state["groups"], state["samples"], state["passed"]) == ([0, 2, 1], [0, 4, 2], [0, 3, 0])
-    assert state["reward_sum"] == [0.0, 3.0, 0.0]
     metrics = pool.metrics()
     assert metrics["pool/rollout/groups"] == 3
     assert metrics["pool/rollout/pass_rate"] == pytest.approx(3 / 6)

@@ -226,11 +226,6 @@ class PromptPool:
         # Per prompt: difficulty from the latest re-score that scored it (None: never scored).
         self._difficulty: list[float | None] = [None] * n
         self._active = [True] * n
-        # Per prompt running rollout statistics from `record`.
-        self._groups = [0] * n
-        self._samples = [0] * n
-        self._passed = [0] * n
-        self._reward_sum = [0.0] * n
         self._band = (settings.min_difficulty, settings.max_difficulty)
         self._rescores = 0
         self._last_step: int | None = None
@@ -366,10 +361,6 @@ class PromptPool:
                 f"{len(rewards)} rewards and {len(passed)} flags for prompt {prompt_id})"
             )
         n_passed = sum(bool(p) for p in passed)
-        self._groups[prompt_id] += 1
-        self._samples[prompt_id] += len(passed)
-        self._passed[prompt_id] += n_passed
-        self._reward_sum[prompt_id] += float(sum(rewards))
         window = self._window
         window["groups"] += 1
         window["samples"] += len(passed)
@@ -545,10 +536,6 @@ class PromptPool:
             "seed": self.seed,
             "difficulty": list(self._difficulty),
             "active": list(self._active),
-            "groups": list(self._groups),
-            "samples": list(self._samples),
-            "passed": list(self._passed),
-            "reward_sum": list(self._reward_sum),
             "band": list(self._band),
             "rescores": self._rescores,
             "last_step": self._last_step,
@@ -594,10 +581,6 @@ class PromptPool:
             self.seed = state["seed"]
         self._difficulty = [None if d is None else float(d) for d in state["difficulty"]]
         self._active = [bool(a) for a in state["active"]]
-        self._groups = [int(x) for x in state["groups"]]
-        self._samples = [int(x) for x in state["samples"]]
-        self._passed = [int(x) for x in state["passed"]]
-        self._reward_sum = [float(x) for x in state["reward_sum"]]
         self._band = (float(state["band"][0]), float(state["band"][1]))
         self._rescores = int(state["rescores"])
         self._last_step = state["last_step"]

@@ -1,0 +1,65 @@
+"""The data of the online RL stage: sampling settings and scored rollout groups.
+
+A rollout worker returns `Rollout`s; the controller buffers them and hands batches of them to
+the learner group. They cross Ray and go into checkpoints (the buffer's groups), so they hold
+only what the learner and the bookkeeping read: token ids, vLLM's logprobs of the sampled
+tokens, rewards, and the policy version that sampled them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class SamplingSettings:
+    """How rollouts are sampled."""
+
+    # Completions per prompt (the group of GRPO-style advantages).
+    group_size: int = 8
+    # Sampling temperature of rollouts. The RL stage needs 1.0: its learner scores tokens at
+    # temperature 1, the distribution vLLM then samples from.
+    temperature: float = 1.0
+    # Longest completion in tokens.
+    max_new_tokens: int = 32
+
+
+@dataclass
+class Rollout:
+    """One prompt's group of sampled completions, scored, tagged with the policy version."""
+
+    # Index of the prompt in the prompt pool.
+    prompt_id: int
+    # Token ids of the prompt (chat template applied).
+    prompt_ids: list[int]
+    # Per completion: sampled token ids, and vLLM's logprob of each (the behaviour policy).
+    completion_ids: list[list[int]]
+    behaviour_logprobs: list[list[float]]
+    # Combined reward per completion (None: unscored, a reward failed or none applied).
+    rewards: list[float | None]
+    # Policy version (learner steps) of the weights that sampled the group.
+    version: int
+    # Task family of the prompt ("default" when the rows have none), for per-task metrics.
+    task: str = "default"
+
+    @property
+    def scored_rewards(self) -> list[float]:
+        return [r for r in self.rewards if r is not None]
+
+    def is_constant(self) -> bool:
+        """Whether every scored reward is equal: zero advantage, nothing to learn."""
+        scored = self.scored_rewards
+        return len(scored) < 2 or max(scored) - min(scored) < 1e-9
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerateResult:
+    """What one rollout request returns to the controller."""
+
+    rollouts: list[Rollout]
+    # Seconds spent sampling and scoring, tokens generated, and reward metrics.
+    metrics: dict[str, float] = field(default_factory=dict)
