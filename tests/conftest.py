@@ -151,3 +151,42 @@ def partially_trained(tmp_path_factory):
     memorize(model, build_tokenizer(), list(to_rl(train)), steps=300, lr=3e-3)
     path = write_checkpoint(model, tmp_path_factory.mktemp("partial") / "model")
     return {"checkpoint": path, "heldout": heldout}
+
+
+def run_ranks(target, world: int, *args, timeout_s: float = 600.0) -> None:
+    """Runs `target(rank, world, port, *args)` in `world` fresh processes, as the learner group's
+    ranks (they join a gloo group at 127.0.0.1:port); fails unless every one exits cleanly.
+
+    `target` must be a module-level function (the processes are spawned and import it).
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    from align.rl.learner import free_address
+
+    _, port = free_address()
+    context = mp.get_context("spawn")
+    processes = [
+        context.Process(target=_rank_entry, args=(target, rank, world, port, args))
+        for rank in range(world)
+    ]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    hung = [p for p in processes if p.is_alive()]
+    for process in hung:
+        process.kill()
+    assert not hung, f"{len(hung)} of {world} ranks still running after {timeout_s:.0f} s"
+    codes = [p.exitcode for p in processes]
+    assert codes == [0] * world, f"rank exit codes {codes} (their tracebacks are above)"
+
+
+def _rank_entry(target, rank: int, world: int, port: int, args: tuple) -> None:
+    import torch
+
+    # Two ranks share the machine's cores; one thread each keeps them from fighting.
+    torch.set_num_threads(1)
+    target(rank, world, port, *args)

@@ -1,5 +1,9 @@
 """Weight sync learner -> live vLLM engine: after a sync the engine scores exactly like the learner.
 
+Two ways in: the RL learner group's in-memory stream through vLLM's weight-transfer protocol
+(`align.rl.transport` -> `align.engine.receive_weights`), and a checkpoint directory loaded in
+place (`align.engine.sync_weights`, what the distillation stage and snapshot evaluation use).
+
 The tests reuse the session's engines (conftest `engine_for`, one per family) and load trained
 weights into them; a module fixture loads the original checkpoints back at the end (and checks
 that this worked), so the other vLLM tests see the engines as they were started.
@@ -7,17 +11,28 @@ that this worked), so the other vLLM tests see the engines as they were started.
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from align import engine
+from align.engine import worker as engine_worker
+from align.losses.policy import PolicyLossSettings
 from align.modeling import load_model
+from align.rl import transport
+from align.rl.learner import LearnerRank, LearnerSettings, free_address, split_batch, token_logprobs
 from align.tokenizer import encode_prompts
 from align.weight_sync import export_weights
+from tests.conftest import run_ranks, shared_engine
+from tests.test_learner import on_policy_groups
 
 FAMILIES = ["llama4", "qwen3_moe"]
 TOLERANCE = 1e-4
@@ -133,7 +148,7 @@ def test_sync_makes_engine_score_like_learner(family, checkpoints, engine_for, l
 def test_cpu_moe_repack_is_what_makes_the_sync_exact(family, checkpoints, engine_for, learner):
     """Loading without prepacking vLLM's CPU MoE experts again leaves the engine wrong."""
     llm = engine_for(family)
-    if not llm.apply_model(lambda model: len(engine._cpu_moe_layers(model)))[0]:
+    if not llm.apply_model(lambda model: len(engine_worker._cpu_moe_layers(model)))[0]:
         pytest.skip("this engine does not run vLLM's CPU MoE experts")
     model, exported, sequences = learner(family)
 
@@ -185,7 +200,9 @@ def test_unsupported_cpu_moe_layouts_are_refused_before_loading(
     _, exported, sequences = learner("llama4")
     engine.sync_weights(llm, checkpoints["llama4"])
     # The engine runs in this process: its live CPU experts objects come back as they are.
-    (experts,) = llm.apply_model(lambda model: [e for _, _, e in engine._cpu_moe_layers(model)])
+    (experts,) = llm.apply_model(
+        lambda model: [e for _, _, e in engine_worker._cpu_moe_layers(model)]
+    )
     if not experts:
         pytest.skip("this engine does not run vLLM's CPU MoE experts")
     try:
@@ -243,3 +260,85 @@ def test_export_switches_a_link_atomically_and_keeps_one_previous_version(tmp_pa
 def test_learner_side_does_not_import_vllm():
     code = "import sys, align.weight_sync; assert 'vllm' not in sys.modules, 'vllm imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the learner group's in-memory stream ------------------------------------------------------
+
+
+def _train_and_send(rank, world, port, checkpoint, groups, endpoints, sequences, out: Path):
+    """Two learner steps on `world` ranks; rank 0 stages the weights and sends them to each
+    endpoint in turn; every rank scores `sequences` (rank 0 writes the logprobs)."""
+    settings = LearnerSettings(learning_rate=1e-2)
+    learner = LearnerRank(str(checkpoint), settings, PolicyLossSettings(), 8, 0, rank, world)
+    learner.start("127.0.0.1", port)
+    for _ in range(2):
+        parts, _ = split_batch(groups, learner.loss, world, settings.micro_batch_size)
+        learner.train_step(parts[rank], stage=True)
+    if rank == 0:
+        (out / "update_info.json").write_text(json.dumps(learner.update_info()))
+        for worker, endpoint in enumerate(endpoints):
+            learner.open_channel(worker, endpoint)
+        for worker in range(len(endpoints)):
+            learner.send_weights(worker, learner.version)
+    with torch.no_grad():
+        logprobs = [
+            token_logprobs(learner.model, torch.tensor([ids]), torch.ones(1, len(ids)))[0].tolist()
+            for ids in sequences
+        ]
+    if rank == 0:
+        (out / "logprobs.json").write_text(json.dumps(logprobs))
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_learner_ranks_stream_weights_into_two_engines_exactly(
+    family, checkpoints, engine_for, learner, tmp_path
+):
+    """2 learner ranks (gloo) train, rank 0 streams the weights into 2 engines (the session's
+    and one on a copy of the checkpoint); both then score like the learner (<= 1e-5)."""
+    llms = [engine_for(family), shared_engine(_copy_of(checkpoints[family]))]
+    _, _, sequences = learner(family)
+    groups = on_policy_groups(load_model(checkpoints[family]), groups=4)
+    endpoints = [transport.Endpoint("gloo", "127.0.0.1", free_address()[1], 2, 120.0) for _ in llms]
+    ranks = threading.Thread(
+        target=run_ranks,
+        args=(_train_and_send, 2, checkpoints[family], groups, endpoints, sequences, tmp_path),
+    )
+    ranks.start()
+    try:
+        for llm, endpoint in zip(llms, endpoints, strict=True):
+            engine.init_weight_transfer(llm, endpoint.worker_init_info())
+        update_info = tmp_path / "update_info.json"
+        while not update_info.exists() and ranks.is_alive():
+            time.sleep(0.1)
+        seconds = [engine.receive_weights(llm, json.loads(update_info.read_text())) for llm in llms]
+        ranks.join()
+        learner_lp = json.loads((tmp_path / "logprobs.json").read_text())
+        for llm in llms:
+            for vllm_lp, expected in zip(
+                engine.sequence_logprobs(llm, sequences), learner_lp, strict=True
+            ):
+                assert (torch.tensor(vllm_lp) - torch.tensor(expected)).abs().max() <= 1e-5
+        assert all(0 < s < 60 for s in seconds)
+    finally:
+        ranks.join()
+        engine.sync_weights(llms[0], checkpoints[family])
+        engine.sync_weights(llms[1], checkpoints[family])
+    # The learner really moved: the starting weights score these sequences differently.
+    moved = max(
+        (torch.tensor(a) - torch.tensor(b)).abs().max().item()
+        for a, b in zip(engine.sequence_logprobs(llms[1], sequences), learner_lp, strict=True)
+    )
+    assert moved > 0.05, moved
+
+
+_COPIES: dict[str, Path] = {}
+
+
+def _copy_of(checkpoint: Path) -> Path:
+    """A copy of `checkpoint` (a second engine for it must not count as a repeated start)."""
+    if str(checkpoint) not in _COPIES:
+        copy = checkpoint.with_name(checkpoint.name + "-second-worker")
+        shutil.copytree(checkpoint, copy, dirs_exist_ok=True)
+        _COPIES[str(checkpoint)] = copy
+    return _COPIES[str(checkpoint)]
