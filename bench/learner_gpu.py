@@ -1,13 +1,15 @@
-"""The RL learner on a GPU: step time, tokens/s and MFU for a MoE sized for the device.
+"""The RL learner on a GPU: step time, tokens/s, MFU and peak memory of a ~1 B-parameter MoE.
 
-Runs `align.learner.Learner.train_step` (the code path `align rl` uses) on synthetic rollout
-groups, without vLLM or Ray, so it runs on a bare GPU machine. MFU = achieved FLOP/s over the
-chip's dense bf16 peak, counting 6 x active parameters x tokens per step for forward and
-backward (the learner runs one forward per step: with one optimiser step per batch the
-proximal policy's logprobs are the training forward's, detached). Attention FLOPs are left
-out, so MFU is slightly understated.
+Runs one rank of the learner group (`align.rl.learner.LearnerRank.train_step`, the code path
+`align rl` uses: FSDP2, bf16 compute with fp32 master weights) on synthetic rollout groups,
+without vLLM or Ray, so it runs on a bare GPU machine; then times the per-layer gather and
+conversion to checkpoint format that precedes every weight sync (`stage_weights`). MFU =
+achieved FLOP/s over the chip's dense bf16 peak, counting 6 x active parameters x tokens per
+step for forward and backward (the learner runs one forward per step: with one optimiser step
+per batch the proximal policy's logprobs are the training forward's, detached). Attention FLOPs
+are left out, so MFU is slightly understated.
 
-    python bench/learner_gpu.py --peak-tflops 989 --lengths 256,512,1024
+    python bench/learner_gpu.py --peak-tflops 989 --lengths 512,1024,2048,4096
 
 Writes bench/results/learner-gpu-<time>.json and prints the table.
 """
@@ -30,13 +32,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     p.add_argument(
-        "--lengths", default="256,512,1024", help="sequence lengths (prompt + completion)"
+        "--lengths", default="512,1024,2048,4096", help="sequence lengths (prompt + completion)"
     )
-    p.add_argument("--sequences", type=int, default=64, help="sequences per step")
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=65536, help="tokens per step (all lengths)")
+    p.add_argument("--micro-batch-tokens", type=int, default=16384)
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--experts", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -44,10 +46,10 @@ def main(argv=None) -> None:
 
     from transformers import Llama4ForCausalLM, Llama4TextConfig
 
-    from align.learner import Learner, LearnerSettings
     from align.losses.policy import PolicyLossSettings
     from align.modeling import count_parameters
-    from align.rollout import Rollout
+    from align.rl.learner import LearnerRank, LearnerSettings, free_address, split_batch
+    from align.rl.rollout import Rollout
 
     config = Llama4TextConfig(
         vocab_size=32000,
@@ -61,8 +63,8 @@ def main(argv=None) -> None:
         num_local_experts=args.experts,
         num_experts_per_tok=1,
         interleave_moe_layer_step=2,
-        max_position_embeddings=4096,
-        attention_chunk_size=4096,
+        max_position_embeddings=8192,
+        attention_chunk_size=8192,
         use_qk_norm=True,
         tie_word_embeddings=False,
         pad_token_id=0,
@@ -70,21 +72,26 @@ def main(argv=None) -> None:
     directory = Path(tempfile.mkdtemp()) / "model"
     model = Llama4ForCausalLM(config).to(torch.float32)
     model.save_pretrained(str(directory))
-    active = count_parameters(model)["active"]
+    counts = count_parameters(model)
+    active, total = counts["active"], counts["total"]
     del model
 
-    learner = Learner(
-        str(directory),
-        LearnerSettings(learning_rate=1e-5, micro_batch_size=args.micro_batch, precision="bf16"),
-        PolicyLossSettings(kind="gspo"),
-        max_completion_tokens=max(int(x) for x in args.lengths.split(",")),
-    )
     peak = args.peak_tflops * 1e12
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
+        sequences = max(8, args.tokens // length // 8 * 8)
+        micro = max(1, args.micro_batch_tokens // length)
+        learner = LearnerRank(
+            str(directory),
+            LearnerSettings(learning_rate=1e-5, micro_batch_size=micro, precision="bf16"),
+            PolicyLossSettings(kind="gspo"),
+            max_completion_tokens=length,
+        )
+        learner.start(*free_address())
+        torch.cuda.reset_peak_memory_stats()
         prompt, completion = length // 4, length - length // 4
         groups = []
-        for g in range(args.sequences // 8):
+        for g in range(sequences // 8):
             ids = torch.randint(1, config.vocab_size, (8, completion)).tolist()
             groups.append(
                 Rollout(
@@ -92,40 +99,46 @@ def main(argv=None) -> None:
                     prompt_ids=torch.randint(1, config.vocab_size, (prompt,)).tolist(),
                     completion_ids=ids,
                     behaviour_logprobs=[[-10.0] * completion for _ in ids],
-                    texts=[""] * 8,
-                    finish_reasons=["length"] * 8,
                     rewards=[float(i % 2) for i in range(8)],
                     version=0,
                 )
             )
-        learner.train_step(groups)  # warm-up
+        (part,), _ = split_batch(groups, learner.loss, 1, micro)
+        learner.train_step(part)  # warm-up
         times = []
         for _ in range(args.steps):
             torch.cuda.synchronize()
             start = time.perf_counter()
-            learner.train_step(groups)
+            learner.train_step(part)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
-        tokens = args.sequences * length
+        gather = statistics.median(learner.stage_weights() for _ in range(3))
+        tokens = sequences * length
         flops = 6 * active * tokens  # forward + backward
         rows.append(
             {
                 "length": length,
+                "sequences": sequences,
+                "micro_batch": micro,
                 "step_s": seconds,
                 "tokens_per_s": tokens / seconds,
                 "mfu": flops / seconds / peak,
                 "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "gather_convert_s": gather,
             }
         )
         print(
             f"length {length:5d}: step {seconds:.3f} s, {tokens / seconds:,.0f} tok/s, "
-            f"MFU {100 * flops / seconds / peak:.1f}%",
+            f"MFU {100 * flops / seconds / peak:.1f}%, peak "
+            f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, gather+convert {gather:.3f} s",
             flush=True,
         )
+        del learner
     result = {
         "device": torch.cuda.get_device_name(),
         "active_parameters": active,
+        "parameters": total,
         "args": vars(args),
         "rows": rows,
     }

@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from align.config import ConfigError, check, from_dict, to_dict
+from align.rl.placement import plan as placement_plan
 from align.runs import write_json_atomic
 from pipelines import report, stages
 
@@ -129,6 +131,15 @@ def resolve_stages(config: Config, source: str = "<pipeline>") -> list[tuple[Sta
             command.Config, data, source=f"{source}: stages[{index}] ({entry.name})"
         )
         resolved.append((entry, stage_config))
+        placement = getattr(stage_config, "placement", None)
+        if placement is not None and placement.cluster is not None:
+            _, problem = placement_plan(
+                stage_config, policy_config_dir(stage_config.model, resolved)
+            )
+            if problem is not None:
+                raise ConfigError(
+                    f"stage {entry.name!r} in {source}: key 'placement.cluster': {problem}"
+                )
     return resolved
 
 
@@ -261,15 +272,40 @@ def plan(config: Config, resolved: list[tuple[StageEntry, Any]]) -> str:
         teacher = getattr(stage_config, "teacher", None)
         if teacher is not None:
             lines.append(f"      teacher  {teacher.model} ({teacher.mode})")
-        placement = getattr(stage_config, "placement", None)
-        if placement is not None:
-            lines.append(
-                f"      actors   learner: {placement.learner_gpus:g} GPU, "
-                f"{placement.learner_cpus:g} CPU; {placement.workers} rollout worker(s): "
-                f"{placement.worker_gpus:g} GPU, {placement.worker_cpus:g} CPU each; "
-                f"Ray at {placement.ray_address or 'a new local cluster'}"
+        if getattr(stage_config, "placement", None) is not None:
+            stage_lines, _ = placement_plan(
+                stage_config, policy_config_dir(stage_config.model, resolved[:number])
             )
+            lines += [f"      {line}" for line in stage_lines]
     return "\n".join(lines)
+
+
+# config.json of the presets make-model stages build, written for `policy_config_dir`.
+_PRESET_CONFIGS: dict[str, tempfile.TemporaryDirectory] = {}
+
+
+def policy_config_dir(model: str, resolved: list[tuple[StageEntry, Any]]) -> Path | None:
+    """A directory with the config.json of checkpoint `model` before any stage has run: `model`
+    itself if it exists, else the checkpoint the earlier stage that writes it starts from
+    (followed back through the stages; a make-model stage's preset gives its config)."""
+    if (Path(model) / "config.json").is_file():
+        return Path(model)
+    for entry, earlier in resolved:
+        if Path(earlier.runs_dir) / earlier.name / "model" != Path(model):
+            continue
+        if entry.command == "make-model":
+            from align.modeling import model_config
+
+            # Removed when the process ends (the object's finalizer).
+            directory = _PRESET_CONFIGS.setdefault(
+                earlier.preset, tempfile.TemporaryDirectory(prefix="align-plan-")
+            )
+            model_config(earlier.preset).save_pretrained(directory.name)
+            return Path(directory.name)
+        source = getattr(earlier, "model", None) or getattr(earlier, "student", None)
+        if isinstance(source, str):
+            return policy_config_dir(source, resolved)
+    return None
 
 
 def _run_paths(value: Any) -> list[str]:

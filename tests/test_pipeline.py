@@ -148,7 +148,8 @@ def test_gpu_pipeline_file_passes_the_dry_run():
     out = align("run", str(REPO_ROOT / "pipelines" / "qwen3-moe-gpu.yaml"), "--dry-run")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[5/7] rl (rl)" in out.stdout
-    assert "learner: 1 GPU" in out.stdout and "3 rollout worker(s): 2 GPU" in out.stdout
+    assert "learners 16 rank(s) x 1 GPU" in out.stdout and "workers 8 x 2 GPU" in out.stdout
+    assert "cluster  4 node(s) x 8 GPUs of 80 GiB: 32 of 32 GPUs used" in out.stdout
     assert "model    /models/Qwen3-30B-A3B" in out.stdout
 
 

@@ -1,0 +1,113 @@
+"""Where the RL stage's actors go: the placement report of `--dry-run`, the learner's memory per
+GPU from a model's config.json, and refusals of placements that cannot fit the declared cluster.
+
+Qwen3-30B-A3B's config.json (the GPU pipeline's policy) is written here from its published
+values: no weights are needed, the arithmetic counts parameters on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from align.config import ConfigError, from_dict
+from align.rl.placement import GIB, ModelShape, learner_memory
+from pipelines import rl
+from tests.test_cli import align
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3_30b(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("qwen3-30b-a3b")
+    (directory / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    return directory
+
+
+def test_the_learner_memory_of_qwen3_30b_on_16_ranks(qwen3_30b):
+    shape = ModelShape.from_checkpoint(qwen3_30b)
+    assert round(shape.parameters / 1e9, 2) == 30.53 and shape.layers == 48
+    memory = learner_memory(shape, 16, 1, 4096, False, True, False)
+    # 16 bytes per parameter over 16 ranks: the parameter count in GiB.
+    assert memory.sharded == 16 * shape.parameters / 16
+    assert memory.logits == 10 * 4096 * 151936
+    assert round(memory.total / GIB, 1) == 42.2
+    # Offloaded: no sharded state on the GPU; without checkpointing: activations of 48 layers.
+    assert learner_memory(shape, 16, 1, 4096, True, True, False).sharded == 0
+    no_checkpointing = learner_memory(shape, 16, 1, 4096, False, False, False)
+    assert no_checkpointing.activations == 34 * 2048 * 4096 * 48
+
+
+def test_the_dry_run_follows_the_policy_back_to_its_checkpoint_and_reports_it(qwen3_30b):
+    pipeline = str(REPO_ROOT / "pipelines" / "qwen3-moe-gpu.yaml")
+    # The RL stage trains the SFT stage's output, which starts from this config.
+    out = align("run", pipeline, "--dry-run", f"stages.3.config.model={qwen3_30b}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"policy   30.53 B parameters, 48 layers (config.json in {qwen3_30b})" in out.stdout
+    assert "learner  per GPU: 42.2 GiB = sharded state 28.4 GiB" in out.stdout
+    assert "worker   per GPU: weights 28.4 GiB" in out.stdout
+    # Four ranks cannot hold the sharded state: refused, naming the stage, key and numbers.
+    out = align(
+        "run",
+        pipeline,
+        "--dry-run",
+        f"stages.3.config.model={qwen3_30b}",
+        "stages.4.config.placement.learners=4",
+    )
+    assert out.returncode == 2
+    assert "stage 'rl'" in out.stderr and "key 'placement.cluster'" in out.stderr
+    assert "the learner needs about 127" in out.stderr and "add learners" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("placement", "message"),
+    [
+        ({"workers": 9, "worker_gpus": 2}, "34 GPUs do not fit 4 node(s) x 8 GPUs"),
+        ({"workers": 1, "worker_gpus": 16}, "a worker needs 16 GPUs but a node has 8"),
+        ({"learners": 30, "workers": 1, "worker_gpus": 4}, "do not fit 4 node(s) x 8 GPUs"),
+    ],
+)
+def test_a_placement_that_cannot_fit_the_cluster_is_refused(placement, message):
+    data = {
+        "model": "m",
+        "data": "d",
+        "engine": {"tensor_parallel_size": placement.get("worker_gpus", 1)},
+        "placement": {
+            "learners": 16,
+            "learner_gpus": 1,
+            "cluster": {"nodes": 4, "gpus_per_node": 8, "gpu_memory_gib": 80},
+            **placement,
+        },
+    }
+    with pytest.raises(ConfigError, match="placement.cluster") as refused:
+        from_dict(rl.Config, data, source="rl.yaml")
+    assert message in str(refused.value)
+
+
+def test_worker_gpus_must_match_the_engines_tensor_parallelism():
+    data = {"model": "m", "data": "d", "placement": {"worker_gpus": 2}}
+    with pytest.raises(ConfigError, match="must equal engine.tensor_parallel_size"):
+        from_dict(rl.Config, data, source="rl.yaml")
