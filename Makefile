@@ -33,6 +33,7 @@ bench: install
 	$(VENV)/bin/python bench/generation.py --sizes teacher,large --repeats 3
 	$(VENV)/bin/python bench/train_stages.py --stages sft,dpo --steps 30 --repeats 3
 	$(VENV)/bin/python bench/distill.py --steps 60 --repeats 3
+	$(VENV)/bin/python bench/weight_sync.py --sizes teacher,large --repeats 5
 	$(VENV)/bin/python bench/scaling.py --steps 6 --warmup 2
 	$(VENV)/bin/python bench/rl.py --model bench/runs/sft-teacher/model \
 	    --data bench/runs/data/train/rl --heldout bench/runs/data/heldout/rl --out bench/runs/rl \

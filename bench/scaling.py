@@ -10,6 +10,9 @@ tokens, one rollout worker), each axis varies one thing alone:
     workers         rollout workers (`--worker-counts`). The learner holds one CPU and the
                     workers share what is left: on a 2-core machine two workers get 0.5 CPU
                     each, so the machine, not the toolkit, caps this axis.
+    learners        learner ranks sharding the policy (`--learner-counts`). They share the
+                    learner's CPU (one thread each), so on a 2-core machine this measures the
+                    sharding's overhead (collectives, placeholder passes), not a speed-up.
 Every run is `align rl` (asynchronous, max_staleness 1, GRPO) for `--steps` steps from a
 random-initialised checkpoint with dynamic sampling off, so that every step trains exactly
 groups x group size samples whatever the rewards, and a random model's completions run to
@@ -37,9 +40,10 @@ from pathlib import Path
 
 import common
 
-AXES = ("group_size", "max_new_tokens", "model", "workers")
+AXES = ("group_size", "max_new_tokens", "model", "workers", "learners")
 METRICS = [
     common.Metric("step_s", "step s", "lower", "{:.2f}"),
+    common.Metric("learner_step_s", "learner step s", "lower", "{:.2f}"),
     common.Metric("samples_per_s", "samples/s", "higher"),
 ]
 
@@ -54,10 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=32, help="base setting")
     p.add_argument("--size", default="teacher", help="base setting")
     p.add_argument("--workers", type=int, default=1, help="base setting")
+    p.add_argument("--learners", type=int, default=1, help="base setting")
     p.add_argument("--group-sizes", default="4,8,16")
     p.add_argument("--lengths", default="16,32,64")
     p.add_argument("--sizes", default="student,teacher,medium")
     p.add_argument("--worker-counts", default="1,2")
+    p.add_argument("--learner-counts", default="1,2")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--repeats", type=int, default=1, help="runs of every point")
     p.add_argument("--with-trl", action="store_true", help="TRL's step time on group_size")
@@ -72,18 +78,23 @@ def points(args) -> dict[str, list[dict]]:
         "max_new_tokens": args.max_new_tokens,
         "model": args.size,
         "workers": args.workers,
+        "learners": args.learners,
     }
     values = {
         "group_size": [int(v) for v in args.group_sizes.split(",")],
         "max_new_tokens": [int(v) for v in args.lengths.split(",")],
         "model": args.sizes.split(","),
         "workers": [int(v) for v in args.worker_counts.split(",")],
+        "learners": [int(v) for v in args.learner_counts.split(",")],
     }
     return {axis: [{**base, axis: v} for v in values[axis]] for axis in args.axes.split(",")}
 
 
 def label(point: dict) -> str:
-    return f"{point['model']} g{point['group_size']} t{point['max_new_tokens']} w{point['workers']}"
+    return (
+        f"{point['model']} g{point['group_size']} t{point['max_new_tokens']} "
+        f"w{point['workers']} l{point['learners']}"
+    )
 
 
 def run_ours(args, point: dict, out: Path) -> dict:
@@ -102,7 +113,12 @@ def run_ours(args, point: dict, out: Path) -> dict:
         "sampling": {"group_size": point["group_size"], "max_new_tokens": point["max_new_tokens"]},
         "loss": {"kind": "grpo"},
         "learner": {"learning_rate": args.lr, "warmup_steps": 0},
-        "placement": {"workers": point["workers"], "worker_cpus": worker_cpus, "learner_cpus": 1},
+        "placement": {
+            "workers": point["workers"],
+            "worker_cpus": worker_cpus,
+            "learners": point["learners"],
+            "learner_cpus": 1 / point["learners"],
+        },
         "save_every": 1_000_000,
         "seed": args.seed,
     }
@@ -111,6 +127,7 @@ def run_ours(args, point: dict, out: Path) -> dict:
     steps = [r for r in records if "time/step" in r][args.warmup :]
     return {
         "step_s": statistics.median(r["time/step"] for r in steps),
+        "learner_step_s": statistics.median(r["time/learner_step"] for r in steps),
         "samples_per_s": statistics.median(r["train/sequences"] / r["time/step"] for r in steps),
         "steps_timed": len(steps),
         # The whole run, start-up included (CPU seconds would miss the Ray actors).

@@ -37,6 +37,7 @@ def test_the_suite_is_all_there():
         "rl.py",
         "scaling.py",
         "train_stages.py",
+        "weight_sync.py",
     ]
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from align.config import ConfigError, from_dict
+from align.config import ConfigError, from_dict, load_config
 from align.rl.placement import GIB, ModelShape, learner_memory
-from pipelines import rl
+from pipelines import pipeline, rl
 from tests.test_cli import align
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -61,25 +61,38 @@ def test_the_learner_memory_of_qwen3_30b_on_16_ranks(qwen3_30b):
     assert no_checkpointing.activations == 34 * 2048 * 4096 * 48
 
 
+def dry_run(*overrides: str) -> str:
+    """What `align run pipelines/qwen3-moe-gpu.yaml --dry-run OVERRIDES` prints (in-process)."""
+    path = REPO_ROOT / "pipelines" / "qwen3-moe-gpu.yaml"
+    config = load_config(pipeline.Config, path, list(overrides))
+    return pipeline.plan(config, pipeline.resolve_stages(config, str(path)))
+
+
 def test_the_dry_run_follows_the_policy_back_to_its_checkpoint_and_reports_it(qwen3_30b):
-    pipeline = str(REPO_ROOT / "pipelines" / "qwen3-moe-gpu.yaml")
     # The RL stage trains the SFT stage's output, which starts from this config.
-    out = align("run", pipeline, "--dry-run", f"stages.3.config.model={qwen3_30b}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert f"policy   30.53 B parameters, 48 layers (config.json in {qwen3_30b})" in out.stdout
-    assert "learner  per GPU: 42.2 GiB = sharded state 28.4 GiB" in out.stdout
-    assert "worker   per GPU: weights 28.4 GiB" in out.stdout
+    report = dry_run(f"stages.3.config.model={qwen3_30b}")
+    assert f"policy   30.53 B parameters, 48 layers (config.json in {qwen3_30b})" in report
+    assert "learner  per GPU: 42.2 GiB = sharded state 28.4 GiB" in report
+    assert "worker   per GPU: weights 28.4 GiB" in report
     # Four ranks cannot hold the sharded state: refused, naming the stage, key and numbers.
+    with pytest.raises(ConfigError) as refused:
+        dry_run(f"stages.3.config.model={qwen3_30b}", "stages.4.config.placement.learners=4")
+    message = str(refused.value)
+    assert "stage 'rl'" in message and "key 'placement.cluster'" in message
+    assert "the learner needs about 127" in message and "add learners" in message
+
+
+def test_the_refusal_is_exit_status_2_of_the_command(qwen3_30b):
+    pipeline_file = str(REPO_ROOT / "pipelines" / "qwen3-moe-gpu.yaml")
     out = align(
         "run",
-        pipeline,
+        pipeline_file,
         "--dry-run",
         f"stages.3.config.model={qwen3_30b}",
         "stages.4.config.placement.learners=4",
     )
-    assert out.returncode == 2
-    assert "stage 'rl'" in out.stderr and "key 'placement.cluster'" in out.stderr
-    assert "the learner needs about 127" in out.stderr and "add learners" in out.stderr
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "key 'placement.cluster'" in out.stderr
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import torch
 from align.losses.policy import PolicyLossSettings, advantages
 from align.rl.buffer import RolloutBuffer
 from align.rl.learner import Row, collate, split_batch
-from align.rl.rollout import Rollout
+from align.rl.rollout import Rollout, batch_metrics
 
 
 def rollout(prompt_id: int, rewards: list, version: int = 0, prompt=(5, 6, 7)) -> Rollout:
@@ -121,3 +121,12 @@ def test_collate_places_completion_tokens_and_behaviour_logprobs():
     empty = collate([], pad_id=0)
     assert empty.rows == 0 and empty.mask_bt.sum() == 0 and empty.real_bt.sum() == 0
     assert empty.attention_mask_bt.tolist() == [[1, 1]]
+
+
+def test_batch_metrics_measure_staleness_against_the_weights_before_the_step():
+    batch = [rollout(0, [1.0, 0.0], version=3), rollout(1, [1.0, 1.0], version=2)]
+    batch[1].task = "sort"
+    # The learner now at version 4 trained this batch from version 3's weights.
+    metrics = batch_metrics(batch, learner_version=4)
+    assert metrics["async/staleness_mean"] == 0.5 and metrics["async/staleness_max"] == 1.0
+    assert metrics["reward/task/default"] == 0.5 and metrics["reward/task/sort"] == 1.0

@@ -46,6 +46,11 @@ ALLOWED = {
         "imports the module of a reward or filter plug-in that the user names explicitly as "
         "'module:attribute' in a config (README, Rewards); no other config string is imported"
     ),
+    ("align/rl/learner.py", "_MetadataUnpickler", "pickle load"): (
+        "reads the metadata file of the RL learner's sharded checkpoint (torch.distributed."
+        "checkpoint writes it as a pickle) with find_class restricted to the checkpoint "
+        "metadata classes, dtypes and paths; anything else is refused before it loads"
+    ),
 }
 
 PICKLE_LOADERS = {
@@ -112,7 +117,16 @@ class _Scanner(ast.NodeVisitor):
         self.generic_visit(node)
         self.scope.pop()
 
-    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _scoped
+    visit_FunctionDef = visit_AsyncFunctionDef = _scoped
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        # A subclass of an unpickler loads pickles like it (whatever find_class allows).
+        for base in node.bases:
+            if self.dotted(base) in PICKLE_LOADERS:
+                self.scope.append(node.name)
+                self.report(node, "pickle load")
+                self.scope.pop()
+        self._scoped(node)
 
     def dotted(self, node: ast.expr) -> str | None:
         """`torch.load` for `t.load` after `import torch as t`; None for other expressions."""
@@ -245,6 +259,10 @@ class Model:
         self.model.eval()  # fine: a method, not the builtin
         # eval("in a comment"), torch.load("in a comment")
         return "torch.load('in a string') exec('too')"
+
+
+class Restricted(pk.Unpickler):
+    pass
 """
 
 
@@ -267,8 +285,41 @@ def test_the_scan_reports_every_forbidden_pattern():
         (32, "shell=True"),
         (35, "shell=True"),
         (39, "dynamic import"),
+        (49, "pickle load"),
     ]
-    assert str(findings[-1]) == "snippet.py:39: dynamic import (in load_plugin)"
+    assert str(findings[-2]) == "snippet.py:39: dynamic import (in load_plugin)"
+    assert str(findings[-1]) == "snippet.py:49: pickle load (in Restricted)"
+
+
+class _Boom:
+    """Unpickling this runs os.system: what a crafted checkpoint would carry."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path):
+    """The RL learner's resume reads torch.distributed.checkpoint's pickled metadata with a
+    restricted unpickler: a global outside the metadata classes is refused before it loads."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from align.rl.learner import checkpoint_reader
+
+    dcp.save({"w": torch.ones(3)}, checkpoint_id=str(tmp_path / "good"), no_dist=True)
+    state = {"w": torch.zeros(3)}
+    dcp.load(state, storage_reader=checkpoint_reader(str(tmp_path / "good")), no_dist=True)
+    assert state["w"].tolist() == [1.0, 1.0, 1.0]
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "good", bad)
+    (bad / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    # torch.distributed.checkpoint wraps the refusal in its own error, per rank.
+    with pytest.raises(dcp.api.CheckpointException) as refused:
+        dcp.load({"w": torch.zeros(3)}, storage_reader=checkpoint_reader(str(bad)), no_dist=True)
+    assert "posix.system, which a checkpoint never holds" in repr(refused.value.failures)
 
 
 # --- weights: safetensors only ------------------------------------------------------------------

@@ -90,6 +90,14 @@ class RolloutBuffer:
         self.groups = self.groups[self.groups_per_step :]
         return batch
 
+    def metrics(self) -> dict[str, float]:
+        """Groups waiting, and the run's drops so far."""
+        return {
+            "async/buffered_groups": float(len(self.groups)),
+            "dynamic/dropped_constant": float(self.counts["dropped_constant"]),
+            "dynamic/dropped_stale": float(self.counts["dropped_stale"]),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {"groups": [g.to_dict() for g in self.groups], "counts": dict(self.counts)}
 

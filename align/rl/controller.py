@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from align.rl.buffer import RolloutBuffer
 from align.rl.fleet import Fleet, WorkerFailure
 from align.rl.group import ActorFailure
 from align.rl.pool import PromptPool
-from align.rl.rollout import Rollout
+from align.rl.rollout import Rollout, batch_metrics
 from align.rl.state import RunState
 from align.runs import NonFiniteError, Run, RunStopped, write_json_atomic
 
@@ -366,29 +365,20 @@ class Controller:
 
     # ---------------------------------------------------------------- metrics
     def _step_metrics(self, batch: list[Rollout], step_seconds: float) -> dict[str, float]:
-        staleness = [self.version - 1 - g.version for g in batch]
         metrics = {}
         if self.sampled_rewards:
             metrics["reward/sampled_mean"] = sum(self.sampled_rewards) / len(self.sampled_rewards)
             self.sampled_rewards = []
-        metrics |= {
+        return {
+            **metrics,
             "time/step": step_seconds,
             "time/train_wall": self.train_seconds,
-            "async/staleness_mean": sum(staleness) / len(staleness),
-            "async/staleness_max": float(max(staleness)),
-            "async/buffered_groups": float(len(self.buffer)),
             "throughput/samples_per_s": self.samples_trained / max(self.train_seconds, 1e-9),
-            "dynamic/dropped_constant": float(self.buffer.counts["dropped_constant"]),
-            "dynamic/dropped_stale": float(self.buffer.counts["dropped_stale"]),
             "faults/worker_restarts": float(self.restarts),
+            **batch_metrics(batch, self.version),
+            **self.buffer.metrics(),
             **self.pool.metrics(),
         }
-        by_task: dict[str, list[float]] = {}
-        for group in batch:
-            by_task.setdefault(group.task, []).extend(group.scored_rewards)
-        for task, values in by_task.items():
-            metrics[f"reward/task/{task}"] = sum(values) / len(values)
-        return metrics
 
     # ---------------------------------------------------------------- checkpoints
     def _snapshot(self) -> None:
@@ -437,16 +427,7 @@ class Controller:
 
     # ---------------------------------------------------------------- the result
     def _finish(self, wall_seconds: float) -> dict:
-        from transformers import AutoTokenizer
-
-        model_dir = self.out / "model"
-        tmp = model_dir.with_name("model.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.fleet.export(str(tmp))
-        AutoTokenizer.from_pretrained(self.config.model).save_pretrained(str(tmp))
-        shutil.rmtree(model_dir, ignore_errors=True)
-        tmp.rename(model_dir)
-        curve = self._evaluate_snapshots()
+        model_dir = self.state.write_model(self.fleet.export, self.config.model)
         result = {
             "model": str(model_dir),
             "steps": self.step,
@@ -458,25 +439,22 @@ class Controller:
             "worker_restarts": self.restarts,
             "placement": self.placement,
             "data": self.data_report,
-            "curve": curve,
+            "curve": self._held_out_curve(),
         }
         write_json_atomic(model_dir / "train_result.json", result)
         return result
 
-    def _evaluate_snapshots(self) -> list[dict]:
+    def _held_out_curve(self) -> list[dict]:
         """Held-out accuracy of every snapshot, on worker 0 (after training: timings unaffected)."""
-        snapshots = self.state.snapshot_facts()
-        if not snapshots or self.config.heldout is None:
+        if self.config.heldout is None:
             return []
         heldout, _ = load_dataset_file(self.config.heldout, "rl", self.config.on_error)
-        rows = [dict(r) for r in heldout]
-        if self.config.eval.limit:
-            rows = rows[: self.config.eval.limit]
+        rows = [dict(r) for r in heldout][: self.config.eval.limit or None]
         settings = self.config.eval
-        curve = []
-        for facts in tqdm(snapshots, desc="held-out curve", unit="snapshot"):
+
+        def score(facts: dict) -> dict:
             self.fleet.load_checkpoint(0, facts["weights"], facts["step"]).result()
-            report = self.fleet.evaluate(
+            return self.fleet.evaluate(
                 0,
                 rows,
                 pass_k=settings.pass_k,
@@ -485,13 +463,5 @@ class Controller:
                 max_tokens=settings.max_new_tokens,
                 seed=settings.seed,
             ).result()
-            curve.append(
-                {
-                    **facts,
-                    **{k: v for k, v in report.items() if isinstance(v, int | float)},
-                    "by_task": report["by_task"],
-                    "by_level": report["by_level"],
-                }
-            )
-        write_json_atomic(self.out / "curve.json", {"points": curve})
-        return curve
+
+        return self.state.held_out_curve(score)

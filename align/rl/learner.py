@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import socket
 import time
 from dataclasses import dataclass
@@ -407,9 +408,11 @@ class LearnerRank:
         saved = set(model.state_dict())
         for name, buffer in model.named_buffers():
             if name not in saved:
-                if full is not None:
-                    buffer.copy_(full.get_buffer(name))
-                dist.broadcast(buffer, src=0)
+                # Through the group's device (NCCL sends GPU tensors; offloaded buffers are on
+                # the CPU).
+                value = (full.get_buffer(name) if full is not None else buffer).to(self.device)
+                dist.broadcast(value, src=0)
+                buffer.copy_(value)
         if full is not None:
             # transformers' record of how the checkpoint's names and layouts were converted on
             # loading: what the weight export reverses (`align.rl.transport`).
@@ -662,7 +665,7 @@ class LearnerRank:
 
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=directory)
+        dcp.load(state, storage_reader=checkpoint_reader(directory))
         set_state_dict(
             self.model,
             self.optimizer,
@@ -685,6 +688,62 @@ class LearnerRank:
         except ImportError:
             pass
         return info
+
+
+# What torch.distributed.checkpoint's metadata file (a pickle) may contain: the metadata
+# classes, torch's dtypes, sizes and layouts, paths. Nothing that runs code when called.
+_CHECKPOINT_METADATA = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "TensorProperties",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {
+        "Size",
+        *(name for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)),
+    },
+    "pathlib": {"Path", "PosixPath", "WindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a checkpoint's metadata, refusing every global outside `_CHECKPOINT_METADATA`
+    (Python's "restricting globals"): a crafted checkpoint cannot run code on resume."""
+
+    def find_class(self, module: str, name: str):
+        if name in _CHECKPOINT_METADATA.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata refers to {module}.{name}, which a checkpoint never holds; "
+            "it was not written by this toolkit and is not loaded"
+        )
+
+
+def checkpoint_reader(directory: str):
+    """torch.distributed.checkpoint's file reader for `directory`, reading the metadata with
+    `_MetadataUnpickler` (the library's own reader unpickles whatever the file holds)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as stream:
+                metadata = _MetadataUnpickler(stream).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(directory)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

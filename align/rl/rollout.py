@@ -63,3 +63,19 @@ class GenerateResult:
     rollouts: list[Rollout]
     # Seconds spent sampling and scoring, tokens generated, and reward metrics.
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def batch_metrics(batch: list[Rollout], learner_version: int) -> dict[str, float]:
+    """A trained batch's staleness (versions between the sampling weights and the learner's
+    weights before the step, `learner_version - 1`) and mean reward per task."""
+    staleness = [learner_version - 1 - group.version for group in batch]
+    metrics = {
+        "async/staleness_mean": sum(staleness) / len(staleness),
+        "async/staleness_max": float(max(staleness)),
+    }
+    by_task: dict[str, list[float]] = {}
+    for group in batch:
+        by_task.setdefault(group.task, []).extend(group.scored_rewards)
+    for task, values in by_task.items():
+        metrics[f"reward/task/{task}"] = sum(values) / len(values)
+    return metrics

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from align.rl.rollout import Rollout
 from align.runs import write_json_atomic
 
@@ -119,7 +121,31 @@ class RunState:
         weights = str(directory) if export is not None else start
         write_json_atomic(directory / "snapshot.json", {"step": step, **facts, "weights": weights})
 
-    def snapshot_facts(self) -> list[dict[str, Any]]:
-        """Every snapshot's facts, by step."""
+    def held_out_curve(self, score: Callable[[dict[str, Any]], dict]) -> list[dict[str, Any]]:
+        """Scores every snapshot (`score(facts)` returns an evaluation report) and writes
+        curve.json: per snapshot its facts, its report's numbers, by task and by level."""
         found = sorted(self.snapshots.glob("step-*"), key=_step_of)
-        return [json.loads((d / "snapshot.json").read_text(encoding="utf-8")) for d in found]
+        curve = []
+        for directory in tqdm(found, desc="held-out curve", unit="snapshot"):
+            facts = json.loads((directory / "snapshot.json").read_text(encoding="utf-8"))
+            report = score(facts)
+            numbers = {k: v for k, v in report.items() if isinstance(v, int | float)}
+            by = {"by_task": report["by_task"], "by_level": report["by_level"]}
+            curve.append({**facts, **numbers, **by})
+        if curve:
+            write_json_atomic(self.out / "curve.json", {"points": curve})
+        return curve
+
+    def write_model(self, export: Callable[[str], None], tokenizer_from: str) -> Path:
+        """The final model: `export` writes the weights, the starting checkpoint's tokenizer is
+        added, and `model/` replaces any earlier one in one rename."""
+        from transformers import AutoTokenizer
+
+        model_dir = self.out / "model"
+        partial = model_dir.with_name("model.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        export(str(partial))
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(str(partial))
+        shutil.rmtree(model_dir, ignore_errors=True)
+        os.replace(partial, model_dir)
+        return model_dir
