@@ -12,12 +12,14 @@ Both arms take the same learner's weights into the same running engine, exactly 
                 with save_pretrained (export) and the engine reloads it in place (load):
                 align.weight_sync.export_weights + align.engine.sync_weights.
 
-One process per model size holds the engine (multiprocess off, as the rollout workers run it)
-and a learner of one rank. The learner first takes one step on a batch of the RL stage's
-default shape (`--groups` prompts x 8 completions of 32 tokens, micro-batches of 64) to give the
-step time the sync is compared with; then every repetition runs both arms, in alternating
-order. In `align rl` only the gather holds up the learner (the send runs on a thread of rank 0
-beside the next step, the load between the worker's requests); `learner share` is
+One process per model size holds the engine (multiprocess off, as the rollout workers run it);
+a child process holds a learner of one rank (one compute thread, as with the default
+`learner_cpus: 1`), as the worker and the learner are separate actors in `align rl`. The
+learner first takes one step on a batch of the RL stage's default shape (`--groups` prompts x 8
+completions of 32 tokens, micro-batches of 64) to give the step time the sync is compared with;
+then every repetition changes the weights with a small step and runs both arms, in
+alternating order. In `align rl` only the gather holds up the learner (the send runs on a
+thread of rank 0 beside the next step, the load between the worker's requests); `learner share` is
 gather / step for memory and export / step for checkpoint, whose export also held the learner.
 
 Sizes: `teacher` (the preset, 3.6 M parameters) and `large` (75 M; bench/common.py SIZES).
@@ -35,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -62,20 +63,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def measure(size: str, groups: int, repeats: int) -> dict:
-    """Runs in a process of its own: the engine, the learner, both arms `repeats` times."""
+def learner_process(connection, path: str, groups: int) -> None:
+    """The learner of one rank, in a process of its own (as under Ray), doing what the
+    measuring process asks over `connection` and answering with the seconds it took."""
     import torch
-    from transformers import AutoTokenizer
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from align import engine
     from align.losses.policy import PolicyLossSettings
-    from align.rl import transport
-    from align.rl.learner import LearnerRank, LearnerSettings, free_address, split_batch
+    from align.modeling import load_model
+    from align.rl.learner import (
+        LearnerRank,
+        LearnerSettings,
+        free_address,
+        split_batch,
+        token_logprobs,
+    )
     from align.rl.rollout import Rollout
     from align.weight_sync import export_weights
 
-    path = str(common.ensure_model(size))
-    llm = engine.start_engine(path, engine.EngineConfig(max_model_len=256))
+    torch.set_num_threads(1)  # the default placement's learner_cpus: 1
     learner = LearnerRank(path, LearnerSettings(learning_rate=1e-3), PolicyLossSettings(), 32)
     learner.start(*free_address())
     vocab = learner.model.config.vocab_size
@@ -92,11 +98,67 @@ def measure(size: str, groups: int, repeats: int) -> dict:
         for g in range(groups)
     ]
     (part,), _ = split_batch(rollouts, learner.loss, 1, 64)
-    learner.train_step(part)  # warm-up
-    started = time.perf_counter()
-    learner.train_step(part)
-    step_s = time.perf_counter() - started
+    (small,), _ = split_batch(rollouts[:2], learner.loss, 1, 64)
+    plain = None
+    shm = Path(tempfile.mkdtemp(prefix="bench-sync-", dir="/dev/shm"))
+    while True:
+        command, argument = connection.recv()
+        started = time.perf_counter()
+        if command == "step":
+            learner.train_step(part if argument == "full" else small)
+            answer = time.perf_counter() - started
+        elif command == "stage":
+            answer = (learner.stage_weights(), learner.update_info())
+        elif command == "open":
+            learner.open_channel(0, argument)
+            answer = None
+        elif command == "send":
+            answer = learner.send_weights(0, learner.version)
+        elif command == "export":
+            # The single learner process of earlier versions held a plain model.
+            state = get_model_state_dict(
+                learner.model, options=StateDictOptions(full_state_dict=True)
+            )
+            plain = plain or load_model(path)
+            plain.load_state_dict(state)
+            exported = export_weights(plain, shm / "policy")
+            answer = (str(exported), time.perf_counter() - started)
+        elif command == "logprobs":
+            with torch.no_grad():
+                ids = torch.tensor([argument])
+                answer = token_logprobs(learner.model, ids, torch.ones_like(ids))[0].tolist()
+        elif command == "bytes":
+            answer = sum(b.numel() for b in learner._staged[max(learner._staged)].buckets)
+        else:
+            break
+        connection.send(answer)
 
+
+def measure(size: str, groups: int, repeats: int) -> dict:
+    """Runs in a process of its own: the engine here, the learner in a child process, both
+    arms `repeats` times."""
+    import multiprocessing
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from align import engine
+    from align.rl import transport
+    from align.rl.learner import free_address
+
+    path = str(common.ensure_model(size))
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    learner = context.Process(target=learner_process, args=(theirs, path, groups))
+    learner.start()
+
+    def ask(command: str, argument=None):
+        ours.send((command, argument))
+        return ours.recv()
+
+    llm = engine.start_engine(path, engine.EngineConfig(max_model_len=256))
+    ask("step", "small")  # warm-up
+    step_s = ask("step", "full")
     tokenizer = AutoTokenizer.from_pretrained(path)
     conversation = [
         {"role": "user", "content": "Sort: hbadcfe"},
@@ -105,57 +167,27 @@ def measure(size: str, groups: int, repeats: int) -> dict:
     sequence = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
 
     def logprob_diff() -> float:
-        from align.rl.learner import token_logprobs
-
         (vllm_lp,) = engine.sequence_logprobs(llm, [sequence])
-        with torch.no_grad():
-            ids = torch.tensor([sequence])
-            ours = token_logprobs(learner.model, ids, torch.ones_like(ids))[0]
-        return float((torch.tensor(vllm_lp) - ours).abs().max())
+        return float((torch.tensor(vllm_lp) - torch.tensor(ask("logprobs", sequence))).abs().max())
 
     host, port = free_address()
     endpoint = transport.Endpoint("gloo", host, port, 2, 120.0)
-    opening = threading.Thread(target=learner.open_channel, args=(0, endpoint))
-    opening.start()
+    ours.send(("open", endpoint))
     engine.init_weight_transfer(llm, endpoint.worker_init_info())
-    opening.join()
-    plain = None
-    shm = Path(tempfile.mkdtemp(prefix="bench-sync-", dir="/dev/shm"))
+    ours.recv()
     rows = {arm: [] for arm in ARMS}
     for _, arm in common.alternate(ARMS, repeats):
-        learner.train_step(part)  # new weights each time
+        ask("step", "small")  # new weights each time (a small batch: only the sync is timed)
         if arm == "memory":
-            gather_s = learner.stage_weights()
-            update_info = learner.update_info()
-            sent: dict[str, float] = {}
-
-            def send(sent=sent) -> None:
-                sent["s"] = learner.send_weights(0, learner.version)
-
-            sender = threading.Thread(target=send)
-            sender.start()
+            gather_s, update_info = ask("stage")
+            ours.send(("send", None))
             load_s = engine.receive_weights(llm, update_info)
-            sender.join()
-            row = {"gather_s": gather_s, "send_s": sent["s"], "load_s": load_s}
+            send_s = ours.recv()
+            row = {"gather_s": gather_s, "send_s": send_s, "load_s": load_s}
             row["blocking_s"] = gather_s
-            row["sync_s"] = gather_s + max(sent["s"], load_s)
+            row["sync_s"] = gather_s + max(send_s, load_s)
         else:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-            )
-
-            from align.modeling import load_model
-
-            # The single learner process of earlier versions held a plain model.
-            state = get_model_state_dict(
-                learner.model, options=StateDictOptions(full_state_dict=True)
-            )
-            plain = plain or load_model(path)
-            plain.load_state_dict(state)
-            started = time.perf_counter()
-            exported = export_weights(plain, shm / "policy")
-            export_s = time.perf_counter() - started
+            exported, export_s = ask("export")
             load_s = engine.sync_weights(llm, exported)
             row = {"export_s": export_s, "load_s": load_s, "blocking_s": export_s}
             row["sync_s"] = export_s + load_s
@@ -165,7 +197,9 @@ def measure(size: str, groups: int, repeats: int) -> dict:
         row["max_logprob_diff"] = logprob_diff()
         rows[arm].append(row)
         print(f"{size} {arm}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-    bytes_sent = sum(b.numel() for b in learner._staged[max(learner._staged)].buckets)
+    bytes_sent = ask("bytes")
+    ours.send(("stop", None))
+    learner.join(60)
     return {"rows": rows, "step_s": step_s, "bytes": bytes_sent}
 
 
