@@ -25,8 +25,8 @@ run: install
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# Settings chosen so that the whole target stays under 30 minutes on a 2-core CPU machine:
-# 24 minutes from an empty bench/runs/ on a quiet machine (docs/benchmarks.md); under a load
+# Settings chosen so that the whole target stays under 40 minutes on a 2-core CPU machine:
+# about 35 minutes from an empty bench/runs/ on a quiet machine (docs/benchmarks.md); under a load
 # average of 4-6 (other jobs running) the suite has taken up to twice as long.
 bench: install
 	$(VENV)/bin/python bench/common.py
