@@ -11,8 +11,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import errno
+import math
 import os
 import re
+import stat
 import tempfile
 import types
 import typing
@@ -30,6 +33,143 @@ _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 class ConfigError(ValueError):
     """Bad user configuration; the message names the key (dotted path) and the source."""
+
+
+class UnreadableFile(ValueError):
+    """An input path that cannot be read as a file; the message says why, the caller says where."""
+
+
+# What a YAML document may expand to, counting every alias as a copy of what it names: far more
+# than any config, far less than an alias bomb ("billion laughs") would build in memory.
+MAX_YAML_NODES = 100_000
+
+_FILE_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a directory",
+}
+
+
+def _refuse_kind(mode: int) -> None:
+    kind = stat.S_IFMT(mode)
+    if kind != stat.S_IFREG:
+        raise UnreadableFile(f"is not a regular file: {_FILE_KINDS.get(kind, 'special')}")
+
+
+def _refuse_open_error(error: OSError) -> typing.NoReturn:
+    if isinstance(error, FileNotFoundError):
+        raise UnreadableFile("does not exist") from None
+    if error.errno == errno.ELOOP:
+        raise UnreadableFile("is a symlink loop") from None
+    raise UnreadableFile(f"cannot be read: {error.strerror}") from None
+
+
+def check_input_file(path: str | os.PathLike) -> None:
+    """Raises UnreadableFile unless `path` (links followed) is a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        _refuse_open_error(error)
+    _refuse_kind(mode)
+
+
+def read_input_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file given as input, refusing at once what would block or loop.
+
+    The file is opened without blocking and checked on the open descriptor, so a named pipe,
+    a device or a socket is refused instead of read forever, whatever the path pointed to when
+    it was checked.
+
+    Raises:
+        UnreadableFile: missing, a symlink loop, not a regular file, or unreadable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        _refuse_open_error(error)
+    try:
+        _refuse_kind(os.fstat(fd).st_mode)
+    except UnreadableFile:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            return handle.read()
+        except OSError as error:
+            raise UnreadableFile(f"cannot be read: {error.strerror}") from None
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8 text (a leading byte-order mark dropped); UnreadableFile names the first bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UnreadableFile(f"is not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (the first value would be dropped
+    silently) and documents that expand past MAX_YAML_NODES through aliases."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} appears twice", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Raises a YAML error if the document, with every alias expanded, has more than
+    MAX_YAML_NODES nodes, or if an alias names a collection that holds it."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise yaml.composer.ComposerError(
+                None, None, "an alias refers to a collection that contains it", node.start_mark
+            )
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(key) + size(value) for key, value in node.value)
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        if total > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"the document expands to more than {MAX_YAML_NODES} values through aliases",
+                node.start_mark,
+            )
+        return total
+
+    size(root)
+
+
+def parse_yaml(text: str):
+    """Parses one YAML document with the config loader's limits (see _ConfigLoader)."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class _InvalidValue(ConfigError):
@@ -50,6 +190,20 @@ def check(condition: bool, key: str, message: str) -> None:
     """
     if not condition:
         raise _InvalidValue(key, message)
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be one directory name under the runs directory (None if it can): it
+    must be a single path component, so that no name writes outside its parent."""
+    if not name.strip():
+        return "must not be empty"
+    if name in (".", "..") or any(c in name for c in "/\\"):
+        return "must be a single directory name (no '/', '\\', '.' or '..')"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "must not hold control characters"
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        return "must be at most 255 bytes"
+    return None
 
 
 def _join(path: str, key: str) -> str:
@@ -129,10 +283,19 @@ class _Builder:
             return {k: self.convert(item, v, _join(path, str(k))) for k, v in value.items()}
         if tp is float:
             if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-                return float(value)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
-            raise self.wrong_type(path, tp, value)
+                value = float(value)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise self.wrong_type(path, tp, value)
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(
+                    f"invalid value for '{path}' in {self.where(path)}: must be finite "
+                    f"(got {_describe(value)})"
+                )
+            return number
         if tp is int and isinstance(value, bool):
             raise self.wrong_type(path, tp, value)
         if isinstance(tp, type):
@@ -163,6 +326,15 @@ class _Builder:
                 full = _join(path, f.name)
                 raise ConfigError(f"missing required key '{full}' in {self.where(full)}")
         instance = cls(**values)
+        seed = values.get("seed")
+        if isinstance(seed, int) and not 0 <= seed < 2**32:
+            key = _join(path, "seed")
+            raise ConfigError(
+                f"invalid value for '{key}' in {self.where(key)}: a seed must be in "
+                f"[0, 2**32) (got {seed})"
+            )
+        if {"name", "runs_dir"} <= set(names):
+            self._check_run_location(instance, path)
         if callable(getattr(instance, "validate", None)):
             try:
                 instance.validate()
@@ -172,6 +344,22 @@ class _Builder:
                     f"invalid value for '{full}' in {self.where(full)}: {error.reason}"
                 ) from None
         return instance
+
+    def _check_run_location(self, config: Any, path: str) -> None:
+        """A config with `runs_dir` and `name` writes to `<runs_dir>/<name>/`."""
+        problem = name_problem(config.name)
+        if problem is not None:
+            key = _join(path, "name")
+            raise ConfigError(
+                f"invalid value for '{key}' in {self.where(key)}: {problem} (got {config.name!r})"
+            )
+        runs_dir = Path(config.runs_dir)
+        if not config.runs_dir.strip() or (runs_dir.exists() and not runs_dir.is_dir()):
+            key = _join(path, "runs_dir")
+            raise ConfigError(
+                f"invalid value for '{key}' in {self.where(key)}: must be a directory "
+                f"(got {config.runs_dir!r})"
+            )
 
 
 def from_dict(cls: type[T], data: dict, source: str = "<config>") -> T:
@@ -200,7 +388,7 @@ def _parse_override(item: str, source: str) -> tuple[list[str], Any]:
     if not sep or not all(p.strip() for p in parts):
         raise ConfigError(f"malformed override {item!r} in {source}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
+        value = parse_yaml(raw) if raw.strip() else raw
     except yaml.YAMLError as error:
         raise ConfigError(
             f"override {item!r} in {source}: value is not valid YAML ({getattr(error, 'problem', None) or error})"
@@ -256,13 +444,11 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: Sequenc
     source = COMMAND_LINE if path is None else os.fspath(path)
     if path is not None:
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file {source} does not exist") from None
-        except OSError as error:
-            raise ConfigError(f"cannot read config file {source}: {error.strerror}") from None
+            text = decode_text(read_input_file(path))
+        except UnreadableFile as error:
+            raise ConfigError(f"config file {source} {error}") from None
         try:
-            data = yaml.safe_load(text)
+            data = parse_yaml(text)
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             line = f", line {mark.line + 1}" if mark else ""

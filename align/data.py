@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset, load_from_disk
 
+from align.config import UnreadableFile, check_input_file, read_input_file
+
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -167,9 +169,9 @@ def _parse_object(line: bytes) -> dict | DataError:
     return value
 
 
-def _read_json(path: Path) -> list[dict | DataError]:
+def _read_json(path: Path, data: bytes) -> list[dict | DataError]:
     """JSON lines, or one JSON array of objects when a `.json` file starts with `[`."""
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    data = data.removeprefix(codecs.BOM_UTF8)
     if path.suffix == ".json" and data.lstrip()[:1] == b"[":
         try:
             values = json.loads(data.decode("utf-8"))
@@ -184,27 +186,42 @@ def _read_json(path: Path) -> list[dict | DataError]:
     return [_parse_object(line) for line in data.splitlines() if line.strip()]
 
 
+def _load_saved(path: Path) -> Dataset:
+    """A `save_to_disk` directory; what `datasets` raises on a damaged one becomes a DataError."""
+    try:
+        dataset = load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as error:
+        # json.JSONDecodeError (a cut state.json or dataset_info.json) is a ValueError.
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(
+            f"not a readable save_to_disk directory: {reason}", file=str(path)
+        ) from None
+    if not isinstance(dataset, Dataset):
+        raise DataError(
+            f"holds splits {list(dataset)}; point to one split's directory", file=str(path)
+        )
+    return dataset
+
+
 def _read(path: Path) -> tuple[list[dict | DataError], Dataset | None]:
     """Returns the rows (or a row's parse error) and, for Arrow-backed sources, the dataset."""
-    if not path.exists():
-        raise DataError("no such file or directory", file=str(path))
     try:
         if path.is_dir():
-            dataset = load_from_disk(str(path))
-            if not isinstance(dataset, Dataset):
-                raise DataError(
-                    f"holds splits {list(dataset)}; point to one split's directory",
-                    file=str(path),
-                )
-        elif path.suffix == ".parquet":
-            dataset = Dataset(pq.read_table(path))
-        elif path.suffix in (".jsonl", ".json"):
-            return _read_json(path), None
-        else:
+            dataset = _load_saved(path)
+            return dataset.to_list(), dataset
+        check_input_file(path)
+        if path.suffix not in (".parquet", ".jsonl", ".json"):
             raise DataError(
                 f"unsupported file type {path.suffix!r}; supported: {SUPPORTED_FORMATS}",
                 file=str(path),
             )
+        data = read_input_file(path)
+    except UnreadableFile as error:
+        raise DataError(str(error), file=str(path)) from None
+    if path.suffix != ".parquet":
+        return _read_json(path, data), None
+    try:
+        dataset = Dataset(pq.read_table(pa.BufferReader(data)))
     except (OSError, pa.ArrowException) as error:
         raise DataError(f"cannot read: {error}", file=str(path)) from None
     return dataset.to_list(), dataset

@@ -112,6 +112,7 @@ class TrainSettings:
         check(
             0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1) ({self.warmup_ratio})"
         )
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0 (got {self.weight_decay})")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1 (got {self.batch_size})")
         check(self.grad_accum >= 1, "grad_accum", f"must be >= 1 (got {self.grad_accum})")
         check(self.epochs > 0, "epochs", f"must be > 0 (got {self.epochs})")

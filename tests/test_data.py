@@ -275,7 +275,7 @@ def test_json_array_files_and_byte_order_marks(tmp_path):
 
 
 def test_file_level_errors(tmp_path):
-    with pytest.raises(DataError, match="nope.jsonl: no such file") as caught:
+    with pytest.raises(DataError, match="nope.jsonl: does not exist") as caught:
         load_dataset_file(tmp_path / "nope.jsonl", "sft")
     assert caught.value.row is None
     (tmp_path / "d.csv").write_text("prompt,completion\n")
@@ -285,7 +285,7 @@ def test_file_level_errors(tmp_path):
     with pytest.raises(DataError, match="junk.parquet: cannot read"):
         load_dataset_file(tmp_path / "junk.parquet", "sft")
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(DataError, match="empty_dir: cannot read"):
+    with pytest.raises(DataError, match="empty_dir: not a readable save_to_disk directory"):
         load_dataset_file(tmp_path / "empty_dir", "sft")
     DatasetDict({"train": Dataset.from_list(SAMPLES["sft"])}).save_to_disk(tmp_path / "splits")
     with pytest.raises(DataError, match=r"holds splits \['train'\]"):

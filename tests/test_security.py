@@ -46,6 +46,10 @@ ALLOWED = {
         "imports the module of a reward or filter plug-in that the user names explicitly as "
         "'module:attribute' in a config (README, Rewards); no other config string is imported"
     ),
+    ("align/config.py", "parse_yaml", "yaml.load without SafeLoader"): (
+        "its loader, _ConfigLoader, subclasses yaml.SafeLoader and only adds refusals "
+        "(duplicate keys, alias expansion past a bound); it constructs nothing SafeLoader does not"
+    ),
     ("align/rl/learner.py", "_MetadataUnpickler", "pickle load"): (
         "reads the metadata file of the RL learner's sharded checkpoint (torch.distributed."
         "checkpoint writes it as a pickle) with find_class restricted to the checkpoint "
