@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -76,11 +77,17 @@ class Registry(Generic[T]):
             )
         try:
             module = importlib.import_module(module_name)
-        except ImportError as error:
+        except ModuleNotFoundError as error:
+            if error.name is None or not module_name.startswith(error.name):
+                raise self._import_failed(module_name, reference, error) from None
             raise RegistryError(
                 f"cannot import module {module_name!r} of {self.kind} {reference!r}: {error}. "
                 "Is it installed, or is its directory on PYTHONPATH?"
-            ) from error
+            ) from None
+        except (Exception, SystemExit) as error:
+            # Whatever a plug-in's import raises (SystemExit included: a module calling
+            # sys.exit(0) would otherwise end the command with success, having done nothing).
+            raise self._import_failed(module_name, reference, error) from None
         try:
             item = getattr(module, attribute)
         except AttributeError:
@@ -91,3 +98,15 @@ class Registry(Generic[T]):
         if not callable(item):
             raise RegistryError(f"{self.kind} {reference!r} is not callable")
         return item
+
+    def _import_failed(self, module_name: str, reference: str, error: BaseException):
+        try:
+            spec = importlib.util.find_spec(module_name)
+            where = f" ({spec.origin})" if spec is not None and spec.origin else ""
+        except (Exception, SystemExit):
+            where = ""
+        lines = str(error).strip().splitlines()
+        last = f"{type(error).__name__}: {lines[-1]}" if lines else type(error).__name__
+        return RegistryError(
+            f"importing module {module_name!r}{where} of {self.kind} {reference!r} failed: {last}"
+        )
