@@ -23,15 +23,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from align.config import ConfigError, check, from_dict, to_dict
+from align.config import ConfigError, check, from_dict, name_problem, to_dict
 from align.rl.placement import plan as placement_plan
 from align.runs import write_json_atomic
 from pipelines import report, stages
 
 log = logging.getLogger(__name__)
 
-# File a finished stage leaves in its directory; the stage is skipped when it exists.
-DONE_MARKER = "stage-done.json"
+DONE_MARKER = report.DONE_MARKER
 # Directories stages write that later stages read (`{run}/<stage>/model`, ...).
 STAGE_OUTPUTS = ("model", "kept", "train", "heldout")
 
@@ -54,11 +53,8 @@ class StageEntry:
             "command",
             f"unknown command {self.command!r}; known: {', '.join(stages.COMMANDS)}",
         )
-        check(
-            bool(self.name) and "/" not in self.name,
-            "name",
-            f"must be a non-empty name without '/' (got {self.name!r})",
-        )
+        problem = name_problem(self.name)
+        check(problem is None, "name", f"{problem} (got {self.name!r})")
 
 
 @dataclass
@@ -159,17 +155,23 @@ def run(
             and its old outputs used): rerun from that stage, or restore its settings.
     """
     run_dir = Path(config.runs_dir) / config.name
+    names = [e.name for e, _ in resolved]
+    if rerun_from is not None and rerun_from not in names:
+        raise ConfigError(f"--from {rerun_from}: no such stage; stages: {', '.join(names)}")
+    # Checked before anything is written; the stages from `rerun_from` on are set aside.
+    kept = names.index(rerun_from) if rerun_from is not None else len(names)
+    _check_finished_stages_unchanged(run_dir, resolved[:kept])
     run_dir.mkdir(parents=True, exist_ok=True)
     if rerun_from is not None:
-        _set_aside(run_dir, [e.name for e, _ in resolved], rerun_from)
-    _check_finished_stages_unchanged(run_dir, resolved)
+        _set_aside(run_dir, names, rerun_from)
     results = {}
     for number, (entry, stage_config) in enumerate(resolved, start=1):
         done = run_dir / entry.name / DONE_MARKER
         prefix = f"[{number}/{len(resolved)}] {entry.name} ({entry.command})"
-        if done.exists():
+        finished = report.read_done_marker(run_dir / entry.name)
+        if finished is not None:
             print(f"{prefix}: finished in an earlier run, skipped", flush=True)
-            results[entry.name] = json.loads(done.read_text(encoding="utf-8"))["result"]
+            results[entry.name] = finished["result"]
             continue
         print(f"{prefix}: running", flush=True)
         started = time.perf_counter()
@@ -190,10 +192,10 @@ def run(
 
 def _check_finished_stages_unchanged(run_dir: Path, resolved: list[tuple[StageEntry, Any]]) -> None:
     for entry, stage_config in resolved:
-        done = run_dir / entry.name / DONE_MARKER
-        if not done.exists():
+        finished = report.read_done_marker(run_dir / entry.name)
+        if finished is None:
             continue
-        before = json.loads(done.read_text(encoding="utf-8")).get("config")
+        before = finished.get("config")
         now = json.loads(json.dumps(to_dict(stage_config)))
         if before is None or before == now:
             continue
@@ -214,8 +216,6 @@ def _differences(before: Any, now: Any, prefix: str = "") -> list[str]:
 
 
 def _set_aside(run_dir: Path, names: list[str], rerun_from: str) -> None:
-    if rerun_from not in names:
-        raise ConfigError(f"--from {rerun_from}: no such stage; stages: {', '.join(names)}")
     later = names[names.index(rerun_from) :]
     previous = run_dir / ".previous" / time.strftime("%Y%m%d-%H%M%S")
     for name in later:
@@ -260,7 +260,7 @@ def plan(config: Config, resolved: list[tuple[StageEntry, Any]]) -> str:
     run_dir = Path(config.runs_dir) / config.name
     lines = [f"pipeline {config.name}: {len(resolved)} stages, outputs under {run_dir}/"]
     for number, (entry, stage_config) in enumerate(resolved, start=1):
-        done = (run_dir / entry.name / DONE_MARKER).exists()
+        done = report.read_done_marker(run_dir / entry.name) is not None
         lines.append(
             f"[{number}/{len(resolved)}] {entry.name} ({entry.command})"
             + (": finished, will be skipped" if done else "")

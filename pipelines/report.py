@@ -16,13 +16,35 @@ and hard loss, alpha and teacher KL of a distillation stage).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 from align.runs import write_json_atomic
 
-# File a finished stage leaves in its directory (see pipelines.pipeline).
+log = logging.getLogger(__name__)
+
+# File a finished stage leaves in its directory, written last and atomically (see
+# pipelines.pipeline): the stage is skipped in later runs of the pipeline while it is there.
 DONE_MARKER = "stage-done.json"
+
+
+def read_done_marker(stage_dir: Path) -> dict | None:
+    """The stage's done-marker (`result`, `seconds`, `config`), or None when the stage has not
+    finished. A marker that cannot be read as one (cut short, edited, not JSON) counts as not
+    finished, with a warning: the stage runs again rather than the pipeline stopping."""
+    path = stage_dir / DONE_MARKER
+    if not path.exists():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(marker, dict) and isinstance(marker.get("result"), dict):
+            return marker
+        reason = "not a done-marker"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = str(error)
+    log.warning("%s is damaged (%s); the stage counts as not finished", path, reason)
+    return None
 
 
 def collect(stages: list[tuple[str, str]], run_dir: Path) -> dict:
@@ -34,10 +56,9 @@ def collect(stages: list[tuple[str, str]], run_dir: Path) -> dict:
     """
     records = []
     for name, command in stages:
-        done = run_dir / name / DONE_MARKER
-        if not done.exists():
+        finished = read_done_marker(run_dir / name)
+        if finished is None:
             continue
-        finished = json.loads(done.read_text(encoding="utf-8"))
         result = finished["result"]
         evaluation = result if command == "eval" else result.get("eval")
         records.append(
@@ -283,7 +304,7 @@ def plot_rl(stage_dir: Path, path: Path) -> list[str]:
     metrics = read_metrics(stage_dir)
     trained = [m for m in metrics if "train/reward_mean" in m]
     pool = [m for m in metrics if "pool/mean_difficulty" in m]
-    result = json.loads((stage_dir / DONE_MARKER).read_text(encoding="utf-8"))["result"]
+    result = (read_done_marker(stage_dir) or {"result": {}})["result"]
     curve = result.get("curve") or []
     if not trained:
         return []

@@ -212,3 +212,26 @@ def test_a_finished_stage_with_changed_settings_is_refused_until_rerun_from_it(t
     (kept,) = (root / ".previous").glob("*/data/train/problems.jsonl")
     assert kept.read_text() == first_rows
     assert align("run", str(path), "--from", "nope").returncode == 2
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: text[: len(text) // 2],  # cut short by a crash or a full disk
+        lambda text: "[]",  # JSON, but not a marker
+        lambda text: "\udcff",  # not UTF-8 (written with surrogateescape below)
+    ],
+    ids=["cut-short", "not-a-marker", "not-utf-8"],
+)
+def test_a_damaged_done_marker_counts_as_not_finished_with_a_warning(tmp_path, damage, caplog):
+    from pipelines import report
+
+    stage = tmp_path / "sft"
+    stage.mkdir()
+    marker = stage / report.DONE_MARKER
+    text = json.dumps({"result": {"model": "m"}, "seconds": 1.0, "config": {}})
+    marker.write_text(text)
+    assert report.read_done_marker(stage)["result"] == {"model": "m"}
+    marker.write_bytes(damage(text).encode("utf-8", "surrogateescape"))
+    assert report.read_done_marker(stage) is None
+    assert f"{marker} is damaged" in caplog.text and "counts as not finished" in caplog.text
