@@ -156,6 +156,9 @@ class RewardSet:
         # Faults over the life of this set, by "<name>/<kind>".
         self.faults: Counter[str] = Counter()
         self._reported: set[str] = set()
+        # The warnings logged since `take_warnings` last ran (a process that scores for another,
+        # such as a rollout worker, hands them on).
+        self._warnings: list[str] = []
 
     @property
     def names(self) -> list[str]:
@@ -271,20 +274,22 @@ class RewardSet:
         self._report(reward.name, kind, detail)
         return [None] * n
 
+    def take_warnings(self) -> list[str]:
+        """The fault warnings logged since the last call (each reward's first of each kind)."""
+        warnings, self._warnings = self._warnings, []
+        return warnings
+
     def _report(self, name: str, kind: str, detail: str) -> None:
         # The first fault of each kind per reward is a warning; later ones are only counted.
         key = f"{name}/{kind}"
         if key not in self._reported:
             self._reported.add(key)
-            log.warning(
-                "reward %r failed (%s): %s. Affected rows stay unscored; faults are counted as "
-                "reward/%s/%s.",
-                name,
-                kind,
-                detail,
-                name,
-                kind,
+            message = (
+                f"reward {name!r} failed ({kind}): {detail}. Affected rows stay unscored; "
+                f"faults are counted as reward/{name}/{kind}."
             )
+            log.warning("%s", message)
+            self._warnings.append(message)
 
 
 def _check_options(

@@ -19,7 +19,12 @@ from pathlib import Path
 import pytest
 
 from align.config import from_dict
-from align.rl.controller import Controller, LearnerStopped, RolloutWorkersFailed
+from align.rl.controller import (
+    Controller,
+    LearnerStopped,
+    RewardsFailed,
+    RolloutWorkersFailed,
+)
 from align.rl.group import ActorFailure
 from align.rl.rollout import GenerateResult, Rollout
 from align.runs import NonFiniteError, Run
@@ -35,10 +40,22 @@ class FakeFleet:
         hang_on: request numbers (1-based, over all workers) that never answer.
         nonfinite_at: the learner step that raises the non-finite stop.
         learner_dies_at: the learner step at which a rank "dies".
+        unscored: prompt ids whose groups come back with no completion scored, as when the
+            reward `flaky` raises on them; `unscored_from`: the request from which every group
+            does.
     """
 
-    def __init__(self, config, hang_on=(), nonfinite_at=None, learner_dies_at=None) -> None:
+    def __init__(
+        self,
+        config,
+        hang_on=(),
+        nonfinite_at=None,
+        learner_dies_at=None,
+        unscored=(),
+        unscored_from=None,
+    ) -> None:
         self.config = config
+        self.unscored, self.unscored_from = set(unscored), unscored_from
         self.workers = config.placement.workers
         self.hang_on, self.nonfinite_at, self.learner_dies_at = (
             hang_on,
@@ -66,18 +83,31 @@ class FakeFleet:
                 self.release.wait(60)
                 raise RuntimeError("released at shutdown")
             size = self.config.sampling.group_size
+            failing = {
+                p["id"]
+                for p in prompts
+                if p["id"] in self.unscored or number >= (self.unscored_from or number + 1)
+            }
             rollouts = [
                 Rollout(
                     prompt_id=p["id"],
                     prompt_ids=[5, 6],
                     completion_ids=[[7]] * size,
                     behaviour_logprobs=[[-1.0]] * size,
-                    rewards=[float((p["id"] + i) % 2) for i in range(size)],
+                    rewards=[
+                        None if p["id"] in failing else float((p["id"] + i) % 2)
+                        for i in range(size)
+                    ],
                     version=self.held[worker],
                 )
                 for p in prompts
             ]
-            return GenerateResult(rollouts, {"rollout/seconds": 0.0})
+            metrics = {"rollout/seconds": 0.0}
+            warnings = []
+            if failing:
+                metrics["reward/flaky/errors"] = float(size * len(failing))
+                warnings.append(f"reward 'flaky' failed (errors): request {number}")
+            return GenerateResult(rollouts, metrics, warnings)
 
         return self.actors[worker].submit(sample)
 
@@ -323,3 +353,33 @@ def test_a_dead_learner_rank_stops_the_run_naming_it_and_the_checkpoint(
     message = str(stopped.value)
     assert "learner rank 1 failed" in message
     assert f"resume from checkpoint {out / 'checkpoints' / 'step-2'}" in message
+
+
+def test_groups_no_reward_scored_are_dropped_counted_and_their_warnings_logged(
+    tmp_path, student_dir, rows, caplog
+):
+    caplog.set_level(logging.INFO, logger="align")
+    config = make_config(tmp_path, student_dir)
+    unscored = set(range(0, len(rows), 5))
+    result, out = train(config, rows, FakeFleet(config, unscored=unscored))
+    assert result["steps"] == 8
+    trained = {p for a in audit(out) for p in a["prompts"]}
+    assert trained and not trained & unscored
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    dropped = sum(m.get("rollout/unscored_groups", 0) for m in metrics)
+    assert dropped >= 1
+    log_text = (out / "log.txt").read_text()
+    assert "rollout worker 0: reward 'flaky' failed (errors)" in log_text
+
+
+def test_a_reward_failing_on_everything_stops_the_run_naming_it(
+    tmp_path, student_dir, rows, caplog
+):
+    caplog.set_level(logging.INFO, logger="align")
+    config = make_config(tmp_path, student_dir, placement={"workers": 1})
+    with pytest.raises(RewardsFailed, match=r"no completion scored .*reward/flaky/errors"):
+        train(config, rows, FakeFleet(config, unscored_from=3))
+    out = Path(config.runs_dir) / config.name
+    assert list((out / "checkpoints").glob("step-*/state.json"))
+    result, _ = train(config, rows, FakeFleet(config))  # the reward fixed: it resumes
+    assert result["steps"] == 8

@@ -45,6 +45,17 @@ log = logging.getLogger(__name__)
 CONSTANT_GROUPS_LIMIT = 10
 
 
+# The run stops after this many batches' worth of groups in a row came back with no completion
+# scored: a reward fails on everything, and going on would train on nothing.
+UNSCORED_GROUPS_LIMIT = 2
+# The fault counters of `align.rewarding.RewardSet` (`reward/<name>/<kind>`).
+REWARD_FAULTS = ("errors", "timeouts", "wrong_length", "nonfinite", "bad_values", "not_applicable")
+
+
+class RewardsFailed(RunStopped):
+    """Every completion of too many groups in a row was left unscored by the rewards."""
+
+
 class RolloutWorkersFailed(RunStopped):
     """Rollout workers failed or hung more often than `max_worker_restarts` allows."""
 
@@ -93,8 +104,10 @@ class Controller:
         self.worker_version: list[int] = []
         # Rewards of every completion sampled since the last step, dropped groups included.
         self.sampled_rewards: list[float] = []
-        # Groups dropped as constant since the last one with a learning signal.
+        # Groups dropped as constant since the last one with a learning signal, and groups
+        # dropped unscored since the last one a reward scored.
         self.constant_in_a_row = 0
+        self.unscored_in_a_row = 0
         # Requests and weight syncs in flight, and sync timings not logged yet.
         self.inflight: dict[concurrent.futures.Future, Request] = {}
         self.syncs: dict[concurrent.futures.Future, tuple[int, int]] = {}
@@ -230,13 +243,20 @@ class Controller:
         except Exception as error:
             self._replace_worker(request, f"failed: {type(error).__name__}: {error}")
             return
-        for rollout in result.rollouts:
+        for warning in result.warnings:
+            log.warning("rollout worker %d: %s", request.worker, warning)
+        rollouts = [r for r in result.rollouts if r.scored_rewards]
+        self.run_dir.log_metrics(
+            self.step,
+            {**result.metrics, "rollout/unscored_groups": len(result.rollouts) - len(rollouts)},
+        )
+        self._check_scored(len(rollouts), len(result.rollouts) - len(rollouts), result.metrics)
+        for rollout in rollouts:
             scored = rollout.scored_rewards
             self.pool.record(rollout.prompt_id, scored, [r >= 0.5 for r in scored])
             self.sampled_rewards.extend(scored)
-        dropped = self.buffer.add(result.rollouts)
-        self._check_signal(len(result.rollouts) - len(dropped), len(dropped))
-        self.run_dir.log_metrics(self.step, result.metrics)
+        dropped = self.buffer.add(rollouts)
+        self._check_signal(len(rollouts) - len(dropped), len(dropped))
 
     def _sync_done(self, future) -> None:
         worker, incarnation = self.syncs.pop(future)
@@ -327,6 +347,26 @@ class Controller:
                 "The run was checkpointed: run the same command again to resume."
             ) from None
         self.worker_version[worker] = self.synced_version
+
+    def _check_scored(self, scored: int, unscored: int, metrics: dict[str, float]) -> None:
+        """Drops groups no reward scored (counted as `rollout/unscored_groups`); stops the run
+        with a checkpoint, naming the failing rewards, when no group has been scored for
+        UNSCORED_GROUPS_LIMIT batches' worth of groups."""
+        self.unscored_in_a_row = 0 if scored else self.unscored_in_a_row + unscored
+        if self.unscored_in_a_row < UNSCORED_GROUPS_LIMIT * self.config.groups_per_step:
+            return
+        faults = sorted(
+            key
+            for key, count in metrics.items()
+            if count and key.startswith("reward/") and key.rsplit("/", 1)[-1] in REWARD_FAULTS
+        )
+        self._save_checkpoint()
+        raise RewardsFailed(
+            f"the last {self.unscored_in_a_row} groups had no completion scored by any reward "
+            f"(faults in the last batch: {', '.join(faults) or 'none counted'}); the rollout "
+            "workers' warnings above say why. Fix the reward and run the same command again "
+            "to resume from the checkpoint."
+        )
 
     def _check_signal(self, kept: int, dropped: int) -> None:
         """Stops a run whose groups have had constant rewards for too long (no learning signal)."""

@@ -63,6 +63,8 @@ class GenerateResult:
     rollouts: list[Rollout]
     # Seconds spent sampling and scoring, tokens generated, and reward metrics.
     metrics: dict[str, float] = field(default_factory=dict)
+    # The rewards' fault warnings the worker logged meanwhile, for the driver's log.
+    warnings: list[str] = field(default_factory=list)
 
 
 def batch_metrics(batch: list[Rollout], learner_version: int) -> dict[str, float]:

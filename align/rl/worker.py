@@ -89,7 +89,7 @@ class RolloutWorker:
             "rollout/seconds": time.perf_counter() - started,
             "rollout/tokens": float(tokens),
         }
-        return GenerateResult(rollouts, metrics)
+        return GenerateResult(rollouts, metrics, self.rewards.take_warnings())
 
     def init_weight_transfer(self, init_info: dict[str, Any]) -> None:
         """Joins the learner's rank 0 for weight updates (it joins at the same time)."""
