@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import select
@@ -81,13 +82,19 @@ for line in sys.stdin:
 class ForkedAlign:
     """Runs `align ARGS` in a fork of one process that imported the command once."""
 
-    def __init__(self, scratch: Path) -> None:
+    def __init__(self, scratch: Path, pythonpath: Path | None = None) -> None:
         self.scratch = scratch
+        env = dict(os.environ)
+        if pythonpath is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(pythonpath), env.get("PYTHONPATH")) if p
+            )
         self.server = subprocess.Popen(
             [sys.executable, "-c", SERVER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
         # Imported once here, so no case's time includes the imports.
         assert self._read_line(timeout_s=300.0) == "ready\n"
@@ -117,9 +124,22 @@ class ForkedAlign:
             self.server.kill()
 
 
+# Reward plug-ins that fail on import, importable by the forked `align` (its PYTHONPATH).
+FAILING_PLUGINS = {
+    "raises_at_import": "raise RuntimeError('the reward service is not configured')\n",
+    "syntax_error": "def reward(prompts, completions:\n    return []\n",
+    "exits_at_import": "import sys\nsys.exit(0)\n",
+    "missing_dependency": "import no_such_dependency_of_the_plugin\n",
+}
+
+
 @pytest.fixture(scope="module")
 def forked_align(tmp_path_factory):
-    runner = ForkedAlign(tmp_path_factory.mktemp("forked-align"))
+    plugins = tmp_path_factory.mktemp("plugins")
+    for name, source in FAILING_PLUGINS.items():
+        (plugins / f"{name}.py").write_text(source, encoding="utf-8")
+    runner = ForkedAlign(tmp_path_factory.mktemp("forked-align"), pythonpath=plugins)
+    runner.plugins = plugins
     yield runner
     runner.close()
 
@@ -323,3 +343,155 @@ def test_filtering_every_row_away_is_an_error(inputs, forked_align, tmp_path):
     report = json.loads((tmp_path / "nothing-left" / "filter" / "report.json").read_text())
     assert report["output"] == {"kept": 0, "dropped": 4, "unscored": 0}
     assert not (tmp_path / "nothing-left" / "model").exists()
+
+
+# --- inputs nobody anticipated: generated here, several variants of each class ------------------
+# (id, args, the refusal). Placeholders as in cases.yaml, plus the files `hostile_inputs` builds;
+# `runs_dir={runs}` is appended unless the case sets runs_dir itself.
+HOSTILE = [
+    # special files: refused at once, never read (a FIFO would block, /dev/zero never ends)
+    ("fifo-as-data", ["sft", "model={model}", "data={fifo}"], "{fifo}: is not a regular file: a named pipe (FIFO)"),
+    ("fifo-as-config", ["eval", "--config", "{fifo_yaml}"], "config file {fifo_yaml} is not a regular file: a named pipe (FIFO)"),
+    ("device-as-data", ["sft", "model={model}", "data=/dev/zero"], "/dev/zero: is not a regular file: a character device"),
+    ("symlink-loop-as-data", ["sft", "model={model}", "data={loop_jsonl}"], "{loop_jsonl}: is a symlink loop"),
+    ("symlink-loop-as-config", ["eval", "--config", "{loop_yaml}"], "config file {loop_yaml} is a symlink loop"),
+    ("directory-as-config", ["eval", "--config", "{dir}"], "config file {dir} is not a regular file: a directory"),
+    # hostile YAML
+    ("alias-bomb-in-a-value", ["sft", "--config", "{bomb_value}", "model={model}", "data={sft}"], "invalid YAML in {bomb_value}, line 6: the document expands to more than 100000 values through aliases"),
+    ("alias-bomb-under-an-unknown-key", ["sft", "--config", "{bomb_unknown}", "model={model}", "data={sft}"], "the document expands to more than 100000 values through aliases"),
+    ("recursive-alias", ["sft", "--config", "{recursive}", "model={model}", "data={sft}"], "invalid YAML in {recursive}, line 1: an alias refers to a collection that contains it"),
+    ("duplicate-top-level-key", ["sft", "--config", "{duplicate_key}", "model={model}", "data={sft}"], "invalid YAML in {duplicate_key}, line 3: key 'train' appears twice"),
+    ("duplicate-nested-key", ["sft", "--config", "{duplicate_nested}", "model={model}", "data={sft}"], "invalid YAML in {duplicate_nested}, line 3: key 'epochs' appears twice"),
+    ("config-in-latin-1", ["sft", "--config", "{latin1}", "model={model}", "data={sft}"], "config file {latin1} is not UTF-8 text (invalid continuation byte at byte 9)"),
+    ("config-in-utf-16", ["sft", "--config", "{utf16}", "model={model}", "data={sft}"], "config file {utf16} is not UTF-8 text"),
+    # values the validators missed
+    ("epochs-inf", ["sft", "model={model}", "data={sft}", "train.epochs=.inf"], "invalid value for 'train.epochs' in <command line>: must be finite (got float inf)"),
+    ("learning-rate-inf", ["sft", "model={model}", "data={sft}", "train.learning_rate=.inf"], "invalid value for 'train.learning_rate' in <command line>: must be finite"),
+    ("learning-rate-nan", ["dpo", "model={model}", "data={dpo}", "train.learning_rate=.nan"], "invalid value for 'train.learning_rate' in <command line>: must be finite (got float nan)"),
+    ("learning-rate-1e400", ["sft", "model={model}", "data={sft}", "train.learning_rate=1e400"], "invalid value for 'train.learning_rate' in <command line>: must be finite"),
+    ("seed-negative", ["sft", "model={model}", "data={sft}", "train.seed=-1"], "invalid value for 'train.seed' in <command line>: a seed must be in [0, 2**32) (got -1)"),
+    ("seed-too-large", ["rl", "model={model}", "data={rl}", "seed=4294967296"], "invalid value for 'seed' in <command line>: a seed must be in [0, 2**32)"),
+    ("weight-decay-negative", ["sft", "model={model}", "data={sft}", "train.weight_decay=-1"], "invalid value for 'train.weight_decay' in <command line>: must be >= 0 (got -1.0)"),
+    ("empty-run-name", ["sft", "model={model}", "data={sft}", "name="], "invalid value for 'name' in <command line>: must not be empty"),
+    ("run-name-dot-dot", ["sft", "model={model}", "data={sft}", "name=.."], "invalid value for 'name' in <command line>: must be a single directory name"),
+    ("run-name-with-a-slash", ["eval", "model={model}", "data={rl}", "name=a/../../b"], "invalid value for 'name' in <command line>: must be a single directory name"),
+    ("run-name-with-a-newline", ["eval", "model={model}", "data={rl}", r'name="a\nb"'], "invalid value for 'name' in <command line>: must not hold control characters"),
+    ("runs-dir-is-a-file", ["sft", "model={model}", "data={sft}", "runs_dir={sft}"], "invalid value for 'runs_dir' in <command line>: must be a directory"),
+    ("pipeline-stage-named-dot-dot", ["run", "{stage_dot_dot}", "--dry-run"], "invalid value for 'stages[0].name' in {stage_dot_dot}: must be a single directory name"),
+    ("pipeline-from-an-unknown-stage", ["run", "{pipeline}", "--from", "nosuch"], "--from nosuch: no such stage; stages: data"),
+    # damaged state files
+    ("save-to-disk-state-cut-short", ["sft", "model={model}", "data={cut_state}"], "{cut_state}: not a readable save_to_disk directory"),
+    ("save-to-disk-info-not-json", ["sft", "model={model}", "data={bad_info}"], "{bad_info}: not a readable save_to_disk directory"),
+    ("save-to-disk-arrow-missing", ["sft", "model={model}", "data={no_arrow}"], "{no_arrow}: not a readable save_to_disk directory"),
+    # reward plug-ins that fail on import
+    ("plugin-raises-at-import", ["rl", "model={model}", "data={rl}", "rewards=[{name: 'raises_at_import:reward'}]"], "invalid value for 'rewards[0].name' in <command line>: importing module 'raises_at_import' ({plugins}/raises_at_import.py) of reward 'raises_at_import:reward' failed: RuntimeError: the reward service is not configured"),
+    ("plugin-syntax-error", ["rl", "model={model}", "data={rl}", "rewards=[{name: 'syntax_error:reward'}]"], "importing module 'syntax_error' ({plugins}/syntax_error.py) of reward 'syntax_error:reward' failed: SyntaxError"),
+    ("plugin-exits-at-import", ["rl", "model={model}", "data={rl}", "rewards=[{name: 'exits_at_import:reward'}]"], "of reward 'exits_at_import:reward' failed: SystemExit: 0"),
+    ("plugin-missing-dependency", ["rl", "model={model}", "data={rl}", "rewards=[{name: 'missing_dependency:reward'}]"], "failed: ModuleNotFoundError: No module named 'no_such_dependency_of_the_plugin'"),
+]  # fmt: skip
+
+
+def _alias_bomb(levels: int, width: int) -> str:
+    """A YAML mapping whose last key expands to width ** levels scalars through aliases."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    for level in range(1, levels):
+        lines.append(f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def hostile_inputs(inputs, forked_align, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("hostile")
+    values = {**inputs, "plugins": str(forked_align.plugins), "dir": str(root)}
+
+    def file(name: str, content: str | bytes) -> str:
+        path = root / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        values[name.replace(".", "_").replace("-", "_")] = str(path)
+        return str(path)
+
+    os.mkfifo(root / "fifo.jsonl")
+    os.mkfifo(root / "fifo.yaml")
+    values.update(fifo=str(root / "fifo.jsonl"), fifo_yaml=str(root / "fifo.yaml"))
+    for suffix in ("jsonl", "yaml"):
+        a, b = root / f"loop-a.{suffix}", root / f"loop.{suffix}"
+        a.symlink_to(b)
+        b.symlink_to(a)
+        values[f"loop_{suffix}"] = str(b)
+
+    # 10 ** 7 scalars once expanded, from 8 lines: under a real key, and under one nobody reads.
+    values["bomb_value"] = file(
+        "bomb-value.yaml",
+        "lora:\n" + "".join(f"  {line}\n" for line in _alias_bomb(7, 10).splitlines()),
+    )
+    values["bomb_unknown"] = file(
+        "bomb-unknown.yaml",
+        "no_such_key:\n" + "".join(f"  {line}\n" for line in _alias_bomb(7, 10).splitlines()),
+    )
+    values["recursive"] = file("recursive.yaml", "train: &a {epochs: *a}\n")
+    values["duplicate_key"] = file("duplicate-key.yaml", "train:\n  epochs: 2\ntrain:\n  seed: 3\n")
+    values["duplicate_nested"] = file("duplicate-nested.yaml", "train:\n  epochs: 2\n  epochs: 3\n")
+    values["latin1"] = file("latin1.yaml", "name: caf\u00e9-run\n".encode("latin-1"))
+    values["utf16"] = file("utf16.yaml", "name: run\n".encode("utf-16"))
+
+    values["stage_dot_dot"] = file(
+        "stage-dot-dot.yaml",
+        yaml.safe_dump({"stages": [{"name": "..", "command": "make-data", "config": {}}]}),
+    )
+    values["pipeline"] = file(
+        "pipeline.yaml",
+        yaml.safe_dump(
+            {
+                "name": "p",
+                "runs_dir": str(root / "pipeline-runs"),
+                "stages": [{"name": "data", "command": "make-data", "config": {}}],
+            }
+        ),
+    )
+
+    rows = Dataset.from_list(export(make_problems(["add"], [1], 4, seed=0), "sft").to_list())
+    for name in ("cut_state", "bad_info", "no_arrow"):
+        rows.save_to_disk(str(root / name))
+        values[name] = str(root / name)
+    state = root / "cut_state" / "state.json"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    (root / "bad_info" / "dataset_info.json").write_text("{not json", encoding="utf-8")
+    for arrow in (root / "no_arrow").glob("*.arrow"):
+        arrow.unlink()
+    return values
+
+
+@pytest.mark.parametrize(("case", "args", "expect"), HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_input_is_refused_in_one_line_before_any_work(
+    case, args, expect, hostile_inputs, forked_align, tmp_path
+):
+    runs = tmp_path / "runs"
+    values = {**hostile_inputs, "runs": str(runs)}
+    argv = [fill(arg, values) for arg in args]
+    if not any(arg.startswith("runs_dir=") for arg in argv) and argv[0] != "run":
+        argv.append(f"runs_dir={runs}")
+    started = time.perf_counter()
+    out = forked_align(*argv, timeout_s=60.0)
+    seconds = time.perf_counter() - started
+    assert out.returncode == 2, f"exit status {out.returncode}\n{out.stderr}"
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert fill(expect, values) in last, out.stderr
+    assert not runs.exists(), f"written before failing: {sorted(runs.rglob('*'))}"
+    assert not (Path(hostile_inputs["dir"]) / "pipeline-runs").exists()
+    assert seconds < FAST_S
+
+
+@pytest.mark.parametrize(
+    "case", ["duplicate-top-level-key", "epochs-inf", "plugin-exits-at-import"]
+)
+def test_a_hostile_input_leaves_a_finished_run_untouched(
+    case, skip_run, hostile_inputs, forked_align
+):
+    _, run = skip_run
+    before = snapshot(run)
+    _, args, expect = next(c for c in HOSTILE if c[0] == case)
+    argv = [*(fill(arg, hostile_inputs) for arg in args), "name=skip", f"runs_dir={run.parent}"]
+    out = forked_align(*argv)
+    assert out.returncode == 2 and fill(expect, hostile_inputs) in out.stderr, out.stderr
+    assert snapshot(run) == before
