@@ -464,6 +464,16 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: Sequenc
     return _Builder(source, override_keys).build(cls, data)
 
 
+def changed_keys(before: Any, now: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two plain config dicts, sorted."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        keys = set(before) | set(now)
+        return sorted(
+            d for k in keys for d in changed_keys(before.get(k), now.get(k), f"{prefix}{k}.")
+        )
+    return [] if before == now else [prefix.rstrip(".")]
+
+
 def to_dict(cfg: Any) -> dict:
     """Returns the config as plain nested dicts and lists."""
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from safetensors import safe_open
 from transformers import (
+    CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     GenerationConfig,
@@ -25,8 +28,15 @@ from transformers import (
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from align.config import ConfigError
+from align.config import (
+    ConfigError,
+    UnreadableFile,
+    check_input_file,
+    decode_text,
+    read_input_file,
+)
 from align.moe import route_sparsely
 from align.tokenizer import build_tokenizer
 
@@ -190,41 +200,127 @@ def write_checkpoint(model: PreTrainedModel, directory: str | Path) -> Path:
 
 # Suffixes of pickle-based weight files, which `check_checkpoint` names when it refuses them.
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# A tokenizer's files: its config and at least one of the others.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def check_checkpoint(path: str | Path, key: str) -> None:
-    """Refuses a path that is not a local checkpoint directory with safetensors weights.
+def check_checkpoint(
+    path: str | Path,
+    key: str,
+    max_model_len: int | None = None,
+    length_key: str = "engine.max_model_len",
+) -> None:
+    """Refuses a path that is not a usable local checkpoint directory, without loading it.
 
-    The stages call this before anything is written, so a wrong path fails fast instead of
-    after a run directory exists or an engine has started. Pickle-based weights
-    (`pytorch_model.bin`, `*.pt`) are refused without being opened: unpickling a file can run
-    code from it.
+    The stages call this before anything is written, so a wrong or damaged checkpoint fails
+    fast instead of in transformers, safetensors or vLLM after a run directory exists or an
+    engine has started. It reads config.json, the tokenizer's JSON files and each weight file's
+    header; pickle-based weights (`pytorch_model.bin`, `*.pt`) are refused without being
+    opened: unpickling a file can run code from it.
 
     Args:
         path: the checkpoint directory a config names.
         key: that config key (`model`, `teacher.model`), named in the error.
+        max_model_len: the engine's context length, if the stage starts one: it must fit
+            the model's positions.
+        length_key: the config key of `max_model_len`, named in the error.
 
     Raises:
-        ConfigError: the directory is missing, has no config.json or no `*.safetensors` file.
+        ConfigError: naming `key` (or `length_key`), the path and what is wrong.
     """
     directory = Path(path)
-    if not directory.exists():
-        reason = "does not exist"
-    elif not directory.is_dir():
-        reason = "is a file; a checkpoint is a directory (config.json, *.safetensors, tokenizer)"
-    elif not (directory / "config.json").is_file():
-        reason = "has no config.json: it is not a Hugging Face checkpoint directory"
-    elif not any(directory.glob("*.safetensors")):
+    try:
+        problem = _checkpoint_problem(directory)
+    except UnreadableFile as error:
+        problem = str(error)
+    if problem is not None:
+        raise ConfigError(f"key '{key}': checkpoint {path} {problem}")
+    if max_model_len is not None:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+        text = config.get_text_config()
+        positions = getattr(text, "max_position_embeddings", None)
+        if positions is not None and max_model_len > positions:
+            raise ConfigError(
+                f"key '{length_key}': {max_model_len} exceeds the {positions} positions "
+                f"of checkpoint {path} (max_position_embeddings in its config.json)"
+            )
+
+
+def _checkpoint_problem(directory: Path) -> str | None:
+    """What is wrong with the checkpoint directory, or None. UnreadableFile where a file in
+    it cannot be read at all."""
+    try:
+        is_dir = directory.is_dir()
+    except OSError as error:
+        return f"cannot be read: {error.strerror}"
+    if not is_dir:
+        if not directory.exists() and not directory.is_symlink():
+            return "does not exist"
+        layout = "a checkpoint is a directory (config.json, *.safetensors, tokenizer)"
+        try:
+            check_input_file(directory)
+        except UnreadableFile as error:
+            return f"{error}; {layout}"
+        return f"is a file; {layout}"
+    if not (directory / "config.json").exists():
+        return "has no config.json: it is not a Hugging Face checkpoint directory"
+    try:
+        config = json.loads(decode_text(read_input_file(directory / "config.json")))
+    except UnreadableFile as error:
+        return f"config.json {error}"
+    except json.JSONDecodeError as error:
+        return f"config.json is not JSON ({error.msg} at line {error.lineno} column {error.colno})"
+    if not isinstance(config, dict):
+        return "config.json does not hold a JSON object"
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return (
+            f"config.json names model_type {model_type!r}, which transformers "
+            f"{transformers.__version__} does not know"
+        )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return (
+            f"config.json names model_type {model_type!r}, which is not a causal language "
+            "model (supported here: Llama 4 and Qwen3-MoE families, see README)"
+        )
+    try:
+        AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+    except Exception as error:  # transformers and pydantic raise many kinds for a bad field
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"config.json is not a valid {model_type} config: {reason}"
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLED_WEIGHTS)
-        reason = "has no *.safetensors weights" + (
+        return "has no *.safetensors weights" + (
             f" ({', '.join(pickled)} found: pickle-based weights are never loaded, since"
             " unpickling can run code; convert them to safetensors)"
             if pickled
             else ""
         )
-    else:
-        return
-    raise ConfigError(f"key '{key}': checkpoint {path} {reason}")
+    for file in weights:
+        try:
+            check_input_file(file)
+            with safe_open(str(file), "pt"):
+                pass
+        except UnreadableFile as error:
+            return f"weights file {file.name} {error}"
+        except Exception as error:  # safetensors' own error type for a damaged header
+            return f"weights file {file.name} is damaged or cut short: {error}"
+    names = [name for name in TOKENIZER_FILES if (directory / name).exists()]
+    if "tokenizer_config.json" not in names or len(names) < 2:
+        return (
+            "has no tokenizer (tokenizer_config.json and one of tokenizer.json, "
+            "tokenizer.model, vocab.json); save the tokenizer beside the model"
+        )
+    for name in names:
+        if name.endswith(".json"):
+            try:
+                json.loads(decode_text(read_input_file(directory / name)))
+            except UnreadableFile as error:
+                return f"{name} {error}"
+            except json.JSONDecodeError as error:
+                return f"{name} is not JSON ({error.msg} at line {error.lineno})"
+    return None
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -19,10 +19,20 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from align.config import check
+from align.config import (
+    ConfigError,
+    UnreadableFile,
+    changed_keys,
+    check,
+    decode_text,
+    parse_yaml,
+    read_input_file,
+    to_dict,
+)
 from align.moe import ExpertLoad, routers, shares
 from align.runs import NonFiniteError, Run, write_json_atomic
 
@@ -424,3 +434,29 @@ def finished_result(directory: Path) -> dict | None:
     """The result of a finished training run whose checkpoint is `directory`, if any."""
     path = directory / "train_result.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def refuse_changed_rerun(run_dir: Path, config) -> None:
+    """Refuses to run again, under other settings, a training run that finished in `run_dir`.
+
+    A finished run's model is reused as it is when its command runs again; with other
+    settings that would report a model the settings did not train, and rewrite config.yaml so
+    it no longer describes `model/`. Call before anything is written.
+
+    Raises:
+        ConfigError: naming the run directory and the keys that differ.
+    """
+    if finished_result(run_dir / "model") is None:
+        return
+    try:
+        before = parse_yaml(decode_text(read_input_file(run_dir / "config.yaml")))
+    except (UnreadableFile, yaml.YAMLError):
+        before = None
+    now = json.loads(json.dumps(to_dict(config)))
+    if before == now:
+        return
+    changed = changed_keys(before, now) if isinstance(before, dict) else ["config.yaml unreadable"]
+    raise ConfigError(
+        f"run {run_dir} finished earlier with other settings ({', '.join(changed)}); its model "
+        "would be reused as it is. Choose another name, or delete the directory to train again"
+    )

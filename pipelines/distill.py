@@ -74,6 +74,7 @@ from align.training import (
     finished_result,
     fit_budget,
     lora_config,
+    refuse_changed_rerun,
     resume_point,
     token_count,
     trainer_arguments,
@@ -626,6 +627,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
         heldout_rows = heldout_rows.select_columns(["prompt", "completion"])
     evaluate.check_heldout(config.heldout)
     out = Path(config.runs_dir) / config.name
+    refuse_changed_rerun(out, config)
     with Run(out, config) as run_dir:
         model_dir = out / "model"
         result = finished_result(model_dir)

@@ -46,6 +46,7 @@ from align.training import (
     finished_result,
     fit_budget,
     lora_config,
+    refuse_changed_rerun,
     resume_point,
     token_count,
     trainer_arguments,
@@ -179,8 +180,13 @@ def run(config: Config, callbacks: list | None = None) -> dict:
     out = Path(config.runs_dir) / config.name
     # 1. Inputs, checked before anything is written: the checkpoint, the held-out rows, and the
     # preference rows or the prompts the pairs are built from.
-    check_checkpoint(config.model, "model")
+    if config.pairs is None:
+        check_checkpoint(config.model, "model")
+    else:
+        length = config.pairs.engine.max_model_len
+        check_checkpoint(config.model, "model", length, "pairs.engine.max_model_len")
     evaluate.check_heldout(config.heldout)
+    refuse_changed_rerun(out, config)
     if config.pairs is not None:
         rows, rows_report = load_dataset_file(config.pairs.prompts, "rl", config.on_error)
     else:

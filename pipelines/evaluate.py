@@ -104,7 +104,7 @@ def check_heldout(path: str | None) -> None:
 def run(config: Config, llm=None) -> dict:
     """Evaluates `config.model`; pass a started engine as `llm` to reuse it."""
     # Inputs are checked before anything is written.
-    check_checkpoint(config.model, "model")
+    check_checkpoint(config.model, "model", config.engine.max_model_len)
     dataset, data_report = load_dataset_file(config.data, "rl", on_error=config.on_error)
     with Run(Path(config.runs_dir) / config.name, config) as run_dir:
         rows = list(dataset)[: config.limit]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from align.config import ConfigError, check, from_dict, name_problem, to_dict
+from align.config import ConfigError, changed_keys, check, from_dict, name_problem, to_dict
 from align.rl.placement import plan as placement_plan
 from align.runs import write_json_atomic
 from pipelines import report, stages
@@ -199,20 +199,13 @@ def _check_finished_stages_unchanged(run_dir: Path, resolved: list[tuple[StageEn
         now = json.loads(json.dumps(to_dict(stage_config)))
         if before is None or before == now:
             continue
-        changed = sorted(_differences(before, now))
+        changed = changed_keys(before, now)
         raise ConfigError(
             f"stage {entry.name!r} finished earlier with other settings ({', '.join(changed)}); "
             f"its outputs would be reused as they are. Run again from it with "
             f"`--from {entry.name}` (earlier outputs are kept in {run_dir}/.previous/), or "
             "restore its settings"
         )
-
-
-def _differences(before: Any, now: Any, prefix: str = "") -> list[str]:
-    if isinstance(before, dict) and isinstance(now, dict):
-        keys = set(before) | set(now)
-        return [d for k in keys for d in _differences(before.get(k), now.get(k), f"{prefix}{k}.")]
-    return [] if before == now else [prefix.rstrip(".")]
 
 
 def _set_aside(run_dir: Path, names: list[str], rerun_from: str) -> None:

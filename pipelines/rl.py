@@ -40,7 +40,7 @@ from align.rl.placement import plan as placement_plan
 from align.rl.pool import PoolSettings
 from align.rl.rollout import SamplingSettings
 from align.runs import Run
-from align.training import finished_result
+from align.training import finished_result, refuse_changed_rerun
 from pipelines import evaluate
 
 
@@ -151,12 +151,13 @@ def run(config: Config) -> dict:
     """Trains `config.model` with online RL; returns the result (also `result.json`)."""
     out = Path(config.runs_dir) / config.name
     # Inputs are checked before anything is written or any actor starts.
-    check_checkpoint(config.model, "model")
+    check_checkpoint(config.model, "model", config.engine.max_model_len)
     if config.placement.cluster is not None:
         _, problem = placement_plan(config, Path(config.model))
         if problem is not None:
             raise ConfigError(f"key 'placement.cluster': {problem}")
     evaluate.check_heldout(config.heldout)
+    refuse_changed_rerun(out, config)
     dataset, data_report = load_dataset_file(config.data, "rl", config.on_error)
     if not isinstance(dataset[0]["prompt"], list):
         raise DataError(

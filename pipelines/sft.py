@@ -37,6 +37,7 @@ from align.training import (
     finished_result,
     fit_budget,
     lora_config,
+    refuse_changed_rerun,
     resume_point,
     token_count,
     trainer_arguments,
@@ -99,6 +100,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
     # data (its scores are cached) and the rows it keeps are the training data.
     check_checkpoint(config.model, "model")
     evaluate.check_heldout(config.heldout)
+    refuse_changed_rerun(out, config)
     data = config.data
     if config.filters:
         filter_stage.run(

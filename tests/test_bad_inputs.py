@@ -383,6 +383,22 @@ HOSTILE = [
     ("save-to-disk-state-cut-short", ["sft", "model={model}", "data={cut_state}"], "{cut_state}: not a readable save_to_disk directory"),
     ("save-to-disk-info-not-json", ["sft", "model={model}", "data={bad_info}"], "{bad_info}: not a readable save_to_disk directory"),
     ("save-to-disk-arrow-missing", ["sft", "model={model}", "data={no_arrow}"], "{no_arrow}: not a readable save_to_disk directory"),
+    # broken checkpoints, in every command that reads one
+    ("weights-cut-short", ["sft", "model={weights_cut}", "data={sft}"], "key 'model': checkpoint {weights_cut} weights file model.safetensors is damaged or cut short: Error while deserializing header: incomplete metadata"),
+    ("weights-garbage", ["eval", "model={weights_garbage}", "data={rl}"], "key 'model': checkpoint {weights_garbage} weights file model.safetensors is damaged or cut short"),
+    ("weights-empty", ["rl", "model={weights_empty}", "data={rl}"], "weights file model.safetensors is damaged or cut short: Error while deserializing header: header too small"),
+    ("config-json-not-json", ["dpo", "model={config_not_json}", "data={dpo}"], "key 'model': checkpoint {config_not_json} config.json is not JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+    ("config-json-a-list", ["sft", "model={config_a_list}", "data={sft}"], "config.json does not hold a JSON object"),
+    ("config-json-unknown-type", ["eval", "model={config_unknown_type}", "data={rl}"], "config.json names model_type 'no_such_architecture', which transformers"),
+    ("config-json-not-causal-lm", ["rl", "model={config_not_causal}", "data={rl}"], "config.json names model_type 'vit', which is not a causal language model"),
+    ("config-json-bad-field", ["sft", "model={config_bad_field}", "data={sft}"], "key 'model': checkpoint {config_bad_field} config.json is not a valid"),
+    ("tokenizer-missing", ["eval", "model={no_tokenizer}", "data={rl}"], "key 'model': checkpoint {no_tokenizer} has no tokenizer"),
+    ("tokenizer-not-json", ["sft", "model={tokenizer_not_json}", "data={sft}"], "key 'model': checkpoint {tokenizer_not_json} tokenizer.json is not JSON"),
+    ("teacher-weights-cut-short", ["distill", "student={model}", "teacher.model={weights_cut}", "data={sft}"], "key 'teacher.model': checkpoint {weights_cut} weights file model.safetensors is damaged or cut short"),
+    ("checkpoint-symlink-loop", ["sft", "model={loop_yaml}", "data={sft}"], "key 'model': checkpoint {loop_yaml} is a symlink loop"),
+    ("checkpoint-is-a-fifo", ["eval", "model={fifo}", "data={rl}"], "key 'model': checkpoint {fifo} is not a regular file: a named pipe (FIFO); a checkpoint is a directory"),
+    ("max-model-len-beyond-positions", ["eval", "model={model}", "data={rl}", "engine.max_model_len=100000"], "key 'engine.max_model_len': 100000 exceeds the 512 positions of checkpoint {model}"),
+    ("rl-max-model-len-beyond-positions", ["rl", "model={model}", "data={rl}", "engine.max_model_len=4096"], "key 'engine.max_model_len': 4096 exceeds the 512 positions"),
     # reward plug-ins that fail on import
     ("plugin-raises-at-import", ["rl", "model={model}", "data={rl}", "rewards=[{name: 'raises_at_import:reward'}]"], "invalid value for 'rewards[0].name' in <command line>: importing module 'raises_at_import' ({plugins}/raises_at_import.py) of reward 'raises_at_import:reward' failed: RuntimeError: the reward service is not configured"),
     ("plugin-syntax-error", ["rl", "model={model}", "data={rl}", "rewards=[{name: 'syntax_error:reward'}]"], "importing module 'syntax_error' ({plugins}/syntax_error.py) of reward 'syntax_error:reward' failed: SyntaxError"),
@@ -449,6 +465,39 @@ def hostile_inputs(inputs, forked_align, tmp_path_factory) -> dict[str, str]:
         ),
     )
 
+    model = Path(inputs["model"])
+
+    def damaged(name: str, change) -> None:
+        copy = root / name
+        shutil.copytree(model, copy)
+        change(copy)
+        values[name] = str(copy)
+
+    def rewrite(file: str, content) -> callable:
+        def change(copy: Path) -> None:
+            path = copy / file
+            data = path.read_bytes()
+            path.write_bytes(content(data) if callable(content) else content)
+
+        return change
+
+    def edit_config(**fields) -> callable:
+        return rewrite("config.json", lambda d: json.dumps({**json.loads(d), **fields}).encode())
+
+    damaged("weights_cut", rewrite("model.safetensors", lambda d: d[: len(d) // 2]))
+    damaged("weights_garbage", rewrite("model.safetensors", bytes(range(256)) * 64))
+    damaged("weights_empty", rewrite("model.safetensors", b""))
+    damaged("config_not_json", rewrite("config.json", b"{model_type: llama4_text"))
+    damaged("config_a_list", rewrite("config.json", b"[1, 2]"))
+    damaged("config_unknown_type", edit_config(model_type="no_such_architecture"))
+    damaged("config_not_causal", edit_config(model_type="vit"))
+    damaged("config_bad_field", edit_config(num_local_experts="eight", num_experts_per_tok=None))
+    damaged(
+        "no_tokenizer",
+        lambda c: [(c / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")],
+    )
+    damaged("tokenizer_not_json", rewrite("tokenizer.json", lambda d: d[: len(d) // 3]))
+
     rows = Dataset.from_list(export(make_problems(["add"], [1], 4, seed=0), "sft").to_list())
     for name in ("cut_state", "bad_info", "no_arrow"):
         rows.save_to_disk(str(root / name))
@@ -494,4 +543,25 @@ def test_a_hostile_input_leaves_a_finished_run_untouched(
     argv = [*(fill(arg, hostile_inputs) for arg in args), "name=skip", f"runs_dir={run.parent}"]
     out = forked_align(*argv)
     assert out.returncode == 2 and fill(expect, hostile_inputs) in out.stderr, out.stderr
+    assert snapshot(run) == before
+
+
+def test_a_finished_run_is_not_run_again_with_other_settings(skip_run, inputs, forked_align):
+    _, run = skip_run
+    before = snapshot(run)
+    out = forked_align(
+        "sft",
+        f"model={inputs['model']}",
+        f"data={SOME_BAD_ROWS}",
+        "on_error=skip",
+        "name=skip",
+        "train.batch_size=4",
+        "train.learning_rate=3e-4",
+        f"runs_dir={run.parent}",
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert (
+        f"run {run} finished earlier with other settings (train.learning_rate); its model would "
+        "be reused as it is" in out.stderr.strip().splitlines()[-1]
+    )
     assert snapshot(run) == before
