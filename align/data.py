@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +48,8 @@ _EXPECTED = {
     "messages": "non-empty list of messages",
 }
 _MAX_REPORTED_ERRORS = 20
+# Set by the JSON reader on an object that gave a key twice: the keys, for the row's warning.
+_DUPLICATE_KEYS = "\0duplicate keys"
 SUPPORTED_FORMATS = ".jsonl, .json (JSON lines), .parquet, or a Dataset.save_to_disk directory"
 
 
@@ -82,6 +85,33 @@ def _required_columns(schema: str) -> tuple[str, ...]:
     return REQUIRED_COLUMNS[schema]
 
 
+def _is_blank(text: str) -> bool:
+    """Whether `text` shows nothing: whitespace and invisible characters (zero-width spaces
+    and joiners, byte-order marks, soft hyphens: Unicode's format and control categories)."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in text)
+
+
+def _check_text(value: Any, field: str) -> None:
+    """Refuses strings that are not text: a lone UTF-16 surrogate (JSON's `\\ud800`) cannot be
+    encoded, so it would fail later, far from its row."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise DataError(
+                f"holds a lone surrogate ({value[error.start]!r} at character {error.start}), "
+                "which is not text",
+                field=field,
+            ) from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, field)
+            _check_text(item, field)
+
+
 def _check_messages(messages: list, field: str) -> None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -94,7 +124,7 @@ def _check_messages(messages: list, field: str) -> None:
                 field=field,
             )
         content = message.get("content")
-        if not isinstance(content, str) or not content.strip():
+        if not isinstance(content, str) or _is_blank(content):
             raise DataError(f"message {i}: content must be a non-empty string", field=field)
     roles = [message["role"] for message in messages]
     if field == "prompt" and roles[-1] == "assistant":
@@ -105,11 +135,18 @@ def _check_messages(messages: list, field: str) -> None:
         raise DataError(
             "a conversation must contain an assistant message and not start with one", field=field
         )
+    if field in ("completion", "chosen", "rejected", "messages") and roles[-1] != "assistant":
+        # Training would teach the model to write the user's (or system's) turn.
+        raise DataError(
+            f"must end with an assistant message, got {roles[-1]!r}: the model learns the "
+            "turns it is given",
+            field=field,
+        )
 
 
 def _describe(value: Any) -> str:
-    if isinstance(value, str) and not value.strip():
-        return "blank string"
+    if isinstance(value, str) and _is_blank(value):
+        return "blank string" if not value.strip() else "string of invisible characters only"
     return "empty list" if value == [] else type(value).__name__
 
 
@@ -126,6 +163,8 @@ def validate_row(row: dict, schema: str, *, max_chars_per_field: int = 100_000) 
         ValueError: For an unknown schema.
     """
     columns = _required_columns(schema)
+    for field, value in row.items():
+        _check_text(value, field)
     for field in columns:
         value = row.get(field)
         if value is None:
@@ -133,7 +172,7 @@ def validate_row(row: dict, schema: str, *, max_chars_per_field: int = 100_000) 
         if isinstance(value, list) and value and field in _EXPECTED:
             _check_messages(value, field)
             size = sum(len(message["content"]) for message in value)
-        elif isinstance(value, str) and value.strip() and field != "messages":
+        elif isinstance(value, str) and not _is_blank(value) and field != "messages":
             size = len(value)
         else:
             expected = _EXPECTED.get(field, "non-empty string")
@@ -149,10 +188,25 @@ def validate_row(row: dict, schema: str, *, max_chars_per_field: int = 100_000) 
             f"plain text and lists of messages mixed; use one format for {', '.join(either)}",
             field=mixed[0],
         )
+    if schema == "dpo" and row["chosen"] == row["rejected"]:
+        raise DataError(
+            "is identical to 'chosen': a pair needs two different answers", field="rejected"
+        )
 
 
 def _row_format(row: dict, schema: str) -> str:
     return "conversational" if isinstance(row[_required_columns(schema)[0]], list) else "text"
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object; a key given twice is legal JSON (the last value wins) but rarely meant,
+    so it is noted for the caller to warn about with the row."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        twice = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
+        value[_DUPLICATE_KEYS] = twice
+    return value
 
 
 def _parse_object(line: bytes) -> dict | DataError:
@@ -161,7 +215,7 @@ def _parse_object(line: bytes) -> dict | DataError:
     except UnicodeDecodeError as error:
         return DataError(f"invalid UTF-8 ({error.reason} at byte {error.start})")
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_object_without_duplicates)
     except json.JSONDecodeError as error:
         return DataError(f"invalid JSON ({error.msg} at column {error.colno})")
     if not isinstance(value, dict):
@@ -259,10 +313,13 @@ def load_dataset_file(
     kept: list[int] = []
     errors: list[str] = []
     first_format = ""
+    # Per column of a JSON file: the kind of value of the first row that had one, and that row.
+    kinds: dict[str, tuple[str, int]] = {}
     for i, row in enumerate(rows):
         try:
             if isinstance(row, DataError):
                 raise row
+            _warn_duplicate_keys(row, path, i)
             validate_row(row, schema, max_chars_per_field=max_chars_per_field)
             row_format = _row_format(row, schema)
             if kept and row_format != first_format:
@@ -271,6 +328,8 @@ def load_dataset_file(
                     "all rows must use one format",
                     field=REQUIRED_COLUMNS[schema][0],
                 )
+            if source is None:
+                _check_kinds(row, kinds, i)
         except DataError as error:
             error.file, error.row = str(path), i
             if on_error == "raise":
@@ -280,6 +339,10 @@ def load_dataset_file(
             continue
         first_format = first_format or row_format
         kept.append(i)
+        if source is None:
+            for key, value in row.items():
+                if value is not None:
+                    kinds.setdefault(key, (_kind(value), i))
     report = {
         "file": str(path),
         "rows": len(rows),
@@ -293,6 +356,47 @@ def load_dataset_file(
     if report["skipped"]:
         log.warning("%s: skipped %d bad rows of %d", path, report["skipped"], len(rows))
     return _build(path, rows, kept, source), report
+
+
+def _warn_duplicate_keys(value: Any, path: Path, index: int) -> None:
+    """Removes the reader's notes of keys given twice (in the row or nested in it), warning."""
+    if isinstance(value, dict):
+        for key in value.pop(_DUPLICATE_KEYS, ()):
+            log.warning(
+                "%s: row %d: key %r is given twice; the last value is used", path, index, key
+            )
+        items = value.values()
+    elif isinstance(value, list):
+        items = value
+    else:
+        return
+    for item in items:
+        _warn_duplicate_keys(item, path, index)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    return "object"
+
+
+def _check_kinds(row: dict, kinds: dict[str, tuple[str, int]], index: int) -> None:
+    """A column of a table holds one kind of value; JSON rows may not agree."""
+    for key, value in row.items():
+        if value is None or key not in kinds:
+            continue
+        kind, first = kinds[key]
+        if _kind(value) != kind:
+            raise DataError(
+                f"is a {_kind(value)} but row {first} has a {kind}; a column holds one type",
+                field=key,
+            )
 
 
 def _build(path: Path, rows: list, kept: list[int], source: Dataset | None) -> Dataset:

@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from align import engine
-from align.config import check
+from align.config import ConfigError, check
 from align.data import DataError, load_dataset_file
 from align.modeling import check_checkpoint, load_model
 from align.preferences import FormatMaskingCollator, build_pairs, format_token_ids
@@ -324,6 +324,14 @@ def rollout_pairs(
     gc.collect()
     report = {"prompts": prompt_report, **asdict(stats)}
     run_dir.write_json("pairs.json", report)
+    if not pairs and stats.unscored > stats.below_margin:
+        faults = ", ".join(f"reward/{k}: {n}" for k, n in sorted(rewards.faults.items()))
+        raise ConfigError(
+            f"key 'pairs.rewards': no prompt gave a pair because the rewards scored too little: "
+            f"{stats.unscored} of {stats.prompts} prompts had fewer than two completions scored "
+            f"(faults: {faults or 'none counted; every reward was not applicable'}). Fix the "
+            "reward; the log has its first warning of each fault"
+        )
     if not pairs:
         raise DataError(
             f"no prompt gave a pair with a reward margin >= {settings.min_margin} "

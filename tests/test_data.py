@@ -303,8 +303,118 @@ def test_unknown_schema_and_on_error(tmp_path):
         load_dataset_file(path, "sft", on_error="ignore")
 
 
-def test_extra_columns_of_clashing_types_are_a_file_error(tmp_path):
+def test_extra_columns_of_clashing_types_are_located(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [dict(GOOD_SFT, meta=1), dict(GOOD_SFT, meta=[1])])
-    with pytest.raises(DataError, match="x.jsonl: rows do not form one table") as caught:
+    with pytest.raises(
+        DataError, match="x.jsonl: row 1: field 'meta': is a list but row 0"
+    ) as caught:
         load_dataset_file(path, "sft")
-    assert caught.value.row is None
+    assert (caught.value.row, caught.value.field) == (1, "meta")
+
+
+USER = {"role": "user", "content": "Sort: cba"}
+ANSWER = {"role": "assistant", "content": "abc"}
+
+
+# Rows that parse and have every field, but mean nothing (or the wrong thing) to a trainer.
+@pytest.mark.parametrize(
+    ("schema", "line", "message"),
+    [
+        (
+            "chat",
+            json.dumps({"messages": [USER, ANSWER, {"role": "user", "content": "thanks"}]}),
+            "row 1: field 'messages': must end with an assistant message, got 'user'",
+        ),
+        (
+            "sft",
+            json.dumps({"prompt": [USER], "completion": [ANSWER, USER]}),
+            "row 1: field 'completion': must end with an assistant message, got 'user'",
+        ),
+        (
+            "sft",
+            json.dumps({"prompt": "p", "completion": "\u200b\u200d\ufeff\u00ad"}),
+            "row 1: field 'completion': expected non-empty string or list of messages, got "
+            "string of invisible characters only",
+        ),
+        (
+            "sft",
+            json.dumps(
+                {"prompt": [USER], "completion": [{"role": "assistant", "content": "\u2060"}]}
+            ),
+            "row 1: field 'completion': message 0: content must be a non-empty string",
+        ),
+        (
+            "dpo",
+            json.dumps({"prompt": "p", "chosen": "abc", "rejected": "abc"}),
+            "row 1: field 'rejected': is identical to 'chosen'",
+        ),
+        (
+            "sft",
+            '{"prompt": "p", "completion": "a\\ud800b"}',
+            "row 1: field 'completion': holds a lone surrogate ('\\ud800' at character 1)",
+        ),
+        (
+            "rl",
+            '{"prompt": "p", "answer": "1", "source": "\\udfff"}',
+            "row 1: field 'source': holds a lone surrogate",
+        ),
+        (
+            "sft",
+            json.dumps({"prompt": "p", "completion": "c", "level": "two"}),
+            "row 1: field 'level': is a string but row 0 has a number; a column holds one type",
+        ),
+        (
+            "sft",
+            json.dumps({"prompt": "p", "completion": "c", "level": [2]}),
+            "row 1: field 'level': is a list but row 0 has a number",
+        ),
+    ],
+    ids=[
+        "conversation-ends-on-user",
+        "completion-ends-on-user",
+        "invisible-completion",
+        "invisible-message",
+        "chosen-equals-rejected",
+        "lone-surrogate",
+        "lone-surrogate-in-an-extra-column",
+        "column-type-changes",
+        "column-becomes-a-list",
+    ],
+)
+def test_meaningless_rows_are_located_and_skippable(tmp_path, schema, line, message):
+    first = {
+        "chat": {"messages": [USER, ANSWER]},
+        "sft": {"prompt": "p", "completion": "c", "level": 1},
+        "dpo": {"prompt": "p", "chosen": "a", "rejected": "b"},
+        "rl": {"prompt": "p", "answer": "1", "source": "s"},
+    }[schema]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(first) + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        load_dataset_file(path, schema)
+    assert str(caught.value) == f"{path}: {message}" or str(caught.value).startswith(
+        f"{path}: {message}"
+    )
+    dataset, report = load_dataset_file(path, schema, on_error="skip")
+    assert (len(dataset), report["skipped"]) == (1, 1)
+
+
+def test_a_key_given_twice_in_a_row_is_a_warning_with_the_row(tmp_path, caplog):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        '{"prompt": "p", "completion": "c"}\n'
+        '{"prompt": "p", "completion": "first", "completion": "second"}\n'
+        '{"prompt": [{"role": "user", "content": "a", "content": "b"}],'
+        ' "completion": [{"role": "assistant", "content": "c"}]}\n',
+        encoding="utf-8",
+    )
+    with caplog.at_level(logging.WARNING, logger="align.data"):
+        with pytest.raises(
+            DataError, match="row 2: field 'prompt': is conversational but row 0 is text"
+        ):
+            load_dataset_file(path, "sft")
+    assert f"{path}: row 1: key 'completion' is given twice; the last value is used" in caplog.text
+    assert f"{path}: row 2: key 'content' is given twice" in caplog.text
+    path.write_text(path.read_text().splitlines()[1] + "\n", encoding="utf-8")
+    dataset, _ = load_dataset_file(path, "sft")
+    assert dataset[0] == {"prompt": "p", "completion": "second"}
