@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(module.Config, config_path, overrides)
         if args.command == "run":
             resolved = pipeline.resolve_stages(config, source=config_path or COMMAND_LINE)
+            if not args.print_config:
+                pipeline.check_inputs(config, resolved, source=config_path or COMMAND_LINE)
     except ConfigError as error:
         print(f"align {args.command}: {error}", file=sys.stderr)
         return 2

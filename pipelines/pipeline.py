@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 DONE_MARKER = report.DONE_MARKER
 # Directories stages write that later stages read (`{run}/<stage>/model`, ...).
 STAGE_OUTPUTS = ("model", "kept", "train", "heldout")
+# Keys of stage configs that name inputs on disk. Those outside the pipeline's run directory
+# must exist before the first stage runs (a dry run checks them too).
+INPUT_KEYS = ("model", "student", "data", "heldout", "teacher.model", "pairs.prompts")
 
 
 @dataclass
@@ -155,6 +158,7 @@ def run(
             and its old outputs used): rerun from that stage, or restore its settings.
     """
     run_dir = Path(config.runs_dir) / config.name
+    check_inputs(config, resolved)
     names = [e.name for e, _ in resolved]
     if rerun_from is not None and rerun_from not in names:
         raise ConfigError(f"--from {rerun_from}: no such stage; stages: {', '.join(names)}")
@@ -299,6 +303,31 @@ def policy_config_dir(model: str, resolved: list[tuple[StageEntry, Any]]) -> Pat
         if isinstance(source, str):
             return policy_config_dir(source, resolved)
     return None
+
+
+def check_inputs(
+    config: Config, resolved: list[tuple[StageEntry, Any]], source: str = "<pipeline>"
+) -> None:
+    """Refuses a pipeline whose stages read a file or directory that does not exist outside
+    its run directory (what earlier stages write there is checked by `resolve_stages`), so a
+    run fails before its first stage and a dry run says what the run would say.
+
+    Raises:
+        ConfigError: naming the stage, the key and the path.
+    """
+    run_dir = Path(config.runs_dir) / config.name
+    for entry, stage_config in resolved:
+        for key in INPUT_KEYS:
+            value: Any = stage_config
+            for part in key.split("."):
+                value = getattr(value, part, None)
+            if not isinstance(value, str) or Path(value).is_relative_to(run_dir):
+                continue
+            if not Path(value).exists():
+                reason = "is a symlink loop" if Path(value).is_symlink() else "does not exist"
+                raise ConfigError(
+                    f"stage {entry.name!r} in {source}: key '{key}': {value} {reason}"
+                )
 
 
 def _run_paths(value: Any) -> list[str]:

@@ -143,14 +143,27 @@ def test_the_evaluation_block_is_the_only_source_of_held_out_settings(tmp_path):
     assert (sft.eval.samples, sft.eval.pass_k) == (8, 2)
 
 
-def test_gpu_pipeline_file_passes_the_dry_run():
-    """The real-checkpoint recipe cannot run here; its configs and wiring are checked."""
-    out = align("run", str(REPO_ROOT / "pipelines" / "qwen3-moe-gpu.yaml"), "--dry-run")
+def test_gpu_pipeline_file_passes_the_dry_run(tmp_path):
+    """The real-checkpoint recipe cannot run here; its configs and wiring are checked, with
+    the checkpoints it names replaced by a directory holding Qwen3-30B-A3B's config.json."""
+    from tests.test_placement import QWEN3_30B_A3B
+
+    path = str(REPO_ROOT / "pipelines" / "qwen3-moe-gpu.yaml")
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    models = [f"stages.{i}.config.{key}={tmp_path}" for i, key in ((1, "model"), (3, "model"))]
+    out = align("run", path, "--dry-run", *models)
+    # The distillation student is named too, and does not exist here.
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert (
+        "stage 'distill'" in out.stderr
+        and "key 'student': /models/qwen3-moe-student does not exist" in out.stderr
+    )
+    out = align("run", path, "--dry-run", *models, f"stages.6.config.student={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[5/7] rl (rl)" in out.stdout
     assert "learners 16 rank(s) x 1 GPU" in out.stdout and "workers 8 x 2 GPU" in out.stdout
     assert "cluster  4 node(s) x 8 GPUs of 80 GiB: 32 of 32 GPUs used" in out.stdout
-    assert "model    /models/Qwen3-30B-A3B" in out.stdout
+    assert f"model    {tmp_path}" in out.stdout
 
 
 @pytest.mark.parametrize(
