@@ -260,11 +260,9 @@ def test_a_forked_run_matches_the_align_command(inputs, forked_align, tmp_path):
     assert real.returncode == 2 and fill(case["expect"][0], values) in real.stderr
 
 
-@pytest.fixture(scope="module")
-def skip_run(inputs, forked_align, tmp_path_factory):
-    """`align sft on_error=skip` on 4 good and 2 bad rows: a finished run to compare against."""
-    runs = tmp_path_factory.mktemp("skip-runs")
-    out = forked_align(
+def skip_run_args(inputs: dict[str, str], runs: Path) -> list[str]:
+    """`align sft on_error=skip` on 4 good and 2 bad rows, as the run `skip` in `runs`."""
+    return [
         "sft",
         f"model={inputs['model']}",
         f"data={SOME_BAD_ROWS}",
@@ -272,8 +270,14 @@ def skip_run(inputs, forked_align, tmp_path_factory):
         "name=skip",
         "train.batch_size=4",
         f"runs_dir={runs}",
-    )
-    return out, runs / "skip"
+    ]
+
+
+@pytest.fixture(scope="module")
+def skip_run(inputs, forked_align, tmp_path_factory):
+    """A finished run to compare against (`skip_run_args`)."""
+    runs = tmp_path_factory.mktemp("skip-runs")
+    return forked_align(*skip_run_args(inputs, runs)), runs / "skip"
 
 
 def test_skip_mode_trains_on_the_good_rows_and_counts_the_bad(skip_run):
@@ -549,16 +553,7 @@ def test_a_hostile_input_leaves_a_finished_run_untouched(
 def test_a_finished_run_is_not_run_again_with_other_settings(skip_run, inputs, forked_align):
     _, run = skip_run
     before = snapshot(run)
-    out = forked_align(
-        "sft",
-        f"model={inputs['model']}",
-        f"data={SOME_BAD_ROWS}",
-        "on_error=skip",
-        "name=skip",
-        "train.batch_size=4",
-        "train.learning_rate=3e-4",
-        f"runs_dir={run.parent}",
-    )
+    out = forked_align(*skip_run_args(inputs, run.parent), "train.learning_rate=3e-4")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert (
         f"run {run} finished earlier with other settings (train.learning_rate); its model would "
