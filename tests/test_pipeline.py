@@ -146,18 +146,17 @@ def test_the_evaluation_block_is_the_only_source_of_held_out_settings(tmp_path):
 def test_gpu_pipeline_file_passes_the_dry_run(tmp_path):
     """The real-checkpoint recipe cannot run here; its configs and wiring are checked, with
     the checkpoints it names replaced by a directory holding Qwen3-30B-A3B's config.json."""
+    from align.config import ConfigError, load_config
+    from pipelines import pipeline
     from tests.test_placement import QWEN3_30B_A3B
 
     path = str(REPO_ROOT / "pipelines" / "qwen3-moe-gpu.yaml")
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
     models = [f"stages.{i}.config.{key}={tmp_path}" for i, key in ((1, "model"), (3, "model"))]
-    out = align("run", path, "--dry-run", *models)
-    # The distillation student is named too, and does not exist here.
-    assert out.returncode == 2 and out.stderr.count("\n") == 1
-    assert (
-        "stage 'distill'" in out.stderr
-        and "key 'student': /models/qwen3-moe-student does not exist" in out.stderr
-    )
+    # The distillation student is named too, and does not exist here (what --dry-run checks).
+    config = load_config(pipeline.Config, path, models)
+    with pytest.raises(ConfigError, match="stage 'distill' in .*: key 'student': "):
+        pipeline.check_inputs(config, pipeline.resolve_stages(config, path), path)
     out = align("run", path, "--dry-run", *models, f"stages.6.config.student={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[5/7] rl (rl)" in out.stdout
