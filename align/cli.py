@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(module.Config, config_path, overrides)
         if args.command == "run":
             resolved = pipeline.resolve_stages(config, source=config_path or COMMAND_LINE)
-            if not args.print_config:
+            if getattr(args, "dry_run", False) and not args.print_config:
+                # `align run` checks them in pipeline.run, before its first stage.
                 pipeline.check_inputs(config, resolved, source=config_path or COMMAND_LINE)
     except ConfigError as error:
         print(f"align {args.command}: {error}", file=sys.stderr)

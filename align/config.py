@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import errno
+import json
 import math
 import os
 import re
@@ -472,6 +473,12 @@ def changed_keys(before: Any, now: Any, prefix: str = "") -> list[str]:
             d for k in keys for d in changed_keys(before.get(k), now.get(k), f"{prefix}{k}.")
         )
     return [] if before == now else [prefix.rstrip(".")]
+
+
+def changed_settings(before: Any, config: Any) -> list[str]:
+    """The dotted keys where `config` differs from `before`, its plain form as saved earlier
+    (a YAML or JSON round trip: tuples are lists)."""
+    return changed_keys(before, json.loads(json.dumps(to_dict(config))))
 
 
 def to_dict(cfg: Any) -> dict:

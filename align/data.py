@@ -237,7 +237,10 @@ def _read_json(path: Path, data: bytes) -> list[dict | DataError]:
             else DataError(f"expected a JSON object, got {type(value).__name__}")
             for value in values
         ]
-    return [_parse_object(line) for line in data.splitlines() if line.strip()]
+    rows = [_parse_object(line) for line in data.splitlines() if line.strip()]
+    for index, row in enumerate(rows):
+        _warn_duplicate_keys(row, path, index)
+    return rows
 
 
 def _load_saved(path: Path) -> Dataset:
@@ -319,7 +322,6 @@ def load_dataset_file(
         try:
             if isinstance(row, DataError):
                 raise row
-            _warn_duplicate_keys(row, path, i)
             validate_row(row, schema, max_chars_per_field=max_chars_per_field)
             row_format = _row_format(row, schema)
             if kept and row_format != first_format:

@@ -228,15 +228,11 @@ def check_checkpoint(
     Raises:
         ConfigError: naming `key` (or `length_key`), the path and what is wrong.
     """
-    directory = Path(path)
     try:
-        problem = _checkpoint_problem(directory)
+        config = _read_checkpoint(Path(path))
     except UnreadableFile as error:
-        problem = str(error)
-    if problem is not None:
-        raise ConfigError(f"key '{key}': checkpoint {path} {problem}")
+        raise ConfigError(f"key '{key}': checkpoint {path} {error}") from None
     if max_model_len is not None:
-        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
         text = config.get_text_config()
         positions = getattr(text, "max_position_embeddings", None)
         if positions is not None and max_model_len > positions:
@@ -246,69 +242,77 @@ def check_checkpoint(
             )
 
 
-def _checkpoint_problem(directory: Path) -> str | None:
-    """What is wrong with the checkpoint directory, or None. UnreadableFile where a file in
-    it cannot be read at all."""
+def _read_checkpoint(directory: Path) -> PretrainedConfig:
+    """The checkpoint directory's config, checked with its weight headers and tokenizer files.
+
+    Raises:
+        UnreadableFile: saying what is wrong with the directory or a file in it.
+    """
     try:
         is_dir = directory.is_dir()
     except OSError as error:
-        return f"cannot be read: {error.strerror}"
+        raise UnreadableFile(f"cannot be read: {error.strerror}") from None
     if not is_dir:
         if not directory.exists() and not directory.is_symlink():
-            return "does not exist"
+            raise UnreadableFile("does not exist")
         layout = "a checkpoint is a directory (config.json, *.safetensors, tokenizer)"
         try:
             check_input_file(directory)
         except UnreadableFile as error:
-            return f"{error}; {layout}"
-        return f"is a file; {layout}"
+            raise UnreadableFile(f"{error}; {layout}") from None
+        raise UnreadableFile(f"is a file; {layout}")
     if not (directory / "config.json").exists():
-        return "has no config.json: it is not a Hugging Face checkpoint directory"
+        raise UnreadableFile("has no config.json: it is not a Hugging Face checkpoint directory")
     try:
         config = json.loads(decode_text(read_input_file(directory / "config.json")))
     except UnreadableFile as error:
-        return f"config.json {error}"
+        raise UnreadableFile(f"config.json {error}") from None
     except json.JSONDecodeError as error:
-        return f"config.json is not JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        raise UnreadableFile(
+            f"config.json is not JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
     if not isinstance(config, dict):
-        return "config.json does not hold a JSON object"
+        raise UnreadableFile("config.json does not hold a JSON object")
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        return (
+        raise UnreadableFile(
             f"config.json names model_type {model_type!r}, which transformers "
             f"{transformers.__version__} does not know"
         )
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return (
+        raise UnreadableFile(
             f"config.json names model_type {model_type!r}, which is not a causal language "
             "model (supported here: Llama 4 and Qwen3-MoE families, see README)"
         )
     try:
-        AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+        loaded = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as error:  # transformers and pydantic raise many kinds for a bad field
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return f"config.json is not a valid {model_type} config: {reason}"
+        raise UnreadableFile(f"config.json is not a valid {model_type} config: {reason}") from None
     weights = sorted(directory.glob("*.safetensors"))
     if not weights:
         pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLED_WEIGHTS)
-        return "has no *.safetensors weights" + (
+        found = (
             f" ({', '.join(pickled)} found: pickle-based weights are never loaded, since"
             " unpickling can run code; convert them to safetensors)"
             if pickled
             else ""
         )
+        raise UnreadableFile("has no *.safetensors weights" + found)
     for file in weights:
         try:
             check_input_file(file)
             with safe_open(str(file), "pt"):
                 pass
         except UnreadableFile as error:
-            return f"weights file {file.name} {error}"
+            raise UnreadableFile(f"weights file {file.name} {error}") from None
         except Exception as error:  # safetensors' own error type for a damaged header
-            return f"weights file {file.name} is damaged or cut short: {error}"
+            raise UnreadableFile(
+                f"weights file {file.name} is damaged or cut short: {error}"
+            ) from None
     names = [name for name in TOKENIZER_FILES if (directory / name).exists()]
     if "tokenizer_config.json" not in names or len(names) < 2:
-        return (
+        raise UnreadableFile(
             "has no tokenizer (tokenizer_config.json and one of tokenizer.json, "
             "tokenizer.model, vocab.json); save the tokenizer beside the model"
         )
@@ -317,10 +321,12 @@ def _checkpoint_problem(directory: Path) -> str | None:
             try:
                 json.loads(decode_text(read_input_file(directory / name)))
             except UnreadableFile as error:
-                return f"{name} {error}"
+                raise UnreadableFile(f"{name} {error}") from None
             except json.JSONDecodeError as error:
-                return f"{name} is not JSON ({error.msg} at line {error.lineno})"
-    return None
+                raise UnreadableFile(
+                    f"{name} is not JSON ({error.msg} at line {error.lineno})"
+                ) from None
+    return loaded
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

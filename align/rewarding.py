@@ -141,6 +141,10 @@ class RewardFunction:
         return self.fn(prompts, completions, **{**columns, **self.options})
 
 
+# The kinds of fault a RewardSet counts, as `reward/<name>/<kind>` in its metrics.
+FAULT_KINDS = ("errors", "timeouts", "wrong_length", "nonfinite", "bad_values", "not_applicable")
+
+
 class RewardSet:
     """Several rewards combined by weights, each call isolated and its faults counted.
 

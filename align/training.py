@@ -26,12 +26,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from align.config import (
     ConfigError,
     UnreadableFile,
-    changed_keys,
+    changed_settings,
     check,
     decode_text,
     parse_yaml,
     read_input_file,
-    to_dict,
 )
 from align.moe import ExpertLoad, routers, shares
 from align.runs import NonFiniteError, Run, write_json_atomic
@@ -452,10 +451,11 @@ def refuse_changed_rerun(run_dir: Path, config) -> None:
         before = parse_yaml(decode_text(read_input_file(run_dir / "config.yaml")))
     except (UnreadableFile, yaml.YAMLError):
         before = None
-    now = json.loads(json.dumps(to_dict(config)))
-    if before == now:
+    changed = (
+        changed_settings(before, config) if isinstance(before, dict) else ["config.yaml unreadable"]
+    )
+    if not changed:
         return
-    changed = changed_keys(before, now) if isinstance(before, dict) else ["config.yaml unreadable"]
     raise ConfigError(
         f"run {run_dir} finished earlier with other settings ({', '.join(changed)}); its model "
         "would be reused as it is. Choose another name, or delete the directory to train again"

@@ -14,7 +14,6 @@ rows with the same settings; the run ends with `report.md`, `report.json` and pl
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from align.config import ConfigError, changed_keys, check, from_dict, name_problem, to_dict
+from align.config import ConfigError, changed_settings, check, from_dict, name_problem, to_dict
 from align.rl.placement import plan as placement_plan
 from align.runs import write_json_atomic
 from pipelines import report, stages
@@ -200,10 +199,9 @@ def _check_finished_stages_unchanged(run_dir: Path, resolved: list[tuple[StageEn
         if finished is None:
             continue
         before = finished.get("config")
-        now = json.loads(json.dumps(to_dict(stage_config)))
-        if before is None or before == now:
+        changed = [] if before is None else changed_settings(before, stage_config)
+        if not changed:
             continue
-        changed = changed_keys(before, now)
         raise ConfigError(
             f"stage {entry.name!r} finished earlier with other settings ({', '.join(changed)}); "
             f"its outputs would be reused as they are. Run again from it with "

@@ -30,6 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from align.data import load_dataset_file
+from align.rewarding import FAULT_KINDS
 from align.rl.buffer import RolloutBuffer
 from align.rl.fleet import Fleet, WorkerFailure
 from align.rl.group import ActorFailure
@@ -48,8 +49,6 @@ CONSTANT_GROUPS_LIMIT = 10
 # The run stops after this many batches' worth of groups in a row came back with no completion
 # scored: a reward fails on everything, and going on would train on nothing.
 UNSCORED_GROUPS_LIMIT = 2
-# The fault counters of `align.rewarding.RewardSet` (`reward/<name>/<kind>`).
-REWARD_FAULTS = ("errors", "timeouts", "wrong_length", "nonfinite", "bad_values", "not_applicable")
 
 
 class RewardsFailed(RunStopped):
@@ -349,8 +348,8 @@ class Controller:
         self.worker_version[worker] = self.synced_version
 
     def _check_scored(self, scored: int, unscored: int, metrics: dict[str, float]) -> None:
-        """Drops groups no reward scored (counted as `rollout/unscored_groups`); stops the run
-        with a checkpoint, naming the failing rewards, when no group has been scored for
+        """Counts the groups no reward scored (the caller drops them); stops the run with a
+        checkpoint, naming the failing rewards, when no group has been scored for
         UNSCORED_GROUPS_LIMIT batches' worth of groups."""
         self.unscored_in_a_row = 0 if scored else self.unscored_in_a_row + unscored
         if self.unscored_in_a_row < UNSCORED_GROUPS_LIMIT * self.config.groups_per_step:
@@ -358,7 +357,7 @@ class Controller:
         faults = sorted(
             key
             for key, count in metrics.items()
-            if count and key.startswith("reward/") and key.rsplit("/", 1)[-1] in REWARD_FAULTS
+            if count and key.startswith("reward/") and key.rsplit("/", 1)[-1] in FAULT_KINDS
         )
         self._save_checkpoint()
         raise RewardsFailed(
