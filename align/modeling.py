@@ -25,6 +25,8 @@ from transformers import (
     Llama4TextConfig,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
@@ -82,6 +84,13 @@ FAMILIES: dict[str, ModelFamily] = {
             tie_word_embeddings=False,
         ),
     ),
+    # Qwen3 dense: no experts. Every stage runs on it too; the MoE-only settings (router loss,
+    # expert load, routing change) are skipped where a model has no routers.
+    "qwen3": ModelFamily(
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        dict(head_dim=32, max_position_embeddings=512, tie_word_embeddings=False),
+    ),
 }
 
 # TRL's MoE load-balancing loss reads `config.num_experts`; Llama 4 names it `num_local_experts`.
@@ -128,6 +137,16 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             num_experts=4,
             num_experts_per_tok=2,
             moe_intermediate_size=128,
+            intermediate_size=256,
+        ),
+    ),
+    "dense-student": (
+        "qwen3",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
             intermediate_size=256,
         ),
     ),
@@ -209,7 +228,8 @@ def check_checkpoint(
     key: str,
     max_model_len: int | None = None,
     length_key: str = "engine.max_model_len",
-) -> None:
+    causal: bool = True,
+) -> PretrainedConfig:
     """Refuses a path that is not a usable local checkpoint directory, without loading it.
 
     The stages call this before anything is written, so a wrong or damaged checkpoint fails
@@ -224,12 +244,17 @@ def check_checkpoint(
         max_model_len: the engine's context length, if the stage starts one: it must fit
             the model's positions.
         length_key: the config key of `max_model_len`, named in the error.
+        causal: whether the checkpoint must be a causal language model (a reward model, a
+            sequence classifier, need not be).
+
+    Returns:
+        The checkpoint's config.
 
     Raises:
         ConfigError: naming `key` (or `length_key`), the path and what is wrong.
     """
     try:
-        config = _read_checkpoint(Path(path))
+        config = _read_checkpoint(Path(path), causal)
     except UnreadableFile as error:
         raise ConfigError(f"key '{key}': checkpoint {path} {error}") from None
     if max_model_len is not None:
@@ -240,9 +265,28 @@ def check_checkpoint(
                 f"key '{length_key}': {max_model_len} exceeds the {positions} positions "
                 f"of checkpoint {path} (max_position_embeddings in its config.json)"
             )
+    return config
 
 
-def _read_checkpoint(directory: Path) -> PretrainedConfig:
+def check_plugin_checkpoints(plugin: Any, options: dict[str, Any], key: str) -> None:
+    """Refuses the options of a reward or filter plug-in that name an unusable checkpoint.
+
+    A plug-in declares its checkpoint options in a class attribute, `checkpoint_options`:
+    option name -> "causal_lm" (served by vLLM or trained) or "any" (e.g. a sequence
+    classifier). The stages call this when they start, before anything is written or any
+    engine starts (not when the config is read: in a pipeline an earlier stage may write
+    the checkpoint).
+
+    Raises:
+        ConfigError: naming `key`.<option>, the path and what is wrong.
+    """
+    for option, kind in getattr(plugin, "checkpoint_options", {}).items():
+        path = options.get(option)
+        if isinstance(path, (str, Path)):  # missing or mistyped: the plug-in's checks say so
+            check_checkpoint(path, f"{key}.{option}", causal=kind == "causal_lm")
+
+
+def _read_checkpoint(directory: Path, causal: bool = True) -> PretrainedConfig:
     """The checkpoint directory's config, checked with its weight headers and tokenizer files.
 
     Raises:
@@ -279,10 +323,10 @@ def _read_checkpoint(directory: Path) -> PretrainedConfig:
             f"config.json names model_type {model_type!r}, which transformers "
             f"{transformers.__version__} does not know"
         )
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if causal and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UnreadableFile(
             f"config.json names model_type {model_type!r}, which is not a causal language "
-            "model (supported here: Llama 4 and Qwen3-MoE families, see README)"
+            "model (the stages train and serve causal LMs; see README, The embedded default)"
         )
     try:
         loaded = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
@@ -377,6 +421,8 @@ def count_parameters(model: PreTrainedModel) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     config = model.config
     routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    if not routed:  # a dense model: every parameter is active
+        return {"total": total, "active": total}
     n_experts = config.num_experts  # Llama 4's num_local_experts through the alias above
     active = total - routed + routed * config.num_experts_per_tok // n_experts
     return {"total": total, "active": active}

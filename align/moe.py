@@ -37,6 +37,12 @@ ROUTERS: dict[type[nn.Module], RouterKind] = {
 }
 
 
+def has_experts(config) -> bool:
+    """Whether a model config describes a Mixture-of-Experts model (one whose forward can return
+    router logits, the test TRL's trainers use); a dense model trains without the MoE settings."""
+    return hasattr(config.get_text_config(), "output_router_logits")
+
+
 def routers(model: nn.Module) -> list[tuple[str, nn.Module, RouterKind]]:
     """The model's MoE routers in layer order, with how to read each one's output."""
     found = []

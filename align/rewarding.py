@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from align.config import check
+from align.modeling import check_plugin_checkpoints
 from align.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -345,6 +346,13 @@ def _check_spec_options(spec: RewardSpec, entry: Callable) -> None:
         _check_options(spec.name, entry.__init__, spec.options, skip=1, is_class=True)
     else:
         _check_options(spec.name, entry, spec.options, skip=2, is_class=False)
+
+
+def check_reward_checkpoints(specs: Sequence[RewardSpec], key: str) -> None:
+    """Refuses rewards whose options name an unusable checkpoint (a reward model, a judge);
+    `key` is where the specs sit in the config, e.g. "pairs.rewards"."""
+    for i, spec in enumerate(specs):
+        check_plugin_checkpoints(_lookup(spec.name), spec.options, f"{key}[{i}].options")
 
 
 def build_reward(spec: RewardSpec) -> RewardFunction:

@@ -2,7 +2,7 @@
 
 The stages hand TRL's trainers these pieces; the training loops themselves are TRL's.
 
-    args = SFTConfig(**trainer_arguments(settings, run_dir / "checkpoints"), packing=True)
+    args = SFTConfig(**trainer_arguments(settings, run_dir / "checkpoints", model), packing=True)
     trainer = SFTTrainer(model, args, ..., peft_config=lora_config(lora))
     trainer.add_callback(RunLogger(run, trainer.model))
 """
@@ -32,7 +32,7 @@ from align.config import (
     parse_yaml,
     read_input_file,
 )
-from align.moe import ExpertLoad, routers, shares
+from align.moe import ExpertLoad, has_experts, routers, shares
 from align.runs import NonFiniteError, Run, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,20 @@ def use_bf16(precision: str) -> bool:
     return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def trainer_arguments(settings: TrainSettings, output_dir: Path) -> dict:
-    """Keyword arguments that SFTConfig and DPOConfig (both TrainingArguments) share."""
+def trainer_arguments(settings: TrainSettings, output_dir: Path, model) -> dict:
+    """Keyword arguments that SFTConfig and DPOConfig (both TrainingArguments) share.
+
+    `model` is the model to train: the router loss applies only where it has experts (a dense
+    model trains without it, and the log says so once).
+    """
+    router_aux_loss_coef = settings.router_aux_loss_coef
+    if router_aux_loss_coef and not has_experts(model.config):
+        log.info(
+            "%s has no experts: train.router_aux_loss_coef and the expert-load metrics do not "
+            "apply",
+            type(model).__name__,
+        )
+        router_aux_loss_coef = 0.0
     return dict(
         output_dir=str(output_dir),
         learning_rate=settings.learning_rate,
@@ -174,7 +186,7 @@ def trainer_arguments(settings: TrainSettings, output_dir: Path) -> dict:
         data_seed=settings.seed,
         bf16=use_bf16(settings.precision),
         gradient_checkpointing=settings.gradient_checkpointing,
-        router_aux_loss_coef=settings.router_aux_loss_coef,
+        router_aux_loss_coef=router_aux_loss_coef,
         max_length=settings.max_length,
         # Metrics go to the run directory through RunLogger (metrics.jsonl and TensorBoard).
         report_to=[],

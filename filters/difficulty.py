@@ -42,6 +42,9 @@ class PassRateDifficulty:
     """
 
     score_name = "difficulty (1 - pass rate)"
+    # Options naming a checkpoint, checked with the config before anything starts
+    # (`align.modeling.plugin_checkpoint_problem`).
+    checkpoint_options = {"model": "causal_lm"}
     # A row's score depends on that row alone, so scores are cached per row.
     independent_rows = True
 
@@ -103,6 +106,9 @@ class JudgeDifficulty:
     """
 
     score_name = "difficulty (judge's expected verdict)"
+    # Options naming a checkpoint, checked with the config before anything starts
+    # (`align.modeling.plugin_checkpoint_problem`).
+    checkpoint_options = {"model": "causal_lm"}
     independent_rows = True
 
     def __init__(

@@ -648,13 +648,14 @@ def run(config: Config, callbacks: list | None = None) -> dict:
             )
 
             # 3. The trainer; its teacher is set once the tokenised rows exist (offline cache).
+            model = load_model(config.student)
             args = SFTConfig(
-                **trainer_arguments(config.train, out / "checkpoints"),
+                **trainer_arguments(config.train, out / "checkpoints", model),
                 completion_only_loss=True,
                 per_device_eval_batch_size=config.train.batch_size,
             )
             trainer = DistillTrainer(
-                model=load_model(config.student),
+                model=model,
                 args=args,
                 train_dataset=dataset,
                 eval_dataset=heldout_rows,

@@ -35,7 +35,7 @@ from align.config import ConfigError, check
 from align.data import DataError, load_dataset_file
 from align.modeling import check_checkpoint, load_model
 from align.preferences import FormatMaskingCollator, build_pairs, format_token_ids
-from align.rewarding import RewardSpec, build_reward_set
+from align.rewarding import RewardSpec, build_reward_set, check_reward_checkpoints
 from align.runs import Run
 from align.training import (
     LoraSettings,
@@ -175,8 +175,12 @@ class SimPOTrainer(DPOTrainer):
         return ref_chosen, ref_chosen.new_zeros(ref_chosen.shape)
 
 
-def run(config: Config, callbacks: list | None = None) -> dict:
-    """Trains `config.model` on preference pairs; extra TrainerCallbacks go in `callbacks`."""
+def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
+    """Trains `config.model` on preference pairs; extra TrainerCallbacks go in `callbacks`.
+
+    Pairs built from rollouts are sampled by `llm` when given (an engine already serving
+    `config.model`, started with `config.pairs.engine`), else by an engine started here.
+    """
     out = Path(config.runs_dir) / config.name
     # 1. Inputs, checked before anything is written: the checkpoint, the held-out rows, and the
     # preference rows or the prompts the pairs are built from.
@@ -185,6 +189,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
     else:
         length = config.pairs.engine.max_model_len
         check_checkpoint(config.model, "model", length, "pairs.engine.max_model_len")
+        check_reward_checkpoints(config.pairs.rewards, "pairs.rewards")
     evaluate.check_heldout(config.heldout)
     refuse_changed_rerun(out, config)
     if config.pairs is not None:
@@ -200,7 +205,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
             # for a resumed run).
             if config.pairs is not None:
                 dataset, data_report = rollout_pairs(
-                    config, tokenizer, rows, rows_report, out, run_dir
+                    config, tokenizer, rows, rows_report, out, run_dir, llm
                 )
             else:
                 dataset, data_report = rows, rows_report
@@ -267,7 +272,7 @@ def build_trainer(config: Config, model, tokenizer, dataset: Dataset, out: Path)
         loss_types.append("sft")
         loss_weights.append(loss.nll_weight)
     args = DPOConfig(
-        **trainer_arguments(config.train, out / "checkpoints"),
+        **trainer_arguments(config.train, out / "checkpoints", model),
         beta=loss.beta,
         loss_type=loss_types,
         loss_weights=loss_weights,
@@ -298,7 +303,13 @@ def build_trainer(config: Config, model, tokenizer, dataset: Dataset, out: Path)
 
 
 def rollout_pairs(
-    config: Config, tokenizer, prompts: Dataset, prompt_report: dict, out: Path, run_dir: Run
+    config: Config,
+    tokenizer,
+    prompts: Dataset,
+    prompt_report: dict,
+    out: Path,
+    run_dir: Run,
+    llm=None,
 ) -> tuple[Dataset, dict]:
     """Builds the pairs from `config.model`'s rollouts on `prompts`, or loads an earlier try's."""
     pairs_dir = out / "pairs"
@@ -307,7 +318,7 @@ def rollout_pairs(
         return load_from_disk(str(pairs_dir)), {"pairs_from": str(pairs_dir)}
     settings = config.pairs
     rewards = build_reward_set(settings.rewards)
-    llm = engine.start_engine(config.model, settings.engine)
+    llm = llm or engine.start_engine(config.model, settings.engine)
     pairs, stats = build_pairs(
         llm,
         tokenizer,

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from align.config import check
 from align.data import DataError, load_dataset_file
+from align.modeling import check_plugin_checkpoints
 from align.pruning import FILTERS, Buckets, Selection, build_filter, select
 from align.registry import RegistryError
 from align.runs import Run, write_json_atomic
@@ -44,6 +45,14 @@ class FilterStep:
     options: dict[str, Any] = field(default_factory=dict)
     # Which scores to keep. Changing only this re-uses the cached scores.
     keep: Selection = field(default_factory=Selection)
+
+    def validate(self) -> None:
+        import filters  # noqa: F401  (registers the built-in filters)
+
+        try:
+            FILTERS.get(self.name)
+        except RegistryError as error:
+            check(False, "name", str(error))
 
 
 @dataclass
@@ -66,14 +75,8 @@ class Config:
     on_error: Literal["raise", "skip"] = "raise"
 
     def validate(self) -> None:
+        # Each step's name and checkpoint options: FilterStep.validate.
         check(bool(self.filters), "filters", "list at least one filter")
-        import filters  # noqa: F401  (registers the built-in filters)
-
-        for i, step in enumerate(self.filters):
-            try:
-                FILTERS.get(step.name)
-            except RegistryError as error:
-                check(False, f"filters[{i}].name", str(error))
 
 
 def _fingerprint(value: Any) -> Any:
@@ -216,8 +219,10 @@ def format_report(report: dict) -> str:
 
 def run(config: Config) -> dict:
     """Scores and prunes `config.data`; see the module docstring for what it writes."""
-    # Build every filter and read the data before anything is written: bad names, options
-    # and rows fail fast.
+    # Build every filter and read the data before anything is written: bad names, options,
+    # checkpoints and rows fail fast.
+    for i, step in enumerate(config.filters):
+        check_plugin_checkpoints(FILTERS.get(step.name), step.options, f"filters[{i}].options")
     filters = [
         build_filter(step.name, step.options, f"filters[{i}]")
         for i, step in enumerate(config.filters)

@@ -25,7 +25,8 @@ class Config:
     name: str = "make-model"
     # Root directory of runs.
     runs_dir: str = "runs"
-    # Model size preset: student, teacher (Llama 4 style), qwen3-student, qwen3-teacher.
+    # Model size preset: student, teacher (Llama 4 style), qwen3-student, qwen3-teacher (Qwen3-MoE),
+    # dense-student (Qwen3 dense, no experts).
     preset: str = "teacher"
     # Initialisation seed: the same seed writes the same weights.
     seed: int = 0

@@ -22,6 +22,7 @@ training wall time), `trained.jsonl` (the prompts and policy versions of every s
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,7 +32,8 @@ from align.config import ConfigError, check
 from align.data import DataError, load_dataset_file
 from align.losses.policy import PolicyLossSettings
 from align.modeling import check_checkpoint
-from align.rewarding import RewardSpec
+from align.moe import has_experts
+from align.rewarding import RewardSpec, check_reward_checkpoints
 from align.rl.controller import Controller
 from align.rl.fleet import RayFleet
 from align.rl.learner import LearnerSettings
@@ -42,6 +44,8 @@ from align.rl.rollout import SamplingSettings
 from align.runs import Run
 from align.training import finished_result, refuse_changed_rerun
 from pipelines import evaluate
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -151,7 +155,15 @@ def run(config: Config) -> dict:
     """Trains `config.model` with online RL; returns the result (also `result.json`)."""
     out = Path(config.runs_dir) / config.name
     # Inputs are checked before anything is written or any actor starts.
-    check_checkpoint(config.model, "model", config.engine.max_model_len)
+    policy = check_checkpoint(config.model, "model", config.engine.max_model_len)
+    check_reward_checkpoints(config.rewards, "rewards")
+    if config.learner.router_aux_loss_coef and not has_experts(policy):
+        log.info(
+            "%s (model_type %s) has no experts: learner.router_aux_loss_coef and the MoE "
+            "metrics do not apply",
+            config.model,
+            policy.model_type,
+        )
     if config.placement.cluster is not None:
         _, problem = placement_plan(config, Path(config.model))
         if problem is not None:

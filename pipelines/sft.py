@@ -137,13 +137,14 @@ def run(config: Config, callbacks: list | None = None) -> dict:
             )
 
             # 3. Training; an interrupted run continues from its newest checkpoint.
+            model = load_model(config.model)
             args = SFTConfig(
-                **trainer_arguments(config.train, out / "checkpoints"),
+                **trainer_arguments(config.train, out / "checkpoints", model),
                 packing=config.packing,
                 completion_only_loss=True if config.schema == "sft" else None,
             )
             trainer = SFTTrainer(
-                model=load_model(config.model),
+                model=model,
                 args=args,
                 train_dataset=dataset,
                 processing_class=tokenizer,

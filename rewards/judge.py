@@ -29,6 +29,10 @@ class LLMJudge:
         llm: an already started engine for `model` (from code, not YAML), e.g. to share one.
     """
 
+    # Options naming a checkpoint, checked with the config before anything starts
+    # (`align.modeling.plugin_checkpoint_problem`).
+    checkpoint_options = {"model": "causal_lm"}
+
     def __init__(
         self,
         model: str,

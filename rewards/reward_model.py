@@ -23,6 +23,10 @@ class RewardModel:
         device: "cpu", "cuda", or "auto" (CUDA when available).
     """
 
+    # Options naming a checkpoint, checked with the config before anything starts
+    # (`align.modeling.plugin_checkpoint_problem`).
+    checkpoint_options = {"model": "any"}
+
     def __init__(
         self,
         model: str,

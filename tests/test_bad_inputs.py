@@ -402,6 +402,10 @@ HOSTILE = [
     ("checkpoint-symlink-loop", ["sft", "model={loop_yaml}", "data={sft}"], "key 'model': checkpoint {loop_yaml} is a symlink loop"),
     ("checkpoint-is-a-fifo", ["eval", "model={fifo}", "data={rl}"], "key 'model': checkpoint {fifo} is not a regular file: a named pipe (FIFO); a checkpoint is a directory"),
     ("max-model-len-beyond-positions", ["eval", "model={model}", "data={rl}", "engine.max_model_len=100000"], "key 'engine.max_model_len': 100000 exceeds the 512 positions of checkpoint {model}"),
+    ("reward-model-config-not-json", ["rl", "model={model}", "data={rl}", "rewards=[{name: reward_model, options: {model: '{config_not_json}'}}]"], "key 'rewards[0].options.model': checkpoint {config_not_json} config.json is not JSON"),
+    ("judge-weights-cut-short", ["dpo", "model={model}", "pairs={prompts: '{rl}', rewards: [{name: llm_judge, options: {model: '{weights_cut}'}}]}"], "key 'pairs.rewards[0].options.model': checkpoint {weights_cut} weights file model.safetensors is damaged or cut short"),
+    ("filter-reference-without-tokenizer", ["filter", "data={sft}", "filters=[{name: difficulty, options: {model: '{no_tokenizer}'}}]"], "key 'filters[0].options.model': checkpoint {no_tokenizer} has no tokenizer"),
+    ("filter-judge-not-causal", ["filter", "data={sft}", "filters=[{name: difficulty_judge, options: {model: '{config_not_causal}'}}]"], "key 'filters[0].options.model': checkpoint {config_not_causal} config.json names model_type 'vit', which is not a causal language model"),
     ("rl-max-model-len-beyond-positions", ["rl", "model={model}", "data={rl}", "engine.max_model_len=4096"], "key 'engine.max_model_len': 4096 exceeds the 512 positions"),
     # reward plug-ins that fail on import
     ("plugin-raises-at-import", ["rl", "model={model}", "data={rl}", "rewards=[{name: 'raises_at_import:reward'}]"], "invalid value for 'rewards[0].name' in <command line>: importing module 'raises_at_import' ({plugins}/raises_at_import.py) of reward 'raises_at_import:reward' failed: RuntimeError: the reward service is not configured"),

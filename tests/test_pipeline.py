@@ -14,11 +14,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_default_pipeline(runs: Path) -> Path:
-    """pipelines/default.yaml with every budget cut down (same stages, same wiring, same code)."""
+    """pipelines/default.yaml with every budget cut down (same stages, same wiring, same code).
+
+    The student is the dense preset (no experts): the stages it passes through (make-model,
+    eval, the reference SFT, the difficulty filter's engine, distillation from the MoE teacher)
+    run on a dense model too, with the MoE settings of default.yaml left as they are.
+    """
     config = yaml.safe_load((REPO_ROOT / "pipelines" / "default.yaml").read_text())
     config["runs_dir"] = str(runs)
     config["evaluation"]["settings"] = {"samples": 4, "pass_k": 4}
     stages = {s["name"]: s["config"] for s in config["stages"]}
+    stages["student"]["preset"] = "dense-student"
     stages["data"]["per_level"] = 12
     stages["reference"]["train"]["token_budget"] = 30000
     stages["filter"]["filters"][1]["options"]["samples"] = 4

@@ -64,15 +64,16 @@ def steps_of(run: Path) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def briefly_trained(tmp_path_factory) -> Path:
-    """A student trained a little on `sort`: right about half the time on levels 2-3, and
-    still unsure (sampled answers vary), so RL has something to sharpen. About 12 s."""
+    """A dense student (no experts) trained a little on `sort`: right about half the time on
+    levels 2-3, and still unsure (sampled answers vary), so RL has something to sharpen. About
+    12 s. The other runs here train the MoE student."""
     from align.modeling import build_model, write_checkpoint
     from align.tasks import split_problems
     from align.tokenizer import build_tokenizer
     from tests.conftest import memorize
 
     train, _ = split_problems(make_problems(["sort"], [1, 2, 3, 4], 60, seed=0), 0.25, 0)
-    model = build_model("student", seed=0)
+    model = build_model("dense-student", seed=0)
     memorize(model, build_tokenizer(), list(to_rl(train)), steps=100, lr=3e-3)
     return write_checkpoint(model, tmp_path_factory.mktemp("brief") / "model")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import yaml
@@ -10,6 +11,8 @@ from datasets import load_from_disk
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from align.config import ConfigError
+from align.rewarding import RewardSpec
 from align.tasks import make_problems, split_problems, to_dpo, to_rl, to_sft
 from align.training import LoraSettings, TrainSettings
 from pipelines import dpo, sft
@@ -206,3 +209,83 @@ def test_dpo_cli_pairs_the_models_own_rollouts_and_evaluates(tmp_path, partially
     assert result["steps"] == -(-len(pairs) // 4)
     report = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert report["n"] == 8 and report["model"] == str(run_dir / "model")
+
+
+def unscorable(prompts, completions, **_):
+    """A reward that fails on every completion (NaN), like a broken reward service."""
+    return [float("nan")] * len(completions)
+
+
+@pytest.mark.vllm
+def test_dpo_names_the_reward_when_too_few_completions_were_scored(tmp_path, partially_trained):
+    from tests.conftest import shared_engine
+
+    prompts = list(to_rl(make_problems(["sort"], [3, 4], 4, seed=6)))
+    config = dpo.Config(
+        model=str(partially_trained["checkpoint"]),
+        pairs=dpo.PairSettings(
+            prompts=write_jsonl(tmp_path / "prompts.jsonl", prompts),
+            samples=4,
+            rewards=[RewardSpec(name="tests.test_train_stages:unscorable")],
+        ),
+        runs_dir=str(tmp_path / "runs"),
+    )
+    llm = shared_engine(partially_trained["checkpoint"])
+    with pytest.raises(ConfigError) as error:
+        dpo.run(config, llm=llm)
+    message = str(error.value)
+    assert message.startswith("key 'pairs.rewards': no prompt gave a pair because the rewards")
+    assert "8 of 8 prompts had fewer than two completions scored" in message
+    assert "(faults: reward/tests.test_train_stages:unscorable/nonfinite: 32)" in message
+    assert "min_margin" not in message
+
+
+def test_sft_dpo_and_distillation_train_a_dense_model(tmp_path, student_dir, sft_file, caplog):
+    """A dense checkpoint (no experts) through the three TRL stages with the default settings:
+    the router loss and expert statistics are skipped, and the log says so once per stage."""
+    from align.modeling import build_model, write_checkpoint
+    from pipelines import distill
+
+    caplog.set_level(logging.INFO, logger="align.training")
+    dense = write_checkpoint(build_model("dense-student", seed=0), tmp_path / "dense")
+    assert TrainSettings().router_aux_loss_coef > 0  # the default applies to MoE models
+
+    tuned = sft.run(sft_config(tmp_path, dense, sft_file, "sft", epochs=2.0))
+    run_dir = tmp_path / "runs" / "sft"
+    losses = logged(run_dir, "train/loss")
+    assert tuned["steps"] == 8 and losses[-1] < 0.75 * losses[0]
+    assert not (run_dir / "expert_load.png").exists()
+    assert not any(
+        key.startswith("moe/")
+        for key in json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    )
+
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl", list(to_dpo(make_problems(["add", "sort"], [1, 2], 8, seed=4)))
+    )
+    train = TrainSettings(batch_size=8, learning_rate=1e-3, logging_steps=1, save_steps=100)
+    dpo.run(
+        dpo.Config(
+            model=tuned["model"],
+            data=pairs,
+            name="dpo",
+            runs_dir=str(tmp_path / "runs"),
+            train=train,
+        )
+    )
+    assert logged(tmp_path / "runs" / "dpo", "train/rewards/margins")[-1] > 0
+
+    # A MoE teacher distilled into the dense student (same tokenizer, other architecture).
+    distill.run(
+        distill.Config(
+            student=str(dense),
+            data=sft_file,
+            teacher=distill.TeacherSettings(model=str(student_dir), mode="offline", top_k=8),
+            name="distill",
+            runs_dir=str(tmp_path / "runs"),
+            train=train,
+        )
+    )
+    assert logged(tmp_path / "runs" / "distill", "train/loss")
+    said = [r.getMessage() for r in caplog.records if "has no experts" in r.getMessage()]
+    assert len(said) == 3 and all(m.startswith("Qwen3ForCausalLM has no experts") for m in said)

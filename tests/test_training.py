@@ -122,14 +122,13 @@ def test_sft_loss_covers_exactly_the_completion(tmp_path, student_dir, packing):
     dataset = to_sft(make_problems(["add", "sort"], [1, 3], 2, seed=0)).select_columns(
         ["prompt", "completion"]
     )
+    model = load_model(student_dir)
     args = SFTConfig(
-        **trainer_arguments(TrainSettings(batch_size=8, max_length=64), tmp_path),
+        **trainer_arguments(TrainSettings(batch_size=8, max_length=64), tmp_path, model),
         packing=packing,
         completion_only_loss=True,
     )
-    trainer = SFTTrainer(
-        model=load_model(student_dir), args=args, train_dataset=dataset, processing_class=tokenizer
-    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
     ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
     expected_rows = []
