@@ -1,4 +1,4 @@
-"""Stage `make-model`: write a random-initialised embedded MoE checkpoint from a preset.
+"""Stage `make-model`: write a random-initialised embedded checkpoint (MoE or dense) from a preset.
 
 Output: `runs/<name>/model/`, a Hugging Face checkpoint (safetensors, config, tokenizer with
 chat template) that transformers and vLLM load.

@@ -92,7 +92,11 @@ def memorize(model, tokenizer, rows: list[dict], steps: int = 300, lr: float = 3
     """
     import torch
 
+    from align.moe import route_sparsely
     from align.tasks import format_answer
+
+    # Only each token's chosen experts run, as in the trainers: the same sums, a third faster.
+    route_sparsely(model)
 
     sequences, masks = [], []
     for row in rows:
