@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from align.config import check
+from align.config import ConfigError, check
 from align.modeling import check_plugin_checkpoints
 from align.registry import Registry, RegistryError
 
@@ -353,6 +353,36 @@ def check_reward_checkpoints(specs: Sequence[RewardSpec], key: str) -> None:
     `key` is where the specs sit in the config, e.g. "pairs.rewards"."""
     for i, spec in enumerate(specs):
         check_plugin_checkpoints(_lookup(spec.name), spec.options, f"{key}[{i}].options")
+
+
+def check_option_columns(
+    specs: Sequence[RewardSpec], columns: Sequence[str], key: str, source: str
+) -> None:
+    """Refuses a reward function's option named like a column of the rows it will score.
+
+    A reward function gets its options and the rows' columns as keyword arguments of one
+    namespace: such an option would silently replace the column (one value for every
+    completion) in every call. A reward class takes its options when it is built, so it has
+    no such clash.
+
+    Args:
+        specs: the rewards; `key` is where they sit in the config (e.g. "pairs.rewards").
+        columns: the dataset's columns; `source` names the dataset in the error.
+
+    Raises:
+        ConfigError: naming the option's key, the dataset and the column.
+    """
+    for i, spec in enumerate(specs):
+        if inspect.isclass(_lookup(spec.name)):
+            continue
+        clash = sorted(set(spec.options) & (set(columns) - {"prompt"}))
+        if clash:
+            raise ConfigError(
+                f"key '{key}[{i}].options.{clash[0]}': {source} has a column '{clash[0]}' "
+                "too, and a reward function gets options and columns as keyword arguments of "
+                "one namespace, so the option would replace the column in every call; rename "
+                "the option or the column"
+            )
 
 
 def build_reward(spec: RewardSpec) -> RewardFunction:

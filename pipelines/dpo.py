@@ -35,7 +35,12 @@ from align.config import ConfigError, check
 from align.data import DataError, load_dataset_file
 from align.modeling import check_checkpoint, load_model
 from align.preferences import FormatMaskingCollator, build_pairs, format_token_ids
-from align.rewarding import RewardSpec, build_reward_set, check_reward_checkpoints
+from align.rewarding import (
+    RewardSpec,
+    build_reward_set,
+    check_option_columns,
+    check_reward_checkpoints,
+)
 from align.runs import Run
 from align.training import (
     LoraSettings,
@@ -194,6 +199,9 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
     refuse_changed_rerun(out, config)
     if config.pairs is not None:
         rows, rows_report = load_dataset_file(config.pairs.prompts, "rl", config.on_error)
+        check_option_columns(
+            config.pairs.rewards, rows.column_names, "pairs.rewards", config.pairs.prompts
+        )
     else:
         rows, rows_report = load_dataset_file(config.data, "dpo", config.on_error)
     with Run(out, config) as run_dir:

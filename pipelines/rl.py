@@ -33,7 +33,7 @@ from align.data import DataError, load_dataset_file
 from align.losses.policy import PolicyLossSettings
 from align.modeling import check_checkpoint
 from align.moe import has_experts
-from align.rewarding import RewardSpec, check_reward_checkpoints
+from align.rewarding import RewardSpec, check_option_columns, check_reward_checkpoints
 from align.rl.controller import Controller
 from align.rl.fleet import RayFleet
 from align.rl.learner import LearnerSettings
@@ -171,6 +171,7 @@ def run(config: Config) -> dict:
     evaluate.check_heldout(config.heldout)
     refuse_changed_rerun(out, config)
     dataset, data_report = load_dataset_file(config.data, "rl", config.on_error)
+    check_option_columns(config.rewards, dataset.column_names, "rewards", config.data)
     if not isinstance(dataset[0]["prompt"], list):
         raise DataError(
             "is plain text; the RL stage needs conversational prompts (lists of "
