@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +59,94 @@ def write_jsonl(path: Path, rows) -> str:
     """Writes `rows` (dicts) as JSON lines to `path`; returns the path as a string."""
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return str(path)
+
+
+SERVER = r"""
+import json, os, sys, traceback
+
+from align import cli
+import datasets, transformers  # what cli.main imports when it starts
+from pipelines import pipeline, stages
+
+print("ready", flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+        status = 1
+        try:
+            status = cli.main(request["args"])
+        except SystemExit as exit:
+            status = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    _, wait_status = os.waitpid(pid, 0)
+    print(json.dumps({"returncode": os.waitstatus_to_exitcode(wait_status)}), flush=True)
+"""
+
+
+class ForkedAlign:
+    """Runs `align ARGS` in a fork of one process that imported the command once."""
+
+    def __init__(self, scratch: Path, pythonpath: Path | None = None) -> None:
+        self.scratch = scratch
+        env = dict(os.environ)
+        if pythonpath is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(pythonpath), env.get("PYTHONPATH")) if p
+            )
+        self.server = subprocess.Popen(
+            [sys.executable, "-c", SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        # Imported once here, so no case's time includes the imports.
+        assert self._read_line(timeout_s=300.0) == "ready\n"
+
+    def _read_line(self, timeout_s: float) -> str:
+        ready, _, _ = select.select([self.server.stdout], [], [], timeout_s)
+        if not ready:
+            self.close()
+            raise TimeoutError(f"no answer from the align process within {timeout_s} s")
+        return self.server.stdout.readline()
+
+    def __call__(self, *args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
+        out, err = self.scratch / "stdout", self.scratch / "stderr"
+        request = {"args": list(args), "stdout": str(out), "stderr": str(err)}
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        returncode = json.loads(self._read_line(timeout_s))["returncode"]
+        return subprocess.CompletedProcess(
+            ["align", *args], returncode, out.read_text(), err.read_text()
+        )
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        try:
+            self.server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+
+
+@pytest.fixture(scope="session")
+def quick_align(tmp_path_factory):
+    """`align ARGS` in a fork of one process that imported the command once: for commands that
+    refuse, print or write a little (about 1 s each instead of 10). Runs that start Ray or
+    vLLM, or need their own environment or directory, use `tests.test_cli.align`."""
+    runner = ForkedAlign(tmp_path_factory.mktemp("quick-align"))
+    yield runner
+    runner.close()
 
 
 _engines: dict[str, object] = {}

@@ -5,7 +5,7 @@ the config key), with no Python traceback and before any work: nothing is writte
 runs directory, so no model is saved and no engine or Ray cluster is started.
 
 Starting `align` costs about 5 s of imports (torch, transformers, TRL), so one process per
-case would take minutes. The cases run in `ForkedAlign` instead: one process imports the
+case would take minutes. The cases run in `ForkedAlign` (tests/conftest.py) instead: one process imports the
 command once, then each case runs in a fresh fork of it that calls `align.cli.main` with its
 output going to files, and exits with main's status (a traceback on stderr and status 1 if an
 exception escapes, as for the console script). `test_a_forked_run_matches_the_align_command`
@@ -19,10 +19,7 @@ import json
 import os
 import pickle
 import re
-import select
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +32,7 @@ from datasets import Dataset, DatasetDict
 from align.modeling import build_model, write_checkpoint
 from align.tasks import export, make_problems
 from align.tokenizer import build_tokenizer
+from tests.conftest import ForkedAlign
 from tests.test_cli import align
 
 CORPUS = Path(__file__).parent / "data" / "bad"
@@ -45,84 +43,6 @@ SOME_BAD_ROWS = CORPUS / "datasets" / "sft-some-bad-rows.jsonl"
 SCHEMAS = ("sft", "rl", "dpo")
 # A refused input fails in well under a second; an engine start or training takes far longer.
 FAST_S = 15.0
-
-SERVER = r"""
-import json, os, sys, traceback
-
-from align import cli
-import datasets, transformers  # what cli.main imports when it starts
-from pipelines import pipeline, stages
-
-print("ready", flush=True)
-for line in sys.stdin:
-    request = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-        status = 1
-        try:
-            status = cli.main(request["args"])
-        except SystemExit as exit:
-            status = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
-            if isinstance(exit.code, str):
-                print(exit.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-    _, wait_status = os.waitpid(pid, 0)
-    print(json.dumps({"returncode": os.waitstatus_to_exitcode(wait_status)}), flush=True)
-"""
-
-
-class ForkedAlign:
-    """Runs `align ARGS` in a fork of one process that imported the command once."""
-
-    def __init__(self, scratch: Path, pythonpath: Path | None = None) -> None:
-        self.scratch = scratch
-        env = dict(os.environ)
-        if pythonpath is not None:
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(pythonpath), env.get("PYTHONPATH")) if p
-            )
-        self.server = subprocess.Popen(
-            [sys.executable, "-c", SERVER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        # Imported once here, so no case's time includes the imports.
-        assert self._read_line(timeout_s=300.0) == "ready\n"
-
-    def _read_line(self, timeout_s: float) -> str:
-        ready, _, _ = select.select([self.server.stdout], [], [], timeout_s)
-        if not ready:
-            self.close()
-            raise TimeoutError(f"no answer from the align process within {timeout_s} s")
-        return self.server.stdout.readline()
-
-    def __call__(self, *args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
-        out, err = self.scratch / "stdout", self.scratch / "stderr"
-        request = {"args": list(args), "stdout": str(out), "stderr": str(err)}
-        self.server.stdin.write(json.dumps(request) + "\n")
-        self.server.stdin.flush()
-        returncode = json.loads(self._read_line(timeout_s))["returncode"]
-        return subprocess.CompletedProcess(
-            ["align", *args], returncode, out.read_text(), err.read_text()
-        )
-
-    def close(self) -> None:
-        self.server.stdin.close()
-        try:
-            self.server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.server.kill()
-
 
 # Reward plug-ins that fail on import, importable by the forked `align` (its PYTHONPATH).
 FAILING_PLUGINS = {
@@ -406,6 +326,8 @@ HOSTILE = [
     ("judge-weights-cut-short", ["dpo", "model={model}", "pairs={prompts: '{rl}', rewards: [{name: llm_judge, options: {model: '{weights_cut}'}}]}"], "key 'pairs.rewards[0].options.model': checkpoint {weights_cut} weights file model.safetensors is damaged or cut short"),
     ("filter-reference-without-tokenizer", ["filter", "data={sft}", "filters=[{name: difficulty, options: {model: '{no_tokenizer}'}}]"], "key 'filters[0].options.model': checkpoint {no_tokenizer} has no tokenizer"),
     ("filter-judge-not-causal", ["filter", "data={sft}", "filters=[{name: difficulty_judge, options: {model: '{config_not_causal}'}}]"], "key 'filters[0].options.model': checkpoint {config_not_causal} config.json names model_type 'vit', which is not a causal language model"),
+    ("reward-option-named-like-a-column", ["rl", "model={model}", "data={rl}", "rewards=[{name: answer_match, options: {answer: '42'}}]"], "key 'rewards[0].options.answer': {rl} has a column 'answer' too, and a reward function gets options and columns as keyword arguments of one namespace"),
+    ("pairs-reward-option-named-like-a-column", ["dpo", "model={model}", "pairs={prompts: '{rl}', rewards: [{name: math_verify, options: {answer: x}}]}"], "key 'pairs.rewards[0].options.answer': {rl} has a column 'answer' too"),
     ("rl-max-model-len-beyond-positions", ["rl", "model={model}", "data={rl}", "engine.max_model_len=4096"], "key 'engine.max_model_len': 4096 exceeds the 512 positions"),
     # reward plug-ins that fail on import
     ("plugin-raises-at-import", ["rl", "model={model}", "data={rl}", "rewards=[{name: 'raises_at_import:reward'}]"], "invalid value for 'rewards[0].name' in <command line>: importing module 'raises_at_import' ({plugins}/raises_at_import.py) of reward 'raises_at_import:reward' failed: RuntimeError: the reward service is not configured"),

@@ -35,12 +35,12 @@ def test_help_lists_every_subcommand():
         assert f"    {name}" in out.stdout, name
 
 
-def test_distill_needs_a_student_and_a_teacher(tmp_path):
-    out = align("distill", "data=d", f"runs_dir={tmp_path}")
+def test_distill_needs_a_student_and_a_teacher(tmp_path, quick_align):
+    out = quick_align("distill", "data=d", f"runs_dir={tmp_path}")
     assert out.returncode == 2 and "missing required key 'student'" in out.stderr
-    out = align("distill", "student=s", "data=d", f"runs_dir={tmp_path}")
+    out = quick_align("distill", "student=s", "data=d", f"runs_dir={tmp_path}")
     assert out.returncode == 2 and "missing required key 'teacher'" in out.stderr
-    out = align("distill", "--print-config", "student=s", "data=d", "teacher.model=t")
+    out = quick_align("distill", "--print-config", "student=s", "data=d", "teacher.model=t")
     assert out.returncode == 0, out.stderr
     assert yaml.safe_load(out.stdout)["teacher"] == {
         "model": "t",
@@ -52,15 +52,15 @@ def test_distill_needs_a_student_and_a_teacher(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_unknown_override_key_suggests_the_nearest(tmp_path):
-    out = align("make-model", "presett=student", f"runs_dir={tmp_path}")
+def test_unknown_override_key_suggests_the_nearest(tmp_path, quick_align):
+    out = quick_align("make-model", "presett=student", f"runs_dir={tmp_path}")
     assert out.returncode == 2
     assert "unknown key 'presett'" in out.stderr and "did you mean 'preset'" in out.stderr
     assert not any(tmp_path.iterdir()), "nothing may be written before the config is valid"
 
 
-def test_print_config_shows_resolved_values_and_does_no_work(tmp_path):
-    out = align(
+def test_print_config_shows_resolved_values_and_does_no_work(tmp_path, quick_align):
+    out = quick_align(
         "eval",
         "--print-config",
         "model=m",
@@ -76,23 +76,23 @@ def test_print_config_shows_resolved_values_and_does_no_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_wrong_type_in_file_names_file_and_key(tmp_path):
+def test_wrong_type_in_file_names_file_and_key(tmp_path, quick_align):
     config = tmp_path / "model.yaml"
     config.write_text("preset: student\nseed: abc\n")
-    out = align("make-model", "--config", str(config), f"runs_dir={tmp_path}")
+    out = quick_align("make-model", "--config", str(config), f"runs_dir={tmp_path}")
     assert out.returncode == 2
     assert str(config) in out.stderr and "'seed'" in out.stderr and "int" in out.stderr
 
 
-def test_impossible_value_is_refused(tmp_path):
-    out = align("make-data", "heldout_fraction=1.5", f"runs_dir={tmp_path}")
+def test_impossible_value_is_refused(tmp_path, quick_align):
+    out = quick_align("make-data", "heldout_fraction=1.5", f"runs_dir={tmp_path}")
     assert out.returncode == 2 and "heldout_fraction" in out.stderr
 
 
-def test_make_model_writes_a_checkpoint_and_resolved_config(tmp_path):
+def test_make_model_writes_a_checkpoint_and_resolved_config(tmp_path, quick_align):
     config = tmp_path / "model.yaml"
     config.write_text("preset: student\nseed: 3\n")
-    out = align("make-model", "--config", str(config), f"runs_dir={tmp_path}", "name=m")
+    out = quick_align("make-model", "--config", str(config), f"runs_dir={tmp_path}", "name=m")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert Path(result["checkpoint"]) == tmp_path / "m" / "model"
@@ -104,7 +104,7 @@ def test_make_model_writes_a_checkpoint_and_resolved_config(tmp_path):
     assert list((tmp_path / "m" / "tb").glob("events.out.tfevents.*"))
 
 
-def test_pipeline_checks_every_stage_before_running_the_first(tmp_path):
+def test_pipeline_checks_every_stage_before_running_the_first(tmp_path, quick_align):
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(
         yaml.safe_dump(
@@ -122,13 +122,13 @@ def test_pipeline_checks_every_stage_before_running_the_first(tmp_path):
             }
         )
     )
-    out = align("run", str(pipeline))
+    out = quick_align("run", str(pipeline))
     assert out.returncode == 2
     assert "stages[1] (e)" in out.stderr and "did you mean 'pass_k'" in out.stderr
     assert not (tmp_path / "runs").exists()
 
 
-def test_pipeline_checks_a_distill_stage_before_running(tmp_path):
+def test_pipeline_checks_a_distill_stage_before_running(tmp_path, quick_align):
     pipeline = tmp_path / "p.yaml"
     stage = {
         "name": "d",
@@ -136,7 +136,7 @@ def test_pipeline_checks_a_distill_stage_before_running(tmp_path):
         "config": {"student": "s", "data": "d", "teacher": {"model": "t", "mode": "offlin"}},
     }
     pipeline.write_text(yaml.safe_dump({"stages": [stage]}))
-    out = align("run", str(pipeline), f"runs_dir={tmp_path}")
+    out = quick_align("run", str(pipeline), f"runs_dir={tmp_path}")
     assert out.returncode == 2
     assert (
         "stages[0] (d)" in out.stderr and "teacher.mode" in out.stderr and "'offline'" in out.stderr
@@ -144,21 +144,21 @@ def test_pipeline_checks_a_distill_stage_before_running(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_bad_data_is_a_clear_error(tmp_path):
+def test_bad_data_is_a_clear_error(tmp_path, quick_align):
     from align.modeling import build_model, write_checkpoint
 
     write_checkpoint(build_model("student", 0), tmp_path / "model")
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "Compute 1+1.", "answer": "2"}\n{"prompt": "Compute 2+2."}\n')
-    out = align("eval", f"model={tmp_path / 'model'}", f"data={data}", f"runs_dir={tmp_path}")
+    out = quick_align("eval", f"model={tmp_path / 'model'}", f"data={data}", f"runs_dir={tmp_path}")
     assert out.returncode == 2
     assert "bad.jsonl" in out.stderr and "row 1" in out.stderr and "answer" in out.stderr
 
 
-def test_overrides_may_follow_options(tmp_path):
+def test_overrides_may_follow_options(tmp_path, quick_align):
     default = Path(__file__).resolve().parents[1] / "pipelines" / "default.yaml"
-    out = align("run", str(default), "--dry-run", f"runs_dir={tmp_path}", "name=x")
+    out = quick_align("run", str(default), "--dry-run", f"runs_dir={tmp_path}", "name=x")
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"outputs under {tmp_path}/x/" in out.stdout
-    out = align("make-model", "--print-config", "preset=teacher", "--nonsense")
+    out = quick_align("make-model", "--print-config", "preset=teacher", "--nonsense")
     assert out.returncode == 2 and "unrecognized arguments: --nonsense" in out.stderr

@@ -228,8 +228,8 @@ def test_on_policy_steps_train_on_the_students_own_samples(tmp_path, models, fil
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 
-def test_on_policy_needs_an_online_teacher(tmp_path, models, files):
-    out = align(
+def test_on_policy_needs_an_online_teacher(tmp_path, models, files, quick_align):
+    out = quick_align(
         "distill",
         f"student={models['student']}",
         f"data={files['train']}",

@@ -141,9 +141,11 @@ def test_filtering_everything_away_is_an_error(tmp_path, sft_data, partially_tra
     assert "filtering kept no rows; loosen the thresholds" in out.stderr
 
 
-def test_unknown_filter_is_refused_before_any_work(tmp_path, sft_data):
+def test_unknown_filter_is_refused_before_any_work(tmp_path, sft_data, quick_align):
     data, _ = sft_data
-    out = align("filter", f"data={data}", f"runs_dir={tmp_path}", "filters=[{name: difficulity}]")
+    out = quick_align(
+        "filter", f"data={data}", f"runs_dir={tmp_path}", "filters=[{name: difficulity}]"
+    )
     assert out.returncode == 2
     assert "filters[0].name" in out.stderr and "Did you mean 'difficulty'" in out.stderr
     assert not any(tmp_path.iterdir())

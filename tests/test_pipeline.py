@@ -109,7 +109,7 @@ def test_default_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     assert rerun["stages"][-1]["heldout"] == report["stages"][-1]["heldout"]
 
 
-def test_a_stage_reading_a_stage_that_does_not_come_before_it_is_refused(tmp_path):
+def test_a_stage_reading_a_stage_that_does_not_come_before_it_is_refused(tmp_path, quick_align):
     path = tmp_path / "p.yaml"
     path.write_text(
         "stages:\n"
@@ -117,7 +117,7 @@ def test_a_stage_reading_a_stage_that_does_not_come_before_it_is_refused(tmp_pat
         "  - {name: sft, command: sft, config: {model: '{run}/teacher/model', data: '{run}/data/train/sft'}}\n"
         "  - {name: teacher, command: make-model}\n"
     )
-    out = align("run", str(path), "--dry-run")
+    out = quick_align("run", str(path), "--dry-run")
     assert out.returncode == 2
     assert "stage 'sft'" in out.stderr and "'{run}/teacher/model'" in out.stderr
     assert (
@@ -125,7 +125,7 @@ def test_a_stage_reading_a_stage_that_does_not_come_before_it_is_refused(tmp_pat
     )
 
 
-def test_the_evaluation_block_is_the_only_source_of_held_out_settings(tmp_path):
+def test_the_evaluation_block_is_the_only_source_of_held_out_settings(tmp_path, quick_align):
     head = (
         "evaluation: {heldout: '{run}/data/heldout/rl', settings: {samples: 8}}\n"
         "stages:\n  - {name: data, command: make-data}\n  - {name: student, command: make-model}\n"
@@ -137,7 +137,7 @@ def test_the_evaluation_block_is_the_only_source_of_held_out_settings(tmp_path):
     ):
         path = tmp_path / "p.yaml"
         path.write_text(head + stage % extra)
-        out = align("run", str(path), "--dry-run")
+        out = quick_align("run", str(path), "--dry-run")
         assert out.returncode == 2 and message in out.stderr, out.stderr
     path.write_text(head + stage % "eval: {pass_k: 2}")
     from align.config import load_config
@@ -149,7 +149,7 @@ def test_the_evaluation_block_is_the_only_source_of_held_out_settings(tmp_path):
     assert (sft.eval.samples, sft.eval.pass_k) == (8, 2)
 
 
-def test_gpu_pipeline_file_passes_the_dry_run(tmp_path):
+def test_gpu_pipeline_file_passes_the_dry_run(tmp_path, quick_align):
     """The real-checkpoint recipe cannot run here; its configs and wiring are checked, with
     the checkpoints it names replaced by a directory holding Qwen3-30B-A3B's config.json."""
     from align.config import ConfigError, load_config
@@ -163,7 +163,7 @@ def test_gpu_pipeline_file_passes_the_dry_run(tmp_path):
     config = load_config(pipeline.Config, path, models)
     with pytest.raises(ConfigError, match="stage 'distill' in .*: key 'student': "):
         pipeline.check_inputs(config, pipeline.resolve_stages(config, path), path)
-    out = align("run", path, "--dry-run", *models, f"stages.6.config.student={tmp_path}")
+    out = quick_align("run", path, "--dry-run", *models, f"stages.6.config.student={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[5/7] rl (rl)" in out.stdout
     assert "learners 16 rank(s) x 1 GPU" in out.stdout and "workers 8 x 2 GPU" in out.stdout
@@ -202,7 +202,9 @@ def test_shipped_stage_configs_load(command):
     assert config.name == command
 
 
-def test_a_finished_stage_with_changed_settings_is_refused_until_rerun_from_it(tmp_path):
+def test_a_finished_stage_with_changed_settings_is_refused_until_rerun_from_it(
+    tmp_path, quick_align
+):
     path = tmp_path / "p.yaml"
     path.write_text(
         f"runs_dir: {tmp_path / 'runs'}\n"
@@ -210,26 +212,26 @@ def test_a_finished_stage_with_changed_settings_is_refused_until_rerun_from_it(t
         "  - {name: student, command: make-model, config: {preset: student}}\n"
         "  - {name: data, command: make-data, config: {per_level: 10}}\n"
     )
-    assert align("run", str(path)).returncode == 0
+    assert quick_align("run", str(path)).returncode == 0
     root = tmp_path / "runs" / "default"
     first_rows = (root / "data" / "train" / "problems.jsonl").read_text()
 
     path.write_text(path.read_text().replace("per_level: 10", "per_level: 12"))
-    refused = align("run", str(path))
+    refused = quick_align("run", str(path))
     assert refused.returncode == 2
     assert "stage 'data' finished earlier with other settings (per_level)" in refused.stderr
     assert "--from data" in refused.stderr
     # Nothing was touched.
     assert (root / "data" / "train" / "problems.jsonl").read_text() == first_rows
 
-    again = align("run", str(path), "--from", "data")
+    again = quick_align("run", str(path), "--from", "data")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "[1/2] student (make-model): finished in an earlier run, skipped" in again.stdout
     assert "[2/2] data (make-data): running" in again.stdout
     assert len((root / "data" / "train" / "problems.jsonl").read_text().splitlines()) == 2 * 4 * 10
     (kept,) = (root / ".previous").glob("*/data/train/problems.jsonl")
     assert kept.read_text() == first_rows
-    assert align("run", str(path), "--from", "nope").returncode == 2
+    assert quick_align("run", str(path), "--from", "nope").returncode == 2
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,6 @@ import pytest
 from align.config import ConfigError, from_dict, load_config
 from align.rl.placement import GIB, ModelShape, learner_memory
 from pipelines import pipeline, rl
-from tests.test_cli import align
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QWEN3_30B_A3B = {
@@ -82,9 +81,9 @@ def test_the_dry_run_follows_the_policy_back_to_its_checkpoint_and_reports_it(qw
     assert "the learner needs about 127" in message and "add learners" in message
 
 
-def test_the_refusal_is_exit_status_2_of_the_command(qwen3_30b):
+def test_the_refusal_is_exit_status_2_of_the_command(qwen3_30b, quick_align):
     pipeline_file = str(REPO_ROOT / "pipelines" / "qwen3-moe-gpu.yaml")
-    out = align(
+    out = quick_align(
         "run",
         pipeline_file,
         "--dry-run",
