@@ -70,8 +70,16 @@ def test_default_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
         h = by_stage[stage]["heldout"]
         # 2 tasks x 4 levels x 2 held-out rows (20% of 12 per level)
         assert h["n"] == heldout["n"] == 16, stage
+        assert h["samples"] == 4, stage
+        # The report carries what the stage's own evaluation measured, level by level.
+        own = root / stage / ("eval.json" if stage.startswith("eval-") else "eval/eval.json")
+        measured = json.loads(own.read_text())
+        assert h["greedy_accuracy"] == measured["greedy_accuracy"], stage
+        assert (h["greedy_accuracy"] * 16).is_integer(), stage
+        assert h["by_level"] == {
+            level: row["greedy_accuracy"] for level, row in measured["by_level"].items()
+        }, stage
         assert sorted(h["by_level"]) == ["1", "2", "3", "4"], stage
-        assert 0.0 <= h["greedy_accuracy"] <= 1.0 and h["samples"] == 4
     for stage in ("sft", "dpo", "distill"):
         budget = json.loads((root / stage / "result.json").read_text())["budget_tokens"]
         assert by_stage[stage]["tokens"] == budget > 0
