@@ -169,12 +169,15 @@ def build_filter(name: str, options: dict[str, Any], where: str = "filter") -> F
     """Constructs the filter `name` (registered or 'module:Class') with its options.
 
     Raises:
-        ConfigError: unknown name, or options the filter refuses; the message starts with
-            `where` (e.g. "filters[1]").
+        ConfigError: unknown name, options the filter refuses (the message starts with
+            `where`, e.g. "filters[1]"), or an unusable checkpoint in its `checkpoint_options`
+            (`key 'filters[1].options.model': ...`).
     """
     import filters  # noqa: F401  (registers the built-in filters)
+    from align.modeling import check_plugin_checkpoints
 
     cls = FILTERS.get(name)
+    check_plugin_checkpoints(cls, options, f"{where}.options")
     try:
         return cls(**options)
     except (TypeError, ValueError) as error:

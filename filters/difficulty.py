@@ -42,8 +42,8 @@ class PassRateDifficulty:
     """
 
     score_name = "difficulty (1 - pass rate)"
-    # Options naming a checkpoint, checked with the config before anything starts
-    # (`align.modeling.plugin_checkpoint_problem`).
+    # Options naming a checkpoint, checked when a stage starts, before anything is written
+    # (`align.modeling.check_plugin_checkpoints`).
     checkpoint_options = {"model": "causal_lm"}
     # A row's score depends on that row alone, so scores are cached per row.
     independent_rows = True
@@ -106,8 +106,8 @@ class JudgeDifficulty:
     """
 
     score_name = "difficulty (judge's expected verdict)"
-    # Options naming a checkpoint, checked with the config before anything starts
-    # (`align.modeling.plugin_checkpoint_problem`).
+    # Options naming a checkpoint, checked when a stage starts, before anything is written
+    # (`align.modeling.check_plugin_checkpoints`).
     checkpoint_options = {"model": "causal_lm"}
     independent_rows = True
 

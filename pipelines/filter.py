@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 from align.config import check
 from align.data import DataError, load_dataset_file
-from align.modeling import check_plugin_checkpoints
 from align.pruning import FILTERS, Buckets, Selection, build_filter, select
 from align.registry import RegistryError
 from align.runs import Run, write_json_atomic
@@ -75,7 +74,7 @@ class Config:
     on_error: Literal["raise", "skip"] = "raise"
 
     def validate(self) -> None:
-        # Each step's name and checkpoint options: FilterStep.validate.
+        # Each step's name: FilterStep.validate.
         check(bool(self.filters), "filters", "list at least one filter")
 
 
@@ -221,8 +220,6 @@ def run(config: Config) -> dict:
     """Scores and prunes `config.data`; see the module docstring for what it writes."""
     # Build every filter and read the data before anything is written: bad names, options,
     # checkpoints and rows fail fast.
-    for i, step in enumerate(config.filters):
-        check_plugin_checkpoints(FILTERS.get(step.name), step.options, f"filters[{i}].options")
     filters = [
         build_filter(step.name, step.options, f"filters[{i}]")
         for i, step in enumerate(config.filters)

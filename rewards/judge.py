@@ -29,8 +29,8 @@ class LLMJudge:
         llm: an already started engine for `model` (from code, not YAML), e.g. to share one.
     """
 
-    # Options naming a checkpoint, checked with the config before anything starts
-    # (`align.modeling.plugin_checkpoint_problem`).
+    # Options naming a checkpoint, checked when a stage starts, before anything is written
+    # (`align.modeling.check_plugin_checkpoints`).
     checkpoint_options = {"model": "causal_lm"}
 
     def __init__(

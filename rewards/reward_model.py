@@ -23,8 +23,8 @@ class RewardModel:
         device: "cpu", "cuda", or "auto" (CUDA when available).
     """
 
-    # Options naming a checkpoint, checked with the config before anything starts
-    # (`align.modeling.plugin_checkpoint_problem`).
+    # Options naming a checkpoint, checked when a stage starts, before anything is written
+    # (`align.modeling.check_plugin_checkpoints`).
     checkpoint_options = {"model": "any"}
 
     def __init__(

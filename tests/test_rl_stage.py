@@ -66,7 +66,7 @@ def steps_of(run: Path) -> dict[int, dict]:
 def briefly_trained(tmp_path_factory) -> Path:
     """A dense student (no experts) trained a little on `sort`: right about half the time on
     levels 2-3, and still unsure (sampled answers vary), so RL has something to sharpen. About
-    12 s. The other runs here train the MoE student."""
+    40 s on two cores. The other runs here train the MoE student."""
     from align.modeling import build_model, write_checkpoint
     from align.tasks import split_problems
     from align.tokenizer import build_tokenizer
