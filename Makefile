@@ -37,8 +37,8 @@ bench: install
 	$(VENV)/bin/python bench/scaling.py --steps 6 --warmup 2
 	$(VENV)/bin/python bench/rl.py --model bench/runs/sft-teacher/model \
 	    --data bench/runs/data/train/rl --heldout bench/runs/data/heldout/rl --out bench/runs/rl \
-	    --arms async,sync,trl --steps 6 --groups 16 --eval-every 3 --eval-limit 40 --eval-samples 2 \
-	    --repeats 2
+	    --arms async,sync,trl,trl-vllm --steps 6 --groups 16 --eval-every 3 --eval-limit 40 \
+	    --eval-samples 2 --repeats 2
 
 lint: install
 	$(VENV)/bin/ruff check align rewards filters pipelines scripts tests bench

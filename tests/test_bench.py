@@ -172,7 +172,7 @@ def test_run_child_measures_the_child_peak_memory_and_names_the_log_of_a_failure
     del held
 
 
-def test_rl_scores_held_out_rows_spread_over_the_file():
+def load_rl():
     sys.path.insert(0, str(BENCH))
     try:
         spec = importlib.util.spec_from_file_location("bench_rl", BENCH / "rl.py")
@@ -180,6 +180,40 @@ def test_rl_scores_held_out_rows_spread_over_the_file():
         spec.loader.exec_module(rl)
     finally:
         sys.path.remove(str(BENCH))
+    return rl
+
+
+def test_rl_profile_splits_each_step_and_charges_the_workers_per_step(tmp_path):
+    rl = load_rl()
+    step = {
+        "time/step": 10.0,
+        "time/learner_wait": 1.0,
+        "time/learner_call": 9.0,
+        "time/learner_step": 8.0,
+        "time/learner_forward_backward": 6.0,
+        "time/learner_optimizer": 1.5,
+        "time/learner_metrics": 0.5,
+        "sync/gather_seconds": 0.5,
+        "sync/load_seconds": 0.25,
+        "perf/learner_flops_per_s": 2e9,
+        "perf/padding_share": 0.25,
+    }
+    request = {"time/rollout_generate": 2.0, "time/reward": 0.5, "rollout/seconds": 2.5}
+    lines = [request, step, request, request, {**step, "time/learner_wait": 3.0}, request]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    profile = rl.step_profile(tmp_path / "metrics.jsonl")
+    assert profile["learner: waiting for a batch"] == 2.0
+    assert profile["learner: forward + backward"] == 6.0
+    assert profile["learner: Ray call overhead"] == 0.5  # 9 - 8 - 0.5
+    # 4 requests over 2 steps.
+    assert profile["worker: generation"] == 4.0 and profile["worker: reward"] == 1.0
+    assert profile["worker: idle"] == 10.0 - 4.0 - 1.0 - 0.25
+    assert profile["learner FLOP/s"] == 2e9 and profile["padding share"] == 0.25
+    assert rl.spread([30.0, None, 10.0]) == "[10, 30, -]"
+
+
+def test_rl_scores_held_out_rows_spread_over_the_file():
+    rl = load_rl()
     # A file ordered by task: the first 40 rows would all be 'add'.
     rows = [{"task": "add" if i < 80 else "sort", "i": i} for i in range(160)]
     picked = rl.evenly_spaced(rows, 40)

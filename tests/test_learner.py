@@ -99,6 +99,21 @@ def test_learner_steps_raise_the_likelihood_of_rewarded_completions(student_dir,
     assert rank.version == 3 and metrics["learner/version"] == 3
     assert after > before + 0.5, (before, after)
     assert metrics["moe/load_max"] >= 1.0 and metrics["moe/routing_entropy"] > 0
+    # The step's profile: its parts, each measured, add up to the step.
+    parts = ("forward_backward", "optimizer", "metrics")
+    assert all(metrics[f"time/learner_{p}"] > 0 for p in parts), metrics
+    assert sum(metrics[f"time/learner_{p}"] for p in parts) == pytest.approx(
+        metrics["time/learner_step"], rel=1e-9
+    )
+    # Every parameter a token passes through, counted by hand: one routed expert of each MoE
+    # layer (top-1) and everything else but the input embedding.
+    routed = sum(p.numel() for n, p in rank.model.named_parameters() if ".experts." in n)
+    embedding = rank.model.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in rank.model.parameters())
+    config = rank.model.config
+    assert config.num_experts_per_tok == 1 and routed > 0
+    assert rank.flops_per_token == 6 * (total - embedding - routed + routed // config.num_experts)
+    assert metrics["perf/learner_flops_per_s"] > 0 and 0 <= metrics["perf/padding_share"] < 1
     # Steps this large send some tokens to other experts, not all.
     assert 0 < metrics["moe/routing_change"] < 0.5
 

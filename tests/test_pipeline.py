@@ -87,6 +87,8 @@ def test_default_pipeline_runs_every_stage_reports_and_resumes(tmp_path):
     assert by_stage["filter"]["did"].startswith("kept ")
     # The RL line counts groups as groups: generated = trained + dropped (+ any left over).
     rl_result = json.loads((root / "rl" / "result.json").read_text())
+    # One compute thread per reserved CPU: the learner and the worker each hold a core.
+    assert [r["threads"] for r in rl_result["placement"]["learners"]] == [1]
     buffer = rl_result["buffer"]
     assert buffer["received"] >= 3 * 8 + buffer["dropped_constant"] + buffer["dropped_stale"]
     assert (

@@ -377,6 +377,31 @@ def test_record_keeps_the_rollout_statistics_of_the_window():
         pool.record(3, [1.0], [True])
 
 
+def test_rollout_groups_filter_the_pool_at_once_and_a_rescore_brings_prompts_back():
+    settings = PoolSettings(min_active=2, filter_from_rollouts=True)
+    pool = PromptPool(make_rows({"add": 4, "sort": 2}), settings, seed=0)
+    pool.take(3)  # mid-epoch: the filtered prompts still in the epoch's order are skipped
+    pool.record(0, [1.0] * 8, [True] * 8)  # 8 of 8: too easy
+    pool.record(1, [0.0] * 8, [False] * 8)  # 0 of 8: too hard
+    pool.record(2, [1.0] * 7 + [0.0], [True] * 7 + [False])  # 7 of 8: 0.125 < 0.25, too easy
+    pool.record(3, [1.0] * 2 + [0.0] * 6, [True] * 2 + [False] * 6)  # 2 of 8: in the band
+    # min_active = 2 keeps a fourth prompt from leaving: 6 - 3 = 3 active, then one more may go.
+    pool.record(4, [0.0] * 8, [False] * 8)
+    pool.record(5, [0.0] * 8, [False] * 8)
+    assert active_ids(pool) == [3, 5]
+    metrics = pool.metrics()
+    assert metrics["pool/rollout_dropped_easy"] == 2 and metrics["pool/rollout_dropped_hard"] == 2
+    assert metrics["pool/active/add"] == 1 and metrics["pool/active/sort"] == 1
+    assert {p.id for p in pool.take(8)} == {3, 5}
+    # A re-score measures every prompt again: prompt 1 is now solved half of the time.
+    pool.rescore({0: 1.0, 1: 0.5, 2: 1.0, 3: 0.25, 4: 0.0, 5: 0.0}, step=3)
+    assert active_ids(pool) == [1, 3]
+    # Without the setting, groups only feed the window's statistics.
+    plain = PromptPool(make_rows({"add": 4}), PoolSettings(min_active=1), seed=0)
+    plain.record(0, [1.0] * 8, [True] * 8)
+    assert active_ids(plain) == [0, 1, 2, 3] and plain.metrics()["pool/rollout_dropped_easy"] == 0
+
+
 def test_rescore_refuses_bad_pass_rates():
     pool = PromptPool(make_rows({"add": 3}), PoolSettings(), seed=0)
     with pytest.raises(ValueError, match=r"pass rate of prompt 1 must be in \[0, 1\]"):

@@ -104,6 +104,34 @@ def test_split_batch_computes_advantages_and_totals_on_the_whole_batch():
         split_batch([rollout(0, [None, None])], loss, ranks=2, micro_batch_size=2)
 
 
+def test_split_batch_sorts_rows_by_length_so_micro_batches_pad_less():
+    """Micro-batches of rows of similar length: fewer padded positions than in batch order;
+    equal lengths keep the batch's order, and each row keeps its own advantage."""
+    sizes = (6, 1, 4, 2)
+    groups = [
+        Rollout(
+            prompt_id=g,
+            prompt_ids=[5] * (2 + 3 * g),
+            completion_ids=[[7] * n for n in sizes],
+            behaviour_logprobs=[[-1.0] * n for n in sizes],
+            rewards=[1.0, 0.0, 1.0, 0.0],
+            version=0,
+        )
+        for g in range(3)
+    ]
+    (part,), _ = split_batch(groups, PolicyLossSettings(), ranks=1, micro_batch_size=4)
+    lengths = [[len(r.prompt_ids) + len(r.completion_ids) for r in m] for m in part.micro_batches]
+    # Batch order would be [8, 3, 6, 4], [11, 6, 9, 7], [14, 9, 12, 10]: 4 x (8 + 11 + 14) = 132
+    # padded positions for 99 real ones; sorted, 4 x (6 + 9 + 14) = 116.
+    assert lengths == [[3, 4, 6, 6], [7, 8, 9, 9], [10, 11, 12, 14]]
+    assert sum(len(m) * max(m) for m in lengths) == 116
+    first_six = [r for r in part.micro_batches[0] if len(r.prompt_ids) + len(r.completion_ids) == 6]
+    assert [len(r.prompt_ids) for r in first_six] == [2, 5]  # group 0's row, then group 1's
+    for micro in part.micro_batches:
+        for row in micro:
+            assert (row.advantage > 0) == (len(row.completion_ids) in (6, 4))
+
+
 def test_collate_places_completion_tokens_and_behaviour_logprobs():
     rows = [
         Row([5, 6, 7], [10, 20], [-1.0, -2.0], 0.5),

@@ -143,7 +143,7 @@ class Controller:
         batch: list[Rollout] = []
         progress = tqdm(total=config.steps, initial=self.step, desc="rl", unit="step")
         loop_started, seconds_before = time.perf_counter(), self.train_seconds
-        step_started = time.perf_counter()
+        step_started = submitted = time.perf_counter()
         while self.step < config.steps:
             # 1. Keep idle workers busy, within the staleness rule.
             busy = {r.worker for r in self.inflight.values()}
@@ -158,6 +158,7 @@ class Controller:
                 if batch is not None:
                     stage = (self.step + 1) % config.sync_every == 0
                     training = self.fleet.train_step(batch, stage)
+                    submitted = time.perf_counter()
             # 3. Wait for whatever finishes first.
             waiting = [*self.inflight, *self.syncs] + ([training] if training else [])
             if not waiting:
@@ -175,6 +176,11 @@ class Controller:
                     now = time.perf_counter()
                     self.train_seconds = seconds_before + (now - loop_started)
                     metrics |= self._step_metrics(batch, now - step_started)
+                    # The learner's side of the step: waiting for a full batch (rollouts, and
+                    # the previous step's snapshot, checkpoint or re-scoring), then the call
+                    # (the learner's own time plus Ray's dispatch and the batch's transfer).
+                    metrics["time/learner_wait"] = submitted - step_started
+                    metrics["time/learner_call"] = now - submitted
                     step_started = now
                     self.run_dir.log_metrics(self.step, metrics)
                     progress.update(1)

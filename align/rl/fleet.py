@@ -74,11 +74,13 @@ class Fleet(Protocol):
         """Stops every actor."""
 
 
-def actor_options(cpus: float, gpus: float, resources: dict | None = None, **env: str) -> dict:
+def actor_options(
+    cpus: float, gpus: float, resources: dict | None = None, threads: int = 0, **env: str
+) -> dict:
     """Ray options of an actor holding `cpus` CPUs and `gpus` GPUs, with `env` set in it.
 
-    The actor gets floor(cpus) (at least 1) compute threads through OMP_NUM_THREADS in the
-    environment its process starts with.
+    The actor gets `threads` compute threads (0: floor(cpus), at least 1) through
+    OMP_NUM_THREADS in the environment its process starts with.
 
     Ray sets OMP_NUM_THREADS inside the worker only after the process has started. A driver
     that has already run an in-process vLLM engine (a pipeline's evaluation, say) has put
@@ -87,11 +89,11 @@ def actor_options(cpus: float, gpus: float, resources: dict | None = None, **env
     then run four spinning threads, and a learner step took 5x longer. Set here, the count is
     in the environment the process starts with.
     """
-    threads = str(max(1, math.floor(cpus)))
+    threads = threads or max(1, math.floor(cpus))
     options = {
         "num_cpus": cpus,
         "num_gpus": gpus,
-        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads, **env}},
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads), **env}},
     }
     if resources:
         options["resources"] = dict(resources)
@@ -151,7 +153,10 @@ class RayFleet:
             config.engine.dtype,
             placement.learners,
             actor_options(
-                placement.learner_cpus, placement.learner_gpus, placement.learner_resources
+                placement.learner_cpus,
+                placement.learner_gpus,
+                placement.learner_resources,
+                threads=placement.learner_threads,
             ),
             placement.workers,
             ready_timeout_s=config.worker_timeout_s,

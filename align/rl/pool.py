@@ -7,11 +7,13 @@ advantage (GRPO) a group that all passes or all fails gives no gradient at all.
 
 The pool keeps every prompt and its state; the *active* set is the part inside the difficulty
 band, and only active prompts are taken. Re-scoring covers the whole pool, so a prompt dropped
-as too hard comes back once the policy starts to solve it. The controller drives it:
+as too hard comes back once the policy starts to solve it. With `filter_from_rollouts`, the
+groups the run samples for training filter too: each is a pass rate of its prompt under the
+current policy, free. The controller drives it:
 
     pool = PromptPool(rows, settings, seed=0)
     batch = pool.take(32)                     # PoolPrompt(id, prompt, row) each
-    pool.record(p.id, rewards, passed)        # per trained rollout group
+    pool.record(p.id, rewards, passed)        # per scored rollout group (filters, if set)
     pool.give_back([p.id for p in stale])     # taken but never trained: taken again first
     pool.rescore({i: rate, ...}, step)        # every `rescore_every` steps, all prompts
 
@@ -58,8 +60,15 @@ class PoolSettings:
     # either) for any k < 100 while keeping those solved once; re-scoring brings them back when
     # the policy starts to solve them. 1.0 keeps them.
     max_difficulty: float = 0.99
-    # Re-score the pool every N learner steps (0 = never); read by the controller.
+    # Re-score the pool every N learner steps (0 = never); read by the controller. A re-score
+    # samples `rescore_samples` completions of EVERY prompt (the first one at step 0), which
+    # is costly: 640 x 8 on the embedded default takes 47 s, as long as four training steps.
     rescore_every: int = 0
+    # Also filter with the groups the run samples anyway: each rollout group is a pass rate
+    # of its prompt under the current policy (group_size samples), so a group whose pass rate
+    # falls outside the band takes its prompt out of the active set (never below
+    # `min_active`) at no extra cost. Re-scoring still brings prompts back.
+    filter_from_rollouts: bool = False
     # Completions sampled per prompt when re-scoring (k of the pass@k scorer).
     rescore_samples: int = 8
     # From the second re-score on, raise both band edges by this much per re-score (0 = off);
@@ -233,6 +242,8 @@ class PromptPool:
         self._dropped_easy = 0
         self._dropped_hard = 0
         self._kept_by_min_active = 0
+        # Prompts the rollout groups took out of the active set (`filter_from_rollouts`).
+        self._rollout_drops = {"easy": 0, "hard": 0}
         # Rollout groups recorded since the latest re-score, and how many of them passed every /
         # no completion.
         self._window = {"groups": 0, "samples": 0, "passed": 0, "all_passed": 0, "none_passed": 0}
@@ -293,11 +304,14 @@ class PromptPool:
 
     def _next_of(self, task: str) -> int:
         queue = self._queues[task]
-        if queue["pos"] >= len(queue["order"]):
-            self._new_epoch(task)
-        prompt_id = queue["order"][queue["pos"]]
-        queue["pos"] += 1
-        return prompt_id
+        while True:
+            if queue["pos"] >= len(queue["order"]):
+                self._new_epoch(task)
+            prompt_id = queue["order"][queue["pos"]]
+            queue["pos"] += 1
+            # A rollout group may have filtered a prompt out after its epoch began.
+            if self._active[prompt_id]:
+                return prompt_id
 
     def _new_epoch(self, task: str) -> None:
         queue = self._queues[task]
@@ -361,12 +375,28 @@ class PromptPool:
                 f"{len(rewards)} rewards and {len(passed)} flags for prompt {prompt_id})"
             )
         n_passed = sum(bool(p) for p in passed)
+        if self.settings.filter_from_rollouts:
+            self._filter_by_group(int(prompt_id), 1.0 - n_passed / len(passed))
         window = self._window
         window["groups"] += 1
         window["samples"] += len(passed)
         window["passed"] += n_passed
         window["all_passed"] += n_passed == len(passed)
         window["none_passed"] += n_passed == 0
+
+    def _filter_by_group(self, prompt_id: int, difficulty: float) -> None:
+        """Takes the difficulty a rollout group measured; out of the band, the prompt leaves
+        the active set (it is not taken again) unless that would leave fewer than `min_active`
+        active prompts."""
+        self._difficulty[prompt_id] = difficulty
+        low, high = self._band
+        if not self._active[prompt_id] or low - _BAND_EPS <= difficulty <= high + _BAND_EPS:
+            return
+        if sum(self._active) <= min(self.settings.min_active, len(self._rows)):
+            return
+        self._active[prompt_id] = False
+        self._rollout_drops["easy" if difficulty < low else "hard"] += 1
+        self._update_weights()
 
     def rescore(self, pass_rates: dict[int, float | None], step: int) -> dict[str, float]:
         """Sets new difficulties (1 - pass rate) and recomputes the active set by the band.
@@ -494,7 +524,9 @@ class PromptPool:
         `pool/total`, `pool/active`, `pool/active/<task>`, `pool/unscored` (never scored),
         `pool/band_low`, `pool/band_high`, `pool/mean_difficulty` (scored active prompts; absent
         when none), from the latest re-score `pool/dropped_easy`, `pool/dropped_hard`,
-        `pool/kept_by_min_active`, `pool/rescores`, `pool/last_rescore_step`, `pool/returned`
+        `pool/kept_by_min_active`, `pool/rescores`, `pool/last_rescore_step`, `pool/returned`,
+        the prompts rollout groups took out of the band so far (`filter_from_rollouts`)
+        `pool/rollout_dropped_easy` and `pool/rollout_dropped_hard`
         (given back, waiting), and over the groups recorded since it `pool/rollout/groups`,
         `pool/rollout/pass_rate`, `pool/rollout/all_passed` and `pool/rollout/none_passed`
         (fractions of the groups: no learning signal under a group-relative advantage).
@@ -512,6 +544,8 @@ class PromptPool:
             "pool/kept_by_min_active": float(self._kept_by_min_active),
             "pool/rescores": float(self._rescores),
             "pool/returned": float(len(self._returned)),
+            "pool/rollout_dropped_easy": float(self._rollout_drops["easy"]),
+            "pool/rollout_dropped_hard": float(self._rollout_drops["hard"]),
         }
         if scored:
             out["pool/mean_difficulty"] = sum(scored) / len(scored)
@@ -542,6 +576,7 @@ class PromptPool:
             "dropped_easy": self._dropped_easy,
             "dropped_hard": self._dropped_hard,
             "kept_by_min_active": self._kept_by_min_active,
+            "rollout_drops": dict(self._rollout_drops),
             "window": dict(self._window),
             "queues": {
                 t: {"order": list(q["order"]), "pos": q["pos"], "epoch": q["epoch"]}
@@ -587,6 +622,9 @@ class PromptPool:
         self._dropped_easy = int(state["dropped_easy"])
         self._dropped_hard = int(state["dropped_hard"])
         self._kept_by_min_active = int(state["kept_by_min_active"])
+        # Absent from the states of runs started before `filter_from_rollouts` existed.
+        drops = state.get("rollout_drops", {"easy": 0, "hard": 0})
+        self._rollout_drops = {"easy": int(drops["easy"]), "hard": int(drops["hard"])}
         self._window = {k: int(v) for k, v in state["window"].items()}
         self._queues = {
             t: {

@@ -84,10 +84,13 @@ class RolloutWorker:
             for i, (p, group) in enumerate(zip(prompts, completions, strict=True))
         ]
         tokens = sum(len(c.token_ids) for group in completions for c in group)
+        seconds = time.perf_counter() - started
         metrics = {
             **{k: v for k, v in batch.metrics.items() if math.isfinite(v)},
-            "rollout/seconds": time.perf_counter() - started,
+            "rollout/seconds": seconds,
             "rollout/tokens": float(tokens),
+            # The rest of the request: sampling in vLLM and tokenising.
+            "time/rollout_generate": seconds - batch.metrics["time/reward"],
         }
         return GenerateResult(rollouts, metrics, self.rewards.take_warnings())
 
