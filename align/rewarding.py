@@ -28,6 +28,7 @@ import logging
 import math
 import numbers
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class RewardBatch:
     values: dict[str, list[float | None]]
     # Scalars for logging: `reward/<name>/mean`, fault counts, `reward/total/mean`, ...
     metrics: dict[str, float]
+    # Wall time the rewards took on this batch.
+    seconds: float = 0.0
 
 
 def _refuse_duplicates(names: list[str]) -> None:
@@ -176,6 +179,7 @@ class RewardSet:
         columns: dict[str, list] | None = None,
     ) -> RewardBatch:
         """Scores a batch: `prompts[i]` and `completions[i]` with `columns[c][i]` per column."""
+        started = time.perf_counter()
         columns = dict(columns or {})
         n = len(completions)
         if len(prompts) != n:
@@ -214,7 +218,9 @@ class RewardSet:
         if scored_totals:
             metrics["reward/total/mean"] = sum(scored_totals) / len(scored_totals)
         metrics["reward/unscored"] = float(n - len(scored_totals))
-        return RewardBatch(totals=totals, values=values, metrics=metrics)
+        return RewardBatch(
+            totals=totals, values=values, metrics=metrics, seconds=time.perf_counter() - started
+        )
 
     def _score(
         self,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import string
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,9 +73,7 @@ def sample_and_score(
     flat = [c for per_prompt in completions for c in per_prompt]
     columns = reward_columns(rows, samples)
     columns["completion_ids"] = [c.token_ids for c in flat]
-    started = time.perf_counter()
     batch = rewards([p for p in prompts for _ in range(samples)], [c.text for c in flat], columns)
-    batch.metrics["time/reward"] = time.perf_counter() - started
     return completions, batch
 
 

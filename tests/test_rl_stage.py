@@ -294,13 +294,10 @@ def test_async_run_on_two_learner_ranks_survives_a_killed_worker_within_the_stal
     # Weights move in memory every step: gathered by the group, sent, loaded; MoE statistics.
     assert all("sync/gather_seconds" in s and "moe/routing_entropy" in s for s in steps.values())
     assert any("sync/send_seconds" in s and "sync/load_seconds" in s for s in steps.values())
-    # The step profile: the learner's wait for a batch and its call make up the step (the rest
-    # is the controller's bookkeeping), the call covers the learner's own time and the gather;
-    # every rollout request split into generation and reward.
+    # The step profile: the learner's call (timed by the controller) covers the learner's own
+    # time and the gather; every rollout request is split into generation and reward.
     for s in steps.values():
-        assert s["time/learner_wait"] >= 0 and s["time/learner_call"] > 0
-        assert s["time/learner_wait"] + s["time/learner_call"] <= s["time/step"] + 1e-6
-        assert s["time/step"] - s["time/learner_wait"] - s["time/learner_call"] < 0.5
+        assert s["time/learner_wait"] >= 0
         assert s["time/learner_call"] > s["time/learner_step"] + s["sync/gather_seconds"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     requests = [r for r in records if "rollout/seconds" in r]

@@ -89,8 +89,9 @@ class RolloutWorker:
             **{k: v for k, v in batch.metrics.items() if math.isfinite(v)},
             "rollout/seconds": seconds,
             "rollout/tokens": float(tokens),
+            "time/reward": batch.seconds,
             # The rest of the request: sampling in vLLM and tokenising.
-            "time/rollout_generate": seconds - batch.metrics["time/reward"],
+            "time/rollout_generate": seconds - batch.seconds,
         }
         return GenerateResult(rollouts, metrics, self.rewards.take_warnings())
 
