@@ -3,7 +3,7 @@
 All arms start from the same checkpoint and train on the same prompts with the same group size,
 batch (groups x group size), learning rate and warmup, loss (GRPO, no KL), completion length and
 MoE router loss. `align rl` runs as the default pipeline runs it (the `rl` stage of
-pipelines/default.yaml: its pool re-scoring, off-policy correction, learner threads), with
+pipelines/default.yaml: its pool re-scoring, off-policy correction, micro-batches), with
 those shared settings on top, `async` (max_staleness 1) or `sync` (0); an arm
 `async:FILE.yaml` applies FILE's settings last (the ablations in pipelines/experiments/rl/).
 Three TRL arms: `trl` is GRPOTrainer with transformers `generate` on the model as transformers
@@ -142,8 +142,7 @@ def run_ours(args, arm: str, out: Path) -> tuple[Path, int]:
     if extra:
         config = merge(config, yaml.safe_load(Path(extra).read_text()) or {})
     common.run_align("rl", config, out)
-    buffer = json.loads((out / "run" / "result.json").read_text())["buffer"]
-    return out / "run" / "snapshots", buffer["received"] * args.group_size
+    return ours_result(args, out)
 
 
 def label(arm: str) -> str:
@@ -152,17 +151,22 @@ def label(arm: str) -> str:
     return f"{mode}:{Path(extra).stem}" if extra else arm
 
 
-def finished(args, arm: str, out: Path) -> tuple[Path, int] | None:
-    """What `run_ours` or `run_trl` returned for the run in `out`, if it ran to its end in an
-    earlier invocation (`--resume`); None otherwise."""
-    if arm in TRL_VARIANTS:
-        done = (out / "log.json").is_file()
-        return (out / "snapshots", args.steps * args.groups * args.group_size) if done else None
+def ours_result(args, out: Path) -> tuple[Path, int] | None:
+    """An `align rl` arm's snapshot directory and completions generated (kept or dropped),
+    or None when its run in `out` did not end."""
     result = out / "run" / "result.json"
     if not result.is_file():
         return None
     buffer = json.loads(result.read_text())["buffer"]
     return out / "run" / "snapshots", buffer["received"] * args.group_size
+
+
+def trl_result(args, out: Path) -> tuple[Path, int] | None:
+    """A TRL arm's snapshot directory and completions generated (every one trained), or None
+    when its run in `out` did not end."""
+    if not (out / "log.json").is_file():
+        return None
+    return out / "snapshots", args.steps * args.groups * args.group_size
 
 
 def stage_config(pipeline: Path, stage: str) -> dict:
@@ -318,7 +322,7 @@ def run_trl(args, out: Path, variant: str) -> tuple[Path, int]:
         if key not in DRIVER_OPTIONS:
             argv += [f"--{key.replace('_', '-')}", str(value)]
     common.run_child(argv, out / "trl.log")
-    return out / "snapshots", args.steps * args.groups * args.group_size
+    return trl_result(args, out)
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -399,7 +403,8 @@ def main(argv=None) -> None:
         # Both tools are deterministic: each repetition varies the seed (sampling, prompt order).
         seeded = argparse.Namespace(**{**vars(args), "seed": args.seed + rep})
         print(f"[rep {rep}, seed {seeded.seed}] {arm} ...", flush=True)
-        earlier = finished(seeded, arm, out) if args.resume else None
+        result = trl_result if arm in TRL_VARIANTS else ours_result
+        earlier = result(seeded, out) if args.resume else None
         if earlier:
             print("  finished in an earlier invocation: reused", flush=True)
             runs.append((label(arm), rep, *earlier))

@@ -389,13 +389,12 @@ class PromptPool:
         the active set (it is not taken again) unless that would leave fewer than `min_active`
         active prompts."""
         self._difficulty[prompt_id] = difficulty
-        low, high = self._band
-        if not self._active[prompt_id] or low - _BAND_EPS <= difficulty <= high + _BAND_EPS:
+        if not self._active[prompt_id] or self._in_band(difficulty):
             return
         if sum(self._active) <= min(self.settings.min_active, len(self._rows)):
             return
         self._active[prompt_id] = False
-        self._rollout_drops["easy" if difficulty < low else "hard"] += 1
+        self._rollout_drops["easy" if difficulty < self._band[0] else "hard"] += 1
         self._update_weights()
 
     def rescore(self, pass_rates: dict[int, float | None], step: int) -> dict[str, float]:
@@ -432,7 +431,7 @@ class PromptPool:
 
         below, above, active = [], [], []
         for i, d in enumerate(self._difficulty):
-            if d is None or low - _BAND_EPS <= d <= high + _BAND_EPS:
+            if d is None or self._in_band(d):
                 active.append(i)
             else:
                 (below if d < low else above).append(i)
@@ -497,6 +496,10 @@ class PromptPool:
             shift = min(raised, s.curriculum_max_min_difficulty - s.min_difficulty)
         return s.min_difficulty + shift, min(1.0, s.max_difficulty + shift)
 
+    def _in_band(self, difficulty: float) -> bool:
+        low, high = self._band
+        return low - _BAND_EPS <= difficulty <= high + _BAND_EPS
+
     def _distance(self, prompt_id: int) -> float:
         d = self._difficulty[prompt_id]
         assert d is not None
@@ -524,10 +527,10 @@ class PromptPool:
         `pool/total`, `pool/active`, `pool/active/<task>`, `pool/unscored` (never scored),
         `pool/band_low`, `pool/band_high`, `pool/mean_difficulty` (scored active prompts; absent
         when none), from the latest re-score `pool/dropped_easy`, `pool/dropped_hard`,
-        `pool/kept_by_min_active`, `pool/rescores`, `pool/last_rescore_step`, `pool/returned`,
-        the prompts rollout groups took out of the band so far (`filter_from_rollouts`)
-        `pool/rollout_dropped_easy` and `pool/rollout_dropped_hard`
-        (given back, waiting), and over the groups recorded since it `pool/rollout/groups`,
+        `pool/kept_by_min_active`, `pool/rescores`, `pool/last_rescore_step`, `pool/returned`
+        (given back, waiting), the prompts rollout groups took out of the band so far
+        (`filter_from_rollouts`) `pool/rollout_dropped_easy` and `pool/rollout_dropped_hard`,
+        and over the groups recorded since the latest re-score `pool/rollout/groups`,
         `pool/rollout/pass_rate`, `pool/rollout/all_passed` and `pool/rollout/none_passed`
         (fractions of the groups: no learning signal under a group-relative advantage).
         """
