@@ -327,37 +327,58 @@ def run_trl(args, out: Path, variant: str) -> tuple[Path, int]:
 
 # ------------------------------------------------------------------------------- evaluation
 def evaluate_snapshots(args, directories: list[Path]) -> dict[str, list[dict]]:
-    """Greedy held-out accuracy of every snapshot, with one engine (weights synced in turn)."""
+    """Held-out sample and greedy accuracy of every snapshot, with one engine (weights synced in
+    turn). Each score is kept beside its snapshot (`heldout.json`, with the settings it was
+    scored with), so `--resume` scores only the snapshots that are new or were scored otherwise.
+    """
     from transformers import AutoTokenizer
 
     from align import engine
     from align.data import load_dataset_file
     from align.evaluate import evaluate
 
+    settings = {
+        "model": str(Path(args.model).resolve()),
+        "heldout": str(Path(args.heldout).resolve()),
+        "eval_limit": args.eval_limit,
+        "eval_samples": args.eval_samples,
+        "max_new_tokens": args.max_new_tokens,
+    }
     rows = evenly_spaced(
         [dict(r) for r in load_dataset_file(args.heldout, "rl")[0]], args.eval_limit
     )
-    llm = engine.start_engine(args.model, engine.EngineConfig())
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    llm = tokenizer = None
     curves = {}
     for directory in directories:
         points = []
         for snap in sorted(directory.glob("step-*"), key=lambda p: int(p.name[5:])):
             facts = json.loads((snap / "snapshot.json").read_text())
-            engine.sync_weights(llm, facts["weights"])
-            report = evaluate(
-                llm,
-                tokenizer,
-                rows,
-                pass_k=1,
-                samples=args.eval_samples,
-                max_tokens=args.max_new_tokens,
-            )
+            kept = snap / "heldout.json"
+            score = json.loads(kept.read_text()) if kept.is_file() else {}
+            if score.get("settings") != settings:
+                if llm is None:
+                    llm = engine.start_engine(args.model, engine.EngineConfig())
+                    tokenizer = AutoTokenizer.from_pretrained(args.model)
+                engine.sync_weights(llm, facts["weights"])
+                report = evaluate(
+                    llm,
+                    tokenizer,
+                    rows,
+                    pass_k=1,
+                    samples=args.eval_samples,
+                    max_tokens=args.max_new_tokens,
+                )
+                score = {
+                    "settings": settings,
+                    "accuracy": report["sample_accuracy"],
+                    "greedy_accuracy": report["greedy_accuracy"],
+                }
+                kept.write_text(json.dumps(score))
             points.append(
                 {
                     **facts,
-                    "accuracy": report["sample_accuracy"],
-                    "greedy_accuracy": report["greedy_accuracy"],
+                    "accuracy": score["accuracy"],
+                    "greedy_accuracy": score["greedy_accuracy"],
                 }
             )
         curves[str(directory)] = points
