@@ -12,10 +12,14 @@ covers the completion tokens only.
 Teacher logits come from one of two places (`teacher.mode`):
     online   the teacher runs forward on every batch, in eval mode under no_grad;
     offline  a precompute step runs the teacher once over the (deduplicated) training rows and
-             writes its top-k logits (fp16) and ids (int32) per completion position to a cache
-             directory (`TopKCache`); training then reads them back as a sparse teacher. The
-             cache's manifest names the teacher (path and a hash of its files), k, the tokenizer
-             and the rows; a cache whose manifest does not match is refused, not silently reused.
+             writes its top-k log-probabilities (fp16) and ids (int32) per completion position
+             to a cache directory (`TopKCache`); training then reads them back as a sparse
+             teacher. The teacher runs in a vLLM engine (`teacher.cache_builder: vllm`, its
+             prompt logprobs; `teacher.engine` sets dtype and tensor parallelism, so a teacher
+             vLLM can serve on several GPUs can be distilled) or as a transformers forward in
+             this process (`transformers`). The cache's manifest names the teacher (path and a
+             hash of its files), k, the tokenizer and the rows; a cache whose manifest does not
+             match is refused, not silently reused.
 
 Steps: (1) check the inputs before anything is written: teacher and student share a tokenizer
 and a vocabulary size, the data files are valid; (2) fit the data to the token budget; (3) build the trainer (SFTTrainer with `compute_loss`
@@ -35,6 +39,7 @@ completion tokens of one row.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -44,7 +49,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from safetensors import safe_open
@@ -82,10 +87,14 @@ from align.training import (
 from align.weight_sync import export_weights
 from pipelines import evaluate
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
 log = logging.getLogger(__name__)
 
 # Bumped when the cache layout changes, so an old cache is refused rather than misread.
-CACHE_FORMAT = 1
+# 2: log-probabilities instead of raw logits (what vLLM returns; the same truncated teacher).
+CACHE_FORMAT = 2
 # The per-step values of `DistillOutput` that go to metrics.jsonl / TensorBoard (as train/<name>).
 LOGGED = ("soft_loss", "hard_loss", "effective_alpha", "teacher_kl")
 
@@ -103,10 +112,17 @@ class TeacherSettings:
     # offline: teacher entries kept per completion position (the truncated teacher is
     # softmax(top-k logits); see align/losses/distill.py). At most the vocabulary size.
     top_k: int = 32
+    # offline: what runs the teacher to build the cache. vllm: a vLLM engine's prompt logprobs
+    # (any teacher vLLM serves, sharded by `engine.tensor_parallel_size`); transformers: a
+    # forward pass in the training process (the teacher must fit beside the student).
+    cache_builder: Literal["vllm", "transformers"] = "vllm"
+    # offline, cache_builder vllm: the engine. max_model_len and max_logprobs are raised to
+    # train.max_length + 1 and top_k when lower.
+    engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
     # offline: cache directory; null puts it in runs/<name>/teacher_cache. Runs with the same
     # teacher, student tokenizer, data, budget, seed and max_length can share one.
     cache_dir: str | None = None
-    # Rows per teacher forward pass when precomputing the cache.
+    # Rows per teacher forward pass (per engine call with vllm) when precomputing the cache.
     batch_size: int = 64
 
     def validate(self) -> None:
@@ -420,16 +436,19 @@ def sequence_key(ids_t: torch.Tensor) -> bytes:
 
 
 class TopKCache:
-    """The offline teacher: top-k logits and ids per completion position, read back from disk.
+    """The offline teacher: top-k log-probabilities and ids per completion position, read back
+    from disk.
 
     Layout of the directory: `manifest.json` (format, teacher path and fingerprint, k, tokenizer
-    fingerprint, max_length, rows, positions, build_seconds) and `topk.safetensors` with
-        keys     (rows, 32) uint8   sha256 of each row's unpadded token ids (`sequence_key`)
-        offsets  (rows + 1) int64   row r owns positions offsets[r]:offsets[r + 1]
-        ids      (positions, k) int32    the teacher's top-k token ids, per completion position
-        logits   (positions, k) float16  their raw logits (T = 1), same order
+    fingerprint, max_length, rows, positions, built_with, build_seconds) and `topk.safetensors`
+        keys      (rows, 32) uint8   sha256 of each row's unpadded token ids (`sequence_key`)
+        offsets   (rows + 1) int64   row r owns positions offsets[r]:offsets[r + 1]
+        ids       (positions, k) int32    the teacher's top-k token ids, most likely first
+        logprobs  (positions, k) float16  their log-probabilities over the vocabulary (T = 1)
     A row's positions are its target positions (shifted labels != -100) in order. Rows are read
-    on demand through safetensors' memory map, so the cache need not fit in memory.
+    on demand through safetensors' memory map, so the cache need not fit in memory. The loss
+    takes the logprobs as the sparse teacher's logits: softmax over the k ids is the same for
+    logits and logprobs (they differ by one constant per position).
     """
 
     def __init__(self, directory: Path, manifest: dict) -> None:
@@ -439,7 +458,7 @@ class TopKCache:
         offsets = self.file.get_tensor("offsets").tolist()
         self.rows = {bytes(k.tolist()): (offsets[r], offsets[r + 1]) for r, k in enumerate(keys)}
         self.ids = self.file.get_slice("ids")
-        self.logits = self.file.get_slice("logits")
+        self.logprobs = self.file.get_slice("logprobs")
 
     @classmethod
     def open(cls, directory: Path, expected: dict) -> TopKCache:
@@ -490,32 +509,64 @@ class TopKCache:
                     f"target tokens but the cache holds {end - start} for it"
                 )
             ids_btk[i, positions_n] = self.ids[start:end].to(ids_btk.device, torch.int64)
-            logits_btk[i, positions_n] = self.logits[start:end].to(logits_btk.device).float()
+            logits_btk[i, positions_n] = self.logprobs[start:end].to(logits_btk.device).float()
         return TeacherLogits.sparse(ids_btk, logits_btk)
 
 
-def build_topk_cache(
-    teacher: torch.nn.Module, batches, directory: Path, manifest: dict, k: int
-) -> None:
-    """Runs `teacher` over `batches` (collated, one per unique row group) and writes the cache.
-
-    Written into a `.partial` sibling and renamed into place, so an interrupted precompute
-    never leaves a cache that looks complete. The manifest records the seconds it took
-    (`build_seconds`: the teacher's forward passes and the writing, its loading excluded).
-    """
-    started = time.perf_counter()
+def transformers_topk(
+    teacher: torch.nn.Module, batches: Iterable[dict], k: int
+) -> Iterator[tuple[bytes, torch.Tensor, torch.Tensor]]:
+    """Per row of `batches` (collated): its key, and the teacher's top-k ids (n, k) and
+    log-probabilities (n, k) at its n target positions, from a transformers forward pass."""
     online = OnlineTeacher(teacher)
-    keys, offsets, ids, logits = [], [0], [], []
     for batch in batches:
         labels_bt = batch["labels"][:, 1:]
         logits_btv = online(batch["input_ids"], batch["attention_mask"], labels_bt).logits_btv
-        top_logits_btk, top_ids_btk = logits_btv.topk(k, dim=-1)
+        top_logprobs_btk, top_ids_btk = logits_btv.float().log_softmax(-1).topk(k, dim=-1)
         for i in range(len(labels_bt)):
             target_t = labels_bt[i] != IGNORE_INDEX
-            keys.append(sequence_key(batch["input_ids"][i][batch["attention_mask"][i].bool()]))
-            ids.append(top_ids_btk[i, target_t].to(torch.int32))
-            logits.append(top_logits_btk[i, target_t].to(torch.float16))
-            offsets.append(offsets[-1] + int(target_t.sum()))
+            key = sequence_key(batch["input_ids"][i][batch["attention_mask"][i].bool()])
+            yield key, top_ids_btk[i, target_t], top_logprobs_btk[i, target_t]
+
+
+def engine_topk(
+    llm, batches: Iterable[dict], k: int
+) -> Iterator[tuple[bytes, torch.Tensor, torch.Tensor]]:
+    """`transformers_topk` from a vLLM engine serving the teacher (its prompt logprobs); one
+    engine call per batch."""
+    for batch in batches:
+        keys, sequences, targets = [], [], []
+        for ids_t, mask_t, labels_t in zip(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True
+        ):
+            ids_n = ids_t[mask_t.bool()]
+            keys.append(sequence_key(ids_n))
+            sequences.append(ids_n.tolist())
+            # Position t of the engine's answer predicts token t + 1: the shifted labels.
+            targets.append(labels_t[mask_t.bool()][1:] != IGNORE_INDEX)
+        answers = engine.prompt_topk(llm, sequences, k)
+        for key, target_t, (ids, logprobs) in zip(keys, targets, answers, strict=True):
+            ids_tk = torch.tensor(ids, dtype=torch.int64).reshape(-1, k)
+            logprobs_tk = torch.tensor(logprobs, dtype=torch.float32).reshape(-1, k)
+            yield key, ids_tk[target_t], logprobs_tk[target_t]
+
+
+def write_topk_cache(
+    rows: Iterable[tuple[bytes, torch.Tensor, torch.Tensor]], directory: Path, manifest: dict
+) -> None:
+    """Writes the cache of `rows` (from `transformers_topk` or `engine_topk`) to `directory`.
+
+    Written into a `.partial` sibling and renamed into place, so an interrupted precompute
+    never leaves a cache that looks complete. The manifest records the seconds it took
+    (`build_seconds`: running the teacher over the rows and writing, its loading excluded).
+    """
+    started = time.perf_counter()
+    keys, offsets, ids, logprobs = [], [0], [], []
+    for key, ids_nk, logprobs_nk in rows:
+        keys.append(key)
+        ids.append(ids_nk.to(torch.int32))
+        logprobs.append(logprobs_nk.to(torch.float16))
+        offsets.append(offsets[-1] + len(ids_nk))
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -524,7 +575,7 @@ def build_topk_cache(
             "keys": torch.tensor([list(key) for key in keys], dtype=torch.uint8),
             "offsets": torch.tensor(offsets, dtype=torch.int64),
             "ids": torch.cat(ids),
-            "logits": torch.cat(logits),
+            "logprobs": torch.cat(logprobs),
         },
         str(partial / "topk.safetensors"),
     )
@@ -571,8 +622,21 @@ def offline_teacher(config: Config, trainer: SFTTrainer, tokenizer, out: Path) -
             trainer.data_collator([dataset[i] for i in unique[start : start + step]])
             for start in range(0, len(unique), step)
         )
-        manifest = {**expected, "rows": len(unique)}
-        build_topk_cache(load_model(settings.model), batches, directory, manifest, settings.top_k)
+        manifest = {**expected, "rows": len(unique), "built_with": settings.cache_builder}
+        if settings.cache_builder == "transformers":
+            rows = transformers_topk(load_model(settings.model), batches, settings.top_k)
+            write_topk_cache(rows, directory, manifest)
+        else:
+            engine_config = replace(
+                settings.engine,
+                max_model_len=max(settings.engine.max_model_len, config.train.max_length + 1),
+                max_logprobs=max(settings.engine.max_logprobs, settings.top_k),
+            )
+            llm = engine.start_engine(settings.model, engine_config)
+            write_topk_cache(engine_topk(llm, batches, settings.top_k), directory, manifest)
+            # The engine goes before training starts, so its memory is free for the trainer.
+            del llm
+            gc.collect()
     else:
         log.info("reusing the teacher cache in %s", directory)
     cache = TopKCache.open(directory, expected)

@@ -8,10 +8,12 @@ import math
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
-from align.losses.distill import AlphaSchedule, DistillLossConfig
-from align.modeling import build_model, write_checkpoint
+from align.losses.distill import IGNORE_INDEX, AlphaSchedule, DistillLossConfig
+from align.modeling import build_model, load_model, write_checkpoint
 from align.tasks import make_problems, split_problems, to_sft
 from align.tokenizer import build_tokenizer
 from align.training import LoraSettings, TrainSettings
@@ -20,7 +22,7 @@ from tests.conftest import memorize
 from tests.test_cli import align
 from tests.test_train_stages import Crash, CrashAfterSave, logged, write_jsonl
 
-# fp16 storage of the cached logits: the offline loss with k = V matches the online one to this.
+# fp16 storage of the cached logprobs: the offline loss with k = V matches the online one to this.
 FP16_TOLERANCE = 1e-3
 
 
@@ -93,29 +95,34 @@ def test_teacher_with_another_tokenizer_or_vocab_size_is_refused(tmp_path, model
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.vllm
 def test_offline_top_k_matches_online_and_the_cache_is_reused_or_refused(
     tmp_path, models, files, caplog
 ):
     caplog.set_level(logging.INFO, logger="pipelines.distill")
     vocab = len(build_tokenizer())
     online = distill.run(config(tmp_path, models, files, "online"))
+    # The cache built by a vLLM engine serving the teacher (the default builder).
     full = distill.run(config(tmp_path, models, files, "full", mode="offline", top_k=vocab))
     runs = tmp_path / "runs"
     assert online["steps"] == full["steps"] == 4  # 64 rows / 16 per step
     for key in ("train/loss", "train/soft_loss", "train/hard_loss", "train/teacher_kl"):
         a, b = logged(runs / "online", key), logged(runs / "full", key)
         assert len(a) == len(b) == 4
-        # Step 1: same weights, same batch; only the fp16 storage of the logits differs.
+        # Step 1: same weights, same batch; only vLLM's forward and the fp16 storage differ.
         assert b[0] == pytest.approx(a[0], abs=FP16_TOLERANCE), key
         assert b == pytest.approx(a, abs=5 * FP16_TOLERANCE), key
     manifest = json.loads((runs / "full" / "teacher_cache" / "manifest.json").read_text())
     assert manifest["top_k"] == vocab and manifest["rows"] == 64
+    assert manifest["built_with"] == "vllm"
     assert manifest["positions"] > 64
     assert manifest["build_seconds"] > 0
 
-    # A small k: the truncated teacher loses its tail mass, so the loss moves a little.
+    # A small k, built by a transformers forward: the truncated teacher loses its tail mass, so
+    # the loss moves a little.
     cache = tmp_path / "cache-k8"
     small = config(tmp_path, models, files, "k8", mode="offline", top_k=8, cache_dir=str(cache))
+    small.teacher.cache_builder = "transformers"
     distill.run(small)
     a, b = logged(runs / "online", "train/loss"), logged(runs / "k8", "train/loss")
     assert b[0] == pytest.approx(a[0], rel=0.05) and b[0] != pytest.approx(a[0], abs=1e-6)
@@ -149,6 +156,50 @@ def test_offline_top_k_matches_online_and_the_cache_is_reused_or_refused(
     )
     with pytest.raises(ValueError, match="lacks 1 of the 1 training sequences"):
         distill.run(other_data)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family", ["llama4", "qwen3_moe"])
+def test_the_vllm_built_cache_equals_the_transformers_built_one(family, checkpoints, engine_for):
+    """Both cache builders on the same rows: the same top-k ids, logprobs within 1e-4 (fp32)."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints[family])
+    conversations = [
+        [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": f"<answer>{answer}</answer>"},
+        ]
+        for prompt, answer in [("Compute 47+85.", 132), ("Sort: hbad", "abdh"), ("Compute 3+4.", 7)]
+    ]
+    # A collated batch as the trainer's collator gives it: right-padded, labels on the answer.
+    rows = []
+    for conversation in conversations:
+        prompt = tokenizer.apply_chat_template(
+            conversation[:1], add_generation_prompt=True, return_dict=False
+        )
+        full = tokenizer.apply_chat_template(conversation, return_dict=False)
+        rows.append((full, [IGNORE_INDEX] * len(prompt) + full[len(prompt) :]))
+    width = max(len(ids) for ids, _ in rows)
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for ids, labels in rows:
+        pad = width - len(ids)
+        batch["input_ids"].append(ids + [0] * pad)
+        batch["attention_mask"].append([1] * len(ids) + [0] * pad)
+        batch["labels"].append(labels + [IGNORE_INDEX] * pad)
+    batch = {name: torch.tensor(values) for name, values in batch.items()}
+    k = 8
+    built = list(distill.transformers_topk(load_model(checkpoints[family]), [batch], k))
+    served = list(distill.engine_topk(engine_for(family), [batch], k))
+    assert len(built) == len(served) == 3
+    for (key_a, ids_a, lp_a), (key_b, ids_b, lp_b), (_, labels) in zip(
+        built, served, rows, strict=True
+    ):
+        assert key_a == key_b
+        targets = sum(label != IGNORE_INDEX for label in labels[1:])
+        assert ids_a.shape == ids_b.shape == lp_a.shape == lp_b.shape == (targets, k)
+        assert torch.equal(ids_a, ids_b)
+        assert (lp_a - lp_b).abs().max().item() <= 1e-4
+        # Most likely first, and real logprobs (a distribution's top k sum to at most 1).
+        assert (lp_b[:, :-1] >= lp_b[:, 1:]).all() and (lp_b.exp().sum(-1) <= 1 + 1e-5).all()
 
 
 def test_distillation_lowers_the_kl_to_the_teacher_and_resumes(tmp_path, models, files):

@@ -53,6 +53,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     # Sampling seed of the engine.
     seed: int = 0
+    # Most log-probabilities per position a request may ask for (vLLM's `max_logprobs`). The
+    # offline teacher cache raises it to `teacher.top_k` itself.
+    max_logprobs: int = 20
 
     def validate(self) -> None:
         check(self.max_model_len >= 8, "max_model_len", f"must be >= 8 (got {self.max_model_len})")
@@ -62,6 +65,7 @@ class EngineConfig:
             "tensor_parallel_size",
             f"must be >= 1 (got {self.tensor_parallel_size})",
         )
+        check(self.max_logprobs >= 0, "max_logprobs", f"must be >= 0 (got {self.max_logprobs})")
 
 
 # Routed experts per token (vLLM's `enable_return_routed_experts`, for routing replay) are not
@@ -112,6 +116,7 @@ def start_engine(model_path: str, config: EngineConfig) -> LLM:
         enable_prefix_caching=config.prefix_caching,
         enable_chunked_prefill=config.chunked_prefill,
         tensor_parallel_size=config.tensor_parallel_size,
+        max_logprobs=config.max_logprobs,
         # Safetensors only: vLLM's default also loads pickle-based *.bin weights.
         load_format="safetensors",
         trust_remote_code=False,
@@ -198,6 +203,42 @@ def sequence_logprobs(llm: LLM, sequences: list[list[int]]) -> list[list[float]]
         [out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))]
         for out, ids in zip(outputs, sequences, strict=True)
     ]
+
+
+def prompt_topk(
+    llm: LLM, sequences: list[list[int]], k: int
+) -> list[tuple[list[list[int]], list[list[float]]]]:
+    """The engine's k most likely next tokens at every position after the first of each sequence.
+
+    Needs an engine started with `max_logprobs` >= k.
+
+    Returns:
+        For each sequence of length L, (ids, logprobs), each L - 1 lists of k: position t holds
+        the distribution of token t + 1 given tokens 0..t, most likely first. The logprobs are
+        over the whole vocabulary (log-softmax of the raw logits).
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k)
+    outputs = llm.generate(
+        [TokensPrompt(prompt_token_ids=ids) for ids in sequences], params, use_tqdm=False
+    )
+    result = []
+    for out, ids in zip(outputs, sequences, strict=True):
+        top_ids, top_logprobs = [], []
+        for t in range(1, len(ids)):
+            # vLLM adds the sequence's own token to the top k when it is not among them.
+            entries = {
+                token: lp.logprob
+                for token, lp in out.prompt_logprobs[t].items()
+                if token != ids[t] or lp.rank <= k
+            }
+            ranked = sorted(entries.items(), key=lambda item: -item[1])[:k]
+            top_ids.append([token for token, _ in ranked])
+            top_logprobs.append([value for _, value in ranked])
+        result.append((top_ids, top_logprobs))
+    return result
 
 
 def engine_and_tokenizer(
