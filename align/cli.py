@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 
-from align.config import COMMAND_LINE, ConfigError, dump_yaml, load_config
+from align.config import COMMAND_LINE, ConfigError, dump_yaml, keys_help, load_config
 from align.data import DataError
 from align.runs import RunStopped
 
@@ -32,14 +32,22 @@ DESCRIPTIONS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(keys_of: str | None = None) -> argparse.ArgumentParser:
+    """The `align` parser; the help of command `keys_of` ends with its config keys (their
+    type, default and meaning, from the config dataclasses: it imports the stage's module)."""
     parser = argparse.ArgumentParser(
         prog="align",
         description="Llama 4 style post-training for Mixture-of-Experts models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, description in DESCRIPTIONS.items():
-        p = sub.add_parser(name, help=description, description=description)
+        p = sub.add_parser(
+            name,
+            help=description,
+            description=description,
+            epilog=keys_help(config_class(name)) if name == keys_of else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--config", metavar="FILE.yaml", help="config file (YAML)")
         p.add_argument(
             "--print-config",
@@ -68,8 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_class(command: str) -> type:
+    """The config dataclass of an `align` command."""
+    from pipelines import pipeline, stages
+
+    return pipeline.Config if command == "run" else stages.COMMANDS[command].Config
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    asks_help = argv[:1] and argv[0] in DESCRIPTIONS and {"-h", "--help"} & set(argv)
+    parser = build_parser(keys_of=argv[0] if asks_help else None)
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling `items` at the first option, so overrides written after one
     # (`align run FILE --dry-run key=value`) arrive here.

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import errno
+import inspect
 import json
 import math
 import os
@@ -486,6 +487,137 @@ def to_dict(cfg: Any) -> dict:
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"expected a config dataclass instance, got {type(cfg).__name__}")
     return dataclasses.asdict(cfg)
+
+
+def config_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every key of config dataclass `cls`, nested ones dotted (`train.learning_rate`; a list of
+    dataclasses as `rewards[].name`): (key, type and default, meaning), in declaration order.
+
+    The meaning is the first sentence of the comment above the field in the source: the one
+    place each setting is documented.
+    """
+    hints = _type_hints(cls)
+    comments = _field_comments(cls)
+    keys = []
+    for field in dataclasses.fields(cls):
+        key = _join(prefix, field.name)
+        tp = hints.get(field.name, field.type)
+        inner = _optional_inner(tp)
+        nested = inner if dataclasses.is_dataclass(inner) else None
+        if nested is None and typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp) or (None,)
+            if dataclasses.is_dataclass(item):
+                keys.append((key, "list", _meaning(comments.get(field.name, ""))))
+                keys += config_keys(item, key + "[]")
+                continue
+        if nested is not None and inner is tp:
+            keys += config_keys(nested, key)
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = f" = {_show_default(field.default)}"
+        elif field.default_factory is not dataclasses.MISSING:
+            default = f" = {_show_default(field.default_factory())}"
+        else:
+            default = ", required"
+        keys.append((key, _show_type(tp) + default, _meaning(comments.get(field.name, ""))))
+    return keys
+
+
+def keys_help(cls: type) -> str:
+    """`config_keys` as the text `align COMMAND --help` ends with."""
+    keys = config_keys(cls)
+    width = min(max(len(key) for key, _, _ in keys), 36)
+    lines = ["config keys (--config FILE.yaml or key.sub=value):"]
+    for key, kind, meaning in keys:
+        lines.append(f"  {key:<{width}}  {kind}")
+        if meaning:
+            lines.append(f"  {'':<{width}}    {meaning}")
+    return "\n".join(lines)
+
+
+def _type_hints(cls: type) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation naming a TYPE_CHECKING-only import
+        return {}
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The comment block right above each field of `cls` and of the dataclasses it extends."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines, _ = inspect.getsourcelines(klass)
+        except (OSError, TypeError):
+            continue
+        # The class body: after the decorators and the `class` line, at its first line's indent.
+        body = next(i for i, line in enumerate(lines) if line.lstrip().startswith("class ")) + 1
+        indent = len(lines[body]) - len(lines[body].lstrip())
+        # A comment block documents the field below it, and the fields right after that one
+        # (no blank line between): `worker_cpus` and `worker_gpus` under one comment.
+        block: list[str] = []
+        shared = ""
+        for line in lines[body:]:
+            text = line.strip()
+            if text.startswith("#"):
+                block.append(text.lstrip("#").strip())
+                continue
+            field = re.match(r"([A-Za-z_]\w*)\s*:", text)
+            if field and len(line) - len(line.lstrip()) == indent:
+                shared = " ".join(block) if block else shared
+                if shared:
+                    comments[field.group(1)] = shared
+            else:
+                shared = ""
+            block = []
+    return comments
+
+
+def _meaning(comment: str) -> str:
+    """A field's comment for one help line: whole when short, else its first sentence."""
+    return comment if len(comment) <= 160 else _first_sentence(comment)
+
+
+def _first_sentence(text: str) -> str:
+    """Up to the first full stop outside parentheses (not the one of "e.g." or "i.e.")."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += (char == "(") - (char == ")")
+        ends = char == "." and (i + 1 == len(text) or text[i + 1] == " ")
+        if ends and depth == 0 and not text[: i + 1].endswith(("e.g.", "i.e.")):
+            return text[: i + 1]
+    return text
+
+
+def _optional_inner(tp: Any) -> Any:
+    """X for `X | None`, else `tp`."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _show_type(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _show_type(a) for a in args)
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(_show_type(a) for a in args)}]"
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _show_default(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if dataclasses.is_dataclass(value):
+        return "{...}"
+    return json.dumps(value) if isinstance(value, (str, list, dict)) else repr(value)
 
 
 def dump_yaml(cfg: Any) -> str:

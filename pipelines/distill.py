@@ -589,8 +589,11 @@ def write_topk_cache(
     log.info("teacher cache: %d positions of %d rows in %.1f s", offsets[-1], len(keys), seconds)
 
 
-def offline_teacher(config: Config, trainer: SFTTrainer, tokenizer, out: Path) -> TopKCache:
-    """The top-k cache for `trainer`'s training rows: reused when it matches, else built."""
+def offline_teacher(
+    config: Config, trainer: SFTTrainer, tokenizer, out: Path, llm=None
+) -> TopKCache:
+    """The top-k cache for `trainer`'s training rows: reused when it matches, else built (with
+    `llm` when given and the builder is vllm)."""
     settings = config.teacher
     directory = Path(settings.cache_dir) if settings.cache_dir else out / "teacher_cache"
     # One entry per distinct training row (the token budget repeats rows). The collator only
@@ -626,6 +629,8 @@ def offline_teacher(config: Config, trainer: SFTTrainer, tokenizer, out: Path) -
         if settings.cache_builder == "transformers":
             rows = transformers_topk(load_model(settings.model), batches, settings.top_k)
             write_topk_cache(rows, directory, manifest)
+        elif llm is not None:
+            write_topk_cache(engine_topk(llm, batches, settings.top_k), directory, manifest)
         else:
             engine_config = replace(
                 settings.engine,
@@ -666,8 +671,10 @@ def heldout_scores(student, teacher: OnlineTeacher, loader) -> dict:
     return {"ce": ce_sum / max(tokens, 1), "teacher_kl": kl_sum / max(tokens, 1), "tokens": tokens}
 
 
-def run(config: Config, callbacks: list | None = None) -> dict:
-    """Distils `config.teacher.model` into `config.student`; extra TrainerCallbacks may be given.
+def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
+    """Distils `config.teacher.model` into `config.student`; extra TrainerCallbacks may be given,
+    and an engine already serving the teacher (`llm`, with max_logprobs >= teacher.top_k) that
+    builds the offline cache instead of one started and dropped here (its caller keeps it).
 
     Raises:
         ConfigError: a checkpoint is missing, teacher and student tokenizers or vocabulary sizes
@@ -737,7 +744,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
             if config.teacher.mode == "online":
                 trainer.teacher = online
             else:
-                trainer.teacher = offline_teacher(config, trainer, tokenizer, out)
+                trainer.teacher = offline_teacher(config, trainer, tokenizer, out, llm)
             if config.on_policy.ratio > 0:
                 trainer.sampler = StudentSampler(
                     config.on_policy, config.student, out / "policy-export", tokenizer.pad_token_id

@@ -159,10 +159,11 @@ def engine_for(checkpoints):
     return lambda family: shared_engine(checkpoints[family])
 
 
-def shared_engine(path: Path):
-    """The session's engine for the checkpoint at `path`, started on first use."""
+def shared_engine(path: Path, **settings):
+    """The session's engine for the checkpoint at `path`, started on first use (with the
+    EngineConfig `settings` given then)."""
     if str(path) not in _engines:
-        _engines[str(path)] = engine.start_engine(str(path), engine.EngineConfig())
+        _engines[str(path)] = engine.start_engine(str(path), engine.EngineConfig(**settings))
     return _engines[str(path)]
 
 

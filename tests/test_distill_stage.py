@@ -18,7 +18,7 @@ from align.tasks import make_problems, split_problems, to_sft
 from align.tokenizer import build_tokenizer
 from align.training import LoraSettings, TrainSettings
 from pipelines import distill
-from tests.conftest import memorize
+from tests.conftest import memorize, shared_engine
 from tests.test_cli import align
 from tests.test_train_stages import Crash, CrashAfterSave, logged, write_jsonl
 
@@ -102,8 +102,12 @@ def test_offline_top_k_matches_online_and_the_cache_is_reused_or_refused(
     caplog.set_level(logging.INFO, logger="pipelines.distill")
     vocab = len(build_tokenizer())
     online = distill.run(config(tmp_path, models, files, "online"))
-    # The cache built by a vLLM engine serving the teacher (the default builder).
-    full = distill.run(config(tmp_path, models, files, "full", mode="offline", top_k=vocab))
+    # The cache built by a vLLM engine serving the teacher (the default builder; the session's
+    # engine: one dropped in this process would take the session's other engines with it).
+    llm = shared_engine(models["teacher"], max_logprobs=vocab)
+    full = distill.run(
+        config(tmp_path, models, files, "full", mode="offline", top_k=vocab), llm=llm
+    )
     runs = tmp_path / "runs"
     assert online["steps"] == full["steps"] == 4  # 64 rows / 16 per step
     for key in ("train/loss", "train/soft_loss", "train/hard_loss", "train/teacher_kl"):
