@@ -14,6 +14,12 @@ Rules, per schema column (see `REQUIRED_COLUMNS`):
   conversation has an assistant message and does not start with one.
 - A field may hold at most `max_chars_per_field` characters (all message contents together).
 Extra columns are kept as they are.
+
+A stage that reads several schemas detects a file's from its columns, as TRL does (`messages`: a
+conversation; `prompt` + `completion`; `text`): `load_dataset_file(path, ("sft", "chat", "text"))`.
+Columns that fit none, or more than one, are refused naming the columns found. A preference row
+may leave its prompt implicit, as TRL allows: `chosen` and `rejected` without `prompt`, both
+starting with the same prompt; TRL's `extract_prompt` splits it off.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import codecs
 import json
 import logging
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -284,9 +291,50 @@ def _read(path: Path) -> tuple[list[dict | DataError], Dataset | None]:
     return dataset.to_list(), dataset
 
 
+def detect_schema(columns: Sequence[str], candidates: Sequence[str], path: Path) -> str:
+    """The one schema of `candidates` whose columns a file has (a preference file's prompt may
+    be implicit).
+
+    Raises:
+        DataError: naming the file and the columns found, when none or several fit.
+    """
+    found = set(columns)
+    fits = [
+        schema
+        for schema in candidates
+        if set(_required_columns(schema)) <= found
+        or (schema == "dpo" and {"chosen", "rejected"} <= found)
+    ]
+    if len(fits) == 1:
+        return fits[0]
+    listed = ", ".join(sorted(found)) or "none"
+    if not fits:
+        wanted = "; ".join(f"{s}: {' + '.join(_required_columns(s))}" for s in candidates)
+        raise DataError(
+            f"its columns ({listed}) fit none of the formats this stage reads ({wanted})",
+            file=str(path),
+        )
+    raise DataError(
+        f"its columns ({listed}) fit several formats ({', '.join(fits)}): set schema= to the "
+        "one meant, or remove the other columns",
+        file=str(path),
+    )
+
+
+def _with_implicit_prompt(row: dict) -> dict:
+    """A preference row without `prompt`: the prompt that `chosen` and `rejected` share split off
+    by TRL's `extract_prompt` (rows it cannot apply to are left for the validation to refuse)."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if "prompt" in row or type(chosen) is not type(rejected) or not isinstance(chosen, str | list):
+        return row
+    from trl.data_utils import extract_prompt
+
+    return {**row, **extract_prompt({"chosen": chosen, "rejected": rejected})}
+
+
 def load_dataset_file(
     path: str | Path,
-    schema: str,
+    schema: str | Sequence[str],
     on_error: Literal["raise", "skip"] = "raise",
     max_chars_per_field: int = 100_000,
 ) -> tuple[Dataset, dict[str, Any]]:
@@ -296,23 +344,44 @@ def load_dataset_file(
 
     Args:
         path: A `.jsonl`/`.json` file, a `.parquet` file or a `save_to_disk` directory.
-        schema: A key of `REQUIRED_COLUMNS`.
+        schema: A key of `REQUIRED_COLUMNS`, or several: the file's is detected from its
+            columns (`detect_schema`).
         on_error: "raise" stops at the first bad row; "skip" drops bad rows and logs their count.
         max_chars_per_field: Most characters a required field may hold.
 
     Returns:
         The dataset of valid rows (extra columns kept) and a report
-        `{"file", "rows", "kept", "skipped", "errors"}` with the first 20 error messages.
+        `{"file", "schema", "rows", "kept", "skipped", "errors"}` with the first 20 error
+        messages, and for dpo `implicit_prompts` (rows whose prompt was split off).
 
     Raises:
-        DataError: For an unreadable file, a bad row (with "raise"), or no usable rows.
+        DataError: For an unreadable file, a bad row (with "raise"), no usable rows, or columns
+            that fit none or several of the schemas given.
         ValueError: For an unknown schema or `on_error` value.
     """
-    _required_columns(schema)
+    for name in [schema] if isinstance(schema, str) else schema:
+        _required_columns(name)
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
     rows, source = _read(path)
+    if not isinstance(schema, str):
+        first = next((row for row in rows if isinstance(row, dict)), None)
+        if source is None and first is None and rows:
+            # Not one row parsed: its reason is the error, not the columns.
+            error = rows[0]
+            error.file, error.row = str(path), 0
+            raise error
+        columns = source.column_names if source is not None else list(first or {})
+        # An empty file has no columns; it is refused below as having no usable rows.
+        schema = detect_schema(columns, schema, path) if rows else schema[0]
+    implicit = 0
+    if schema == "dpo":
+        rewritten = [_with_implicit_prompt(r) if isinstance(r, dict) else r for r in rows]
+        implicit = sum(new is not old for new, old in zip(rewritten, rows, strict=True))
+        if implicit:
+            # Built from the rewritten rows, not from the Arrow source.
+            rows, source = rewritten, None
     kept: list[int] = []
     errors: list[str] = []
     first_format = ""
@@ -347,11 +416,14 @@ def load_dataset_file(
                     kinds.setdefault(key, (_kind(value), i))
     report = {
         "file": str(path),
+        "schema": schema,
         "rows": len(rows),
         "kept": len(kept),
         "skipped": len(rows) - len(kept),
         "errors": errors,
     }
+    if schema == "dpo":
+        report["implicit_prompts"] = implicit
     if not kept:
         detail = f"; first error: {errors[0]}" if errors else ""
         raise DataError(f"no usable rows (0 of {len(rows)} valid{detail})", file=str(path))

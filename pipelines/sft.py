@@ -48,7 +48,7 @@ from pipelines import filter as filter_stage
 log = logging.getLogger(__name__)
 
 # The columns SFTTrainer trains on, per schema; the rest (task, level, ...) are metadata.
-TRAIN_COLUMNS = {"sft": ["prompt", "completion"], "chat": ["messages"]}
+TRAIN_COLUMNS = {"sft": ["prompt", "completion"], "chat": ["messages"], "text": ["text"]}
 
 
 @dataclass
@@ -59,9 +59,10 @@ class Config:
     model: str
     # Training rows: JSONL, Parquet or a `datasets` directory.
     data: str
-    # Schema of `data`: sft (prompt/completion: loss on the completion only) or chat (messages:
-    # loss on every token of the conversation).
-    schema: Literal["sft", "chat"] = "sft"
+    # Schema of `data`: auto (from its columns, as TRL detects them), sft (prompt/completion,
+    # strings or messages: loss on the completion only), chat (messages: loss on every token of
+    # the conversation) or text (text: language modelling, loss on every token).
+    schema: Literal["auto", "sft", "chat", "text"] = "auto"
     # Held-out rows (prompt, answer) to evaluate the result on; null skips evaluation.
     heldout: str | None = None
     # Run name: everything is written under <runs_dir>/<name>/.
@@ -87,9 +88,10 @@ class Config:
 
     def validate(self) -> None:
         check(
-            not (self.schema == "chat" and self.filters),
+            self.schema in ("auto", "sft") or not self.filters,
             "filters",
-            "filters score prompt/completion rows; convert chat data to the sft schema first",
+            f"filters score prompt/completion rows, not {self.schema} rows; convert the data to "
+            "the sft schema first",
         )
 
 
@@ -108,21 +110,26 @@ def run(config: Config, callbacks: list | None = None) -> dict:
                 data=data,
                 name=f"{config.name}/filter",
                 runs_dir=config.runs_dir,
-                schema=config.schema,
+                schema="sft",
                 filters=config.filters,
                 seed=config.train.seed,
                 on_error=config.on_error,
             )
         )
         data = str(out / "filter" / "kept")
-    dataset, data_report = load_dataset_file(data, config.schema, config.on_error)
+    # With schema auto the data's columns say which schema it is; filters keep sft rows.
+    schema = config.schema
+    if schema == "auto":
+        schema = "sft" if config.filters else tuple(TRAIN_COLUMNS)
+    dataset, data_report = load_dataset_file(data, schema, config.on_error)
+    schema = data_report["schema"]
     with Run(out, config) as run_dir:
         model_dir = out / "model"
         result = finished_result(model_dir)
         if result is None:
             # 2. Data, fitted to the token budget.
             tokenizer = AutoTokenizer.from_pretrained(config.model)
-            columns = TRAIN_COLUMNS[config.schema]
+            columns = TRAIN_COLUMNS[schema]
             counts = [token_count(tokenizer, *(row[c] for c in columns)) for row in dataset]
             too_long = sum(n > config.train.max_length for n in counts)
             if too_long:
@@ -141,7 +148,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
             args = SFTConfig(
                 **trainer_arguments(config.train, out / "checkpoints", model),
                 packing=config.packing,
-                completion_only_loss=True if config.schema == "sft" else None,
+                completion_only_loss=True if schema == "sft" else None,
             )
             trainer = SFTTrainer(
                 model=model,

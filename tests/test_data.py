@@ -49,7 +49,13 @@ def test_round_trip(tmp_path, fmt, sample):
     path = write(fmt, tmp_path, rows)
     dataset, report = load_dataset_file(path, sample.removesuffix("-plain"))
     assert dataset.to_list() == rows
-    assert report == {"file": str(path), "rows": 12, "kept": 12, "skipped": 0, "errors": []}
+    schema = sample.removesuffix("-plain")
+    expected = {"file": str(path), "schema": schema, "rows": 12, "kept": 12, "skipped": 0}
+    assert report == {
+        **expected,
+        "errors": [],
+        **({"implicit_prompts": 0} if schema == "dpo" else {}),
+    }
 
 
 GOOD_SFT = {"prompt": user(), "completion": assistant()}
@@ -418,3 +424,77 @@ def test_a_key_given_twice_in_a_row_is_a_warning_with_the_row(tmp_path, caplog):
     path.write_text(path.read_text().splitlines()[1] + "\n", encoding="utf-8")
     dataset, _ = load_dataset_file(path, "sft")
     assert dataset[0] == {"prompt": "p", "completion": "second"}
+
+
+SFT_FORMATS = ("sft", "chat", "text")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "dir"])
+@pytest.mark.parametrize(
+    ("sample", "detected"),
+    [("sft", "sft"), ("sft-plain", "sft"), ("chat", "chat"), ("text", "text")],
+)
+def test_the_schema_is_detected_from_the_columns(tmp_path, fmt, sample, detected):
+    """TRL users' files (messages; prompt/completion as strings or messages; text) load without
+    naming a schema; extra columns (the embedded tasks' answer, task, level) do not confuse it."""
+    rows, report = load_dataset_file(write(fmt, tmp_path, SAMPLES[sample]), SFT_FORMATS)
+    assert report["schema"] == detected
+    assert rows.to_list() == SAMPLES[sample]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (
+            {"messages": user() + assistant(), "prompt": "Compute 1+1.", "completion": "2"},
+            "data.jsonl: its columns (completion, messages, prompt) fit several formats (sft, "
+            "chat): set schema= to the one meant, or remove the other columns",
+        ),
+        (
+            {"question": "Compute 1+1.", "response": "2"},
+            "data.jsonl: its columns (question, response) fit none of the formats this stage "
+            "reads (sft: prompt + completion; chat: messages; text: text)",
+        ),
+    ],
+)
+def test_columns_that_fit_several_formats_or_none_are_refused_naming_them(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "data.jsonl", [row])
+    with pytest.raises(DataError) as error:
+        load_dataset_file(path, SFT_FORMATS)
+    assert str(error.value) == f"{tmp_path}/{message}"
+
+
+def test_a_file_whose_first_row_does_not_parse_reports_that_row(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "a",\n{"prompt": "b", "completion": "c"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"data.jsonl: row 0: invalid JSON"):
+        load_dataset_file(path, SFT_FORMATS)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "dir"])
+def test_preference_rows_with_an_implicit_prompt_get_it_split_off(tmp_path, fmt):
+    """chosen/rejected that both start with the prompt (TRL's implicit prompt), conversational
+    or plain text: the shared start becomes the prompt, as TRL's extract_prompt makes it."""
+    rows = [
+        {"chosen": user() + assistant(), "rejected": user() + assistant("<answer>3</answer>")},
+        {
+            "chosen": user("Sort: ba") + assistant("ab"),
+            "rejected": user("Sort: ba") + assistant("ba"),
+        },
+    ]
+    loaded, report = load_dataset_file(write(fmt, tmp_path, rows), "dpo")
+    assert report["implicit_prompts"] == 2 and report["schema"] == "dpo"
+    assert loaded.to_list() == [
+        {"chosen": assistant(), "rejected": assistant("<answer>3</answer>"), "prompt": user()},
+        {"chosen": assistant("ab"), "rejected": assistant("ba"), "prompt": user("Sort: ba")},
+    ]
+    plain = write_jsonl(
+        tmp_path / "plain.jsonl", [{"chosen": "The sky is blue.", "rejected": "The sky is green."}]
+    )
+    (row,) = load_dataset_file(plain, "dpo")[0].to_list()
+    # TRL leaves the space before the answers with them.
+    assert row == {"chosen": " blue.", "rejected": " green.", "prompt": "The sky is"}
+    # Nothing in common: no prompt to split off, and the row is refused as having none.
+    bare = write_jsonl(tmp_path / "bare.jsonl", [{"chosen": "Yes.", "rejected": "No."}])
+    with pytest.raises(DataError, match="bare.jsonl: row 0: field 'prompt': expected non-empty"):
+        load_dataset_file(bare, "dpo")

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from align.config import ConfigError
 from align.rewarding import RewardSpec
-from align.tasks import make_problems, split_problems, to_dpo, to_rl, to_sft
+from align.tasks import make_problems, split_problems, to_chat, to_dpo, to_rl, to_sft
 from align.training import LoraSettings, TrainSettings
 from pipelines import dpo, sft
 from tests.conftest import write_jsonl
@@ -104,6 +104,23 @@ def test_token_budget_bounds_the_training(tmp_path, student_dir, sft_file):
     assert 3000 <= result["budget_tokens"] < 3000 + 60  # stops at the row that reaches it
     tokens = logged(tmp_path / "runs" / "budget", "train/num_tokens")[-1]
     assert tokens == result["budget_tokens"]  # the trainer saw exactly the budgeted rows
+
+
+@pytest.mark.parametrize("schema", ["chat", "text"])
+def test_sft_reads_conversations_and_plain_text_without_being_told(tmp_path, student_dir, schema):
+    """A TRL `messages` file and a language-modelling `text` file train under the default
+    schema (auto), every token counted as the token budget counted it."""
+    problems = make_problems(["add", "sort"], [1, 2], 8, seed=4)
+    rows = list(to_chat(problems))
+    if schema == "text":
+        rows = [{"text": f"{r['messages'][0]['content']} {r['answer']}"} for r in rows]
+    data = write_jsonl(tmp_path / f"{schema}.jsonl", rows)
+    result = sft.run(sft_config(tmp_path, student_dir, data, schema, token_budget=800))
+    assert result["data"]["schema"] == schema
+    tokens = logged(tmp_path / "runs" / schema, "train/num_tokens")[-1]
+    assert tokens == result["budget_tokens"] >= 800
+    losses = logged(tmp_path / "runs" / schema, "train/loss")
+    assert losses and all(loss > 0 for loss in losses)
 
 
 def test_dpo_lowers_the_loss_and_resumes_where_it_stopped(tmp_path, student_dir):
