@@ -17,7 +17,14 @@ from typing import Any, Literal, Protocol
 from align.config import ConfigError, check
 from align.registry import Registry
 
-FILTERS: Registry[type] = Registry("filter")
+# The built-in filters (the `filters` package), imported when first named.
+BUILTIN_FILTERS = {
+    "difficulty": "filters.difficulty:PassRateDifficulty",
+    "difficulty_judge": "filters.difficulty:JudgeDifficulty",
+    "length": "filters.length:LengthFilter",
+    "dedup": "filters.dedup:DedupFilter",
+}
+FILTERS: Registry[type] = Registry("filter", BUILTIN_FILTERS, group="moealign.filters")
 
 
 class Filter(Protocol):
@@ -173,7 +180,6 @@ def build_filter(name: str, options: dict[str, Any], where: str = "filter") -> F
             `where`, e.g. "filters[1]"), or an unusable checkpoint in its `checkpoint_options`
             (`key 'filters[1].options.model': ...`).
     """
-    import filters  # noqa: F401  (registers the built-in filters)
     from align.modeling import check_plugin_checkpoints
 
     cls = FILTERS.get(name)

@@ -1,14 +1,19 @@
 """Name -> component registries for the two things YAML names: rewards and filters.
 
-A YAML entry names a registered built-in (`answer_match`) or, for the user's own code, an
-explicit `module:attribute` reference (`my_project.rewards:brevity`). Only such explicit
-references are ever imported; no other config string is evaluated or imported.
+A YAML entry names a built-in (`answer_match`), a component an installed distribution declares
+as an entry point (group `moealign.rewards` or `moealign.filters`: `pip install` a plug-in and
+name it), or, for the user's own code, an explicit `module:attribute` reference
+(`my_project.rewards:brevity`). The built-ins are a name -> `module:attribute` table: nothing
+is imported until a name is looked up, so the core never imports the plug-in packages
+(`rewards`, `filters`) and they import the core freely. Only the module a looked-up name
+points to is ever imported; no other config string is evaluated or imported.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.metadata
 import importlib.util
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -23,15 +28,29 @@ class RegistryError(ConfigError):
 
 
 class Registry(Generic[T]):
-    """Components of one kind ("reward", "filter") by name."""
+    """Components of one kind ("reward", "filter") by name.
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    Args:
+        kind: what they are, in messages.
+        builtins: name -> `module:attribute` of the built-in ones, imported on first lookup.
+        group: the entry-point group installed distributions declare theirs in.
+    """
+
+    def __init__(
+        self, kind: str, builtins: dict[str, str] | None = None, group: str | None = None
+    ) -> None:
+        self.kind, self.builtins, self.group = kind, dict(builtins or {}), group
         self._items: dict[str, T] = {}
 
     def names(self) -> list[str]:
-        """The registered names, sorted."""
-        return sorted(self._items)
+        """Every name a lookup finds (built-in, registered, installed), sorted."""
+        return sorted({*self._items, *self.builtins, *self._entry_points()})
+
+    def _entry_points(self) -> dict[str, str]:
+        """Installed distributions' components of this kind: name -> `module:attribute`."""
+        if self.group is None:
+            return {}
+        return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=self.group)}
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering a component under `name`.
@@ -41,7 +60,7 @@ class Registry(Generic[T]):
         """
 
         def add(item: T) -> T:
-            if name in self._items:
+            if name in self._items or name in self.builtins:
                 raise RegistryError(
                     f"{self.kind} name {name!r} is already registered; "
                     f"known {self.kind}s: {', '.join(self.names())}"
@@ -52,21 +71,26 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
-        """The component registered as `name`, or the one a `module:attribute` reference names.
+        """The component `name` names: registered, built-in, an installed distribution's entry
+        point (in that order), or the one a `module:attribute` reference names.
 
         Raises:
             RegistryError: unknown name (with the known names and the closest match), or a
-                plug-in reference whose module or attribute cannot be found.
+                reference whose module or attribute cannot be found or imported.
         """
         if ":" in name:
             return self._load_plugin(name)
-        if name not in self._items:
+        if name in self._items:
+            return self._items[name]
+        reference = self.builtins.get(name) or self._entry_points().get(name)
+        if reference is None:
             close = difflib.get_close_matches(name, self.names(), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise RegistryError(
                 f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: "
                 f"{', '.join(self.names())}; or name your own as 'module:function'."
             )
+        self._items[name] = self._load_plugin(reference)
         return self._items[name]
 
     def _load_plugin(self, reference: str) -> T:

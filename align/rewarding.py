@@ -40,7 +40,17 @@ from align.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 
-REWARDS: Registry[Callable] = Registry("reward")
+# The built-in rewards (the `rewards` package), imported when first named.
+BUILTIN_REWARDS = {
+    "answer_match": "rewards.answers:answer_match",
+    "math_verify": "rewards.answers:math_equivalence",
+    "answer_format": "rewards.answers:answer_format",
+    "overlong": "rewards.overlong:soft_overlong",
+    "reward_model": "rewards.reward_model:RewardModel",
+    "llm_judge": "rewards.judge:LLMJudge",
+    "code_tests": "rewards.code:CodeTests",
+}
+REWARDS: Registry[Callable] = Registry("reward", BUILTIN_REWARDS, group="moealign.rewards")
 
 # Keyword arguments every reward receives besides the dataset's columns.
 RESERVED_ARGUMENTS = ("prompts", "completions", "completion_ids")
@@ -341,8 +351,6 @@ def _check_options(
 
 def _lookup(name: str) -> Callable:
     """The reward function or class `name` refers to (registered, or 'module:function')."""
-    import rewards  # noqa: F401  (registers the built-in rewards)
-
     return REWARDS.get(name)
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from align.config import check
-from align.pruning import FILTERS, row_text
+from align.pruning import row_text
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,6 @@ def _shingle_hashes(text: str, ngram: int) -> np.ndarray:
     return hashes
 
 
-@FILTERS.register("dedup")
 class DedupFilter:
     """Highest similarity of each row to an earlier row (see the module docstring).
 

@@ -12,7 +12,6 @@ from typing import Any
 
 from align.config import from_dict
 from align.engine import engine_and_tokenizer
-from align.pruning import FILTERS
 from align.rewarding import RewardSpec, build_reward_set
 from align.scoring import ChoiceJudge, PassRateScorer
 
@@ -21,7 +20,6 @@ DEFAULT_JUDGE_TEMPLATE = (
 )
 
 
-@FILTERS.register("difficulty")
 class PassRateDifficulty:
     """Difficulty = 1 - pass rate of `samples` answers sampled from a reference model.
 
@@ -91,7 +89,6 @@ class PassRateDifficulty:
         return self.scorer.reward_metrics() if self.scorer else {}
 
 
-@FILTERS.register("difficulty_judge")
 class JudgeDifficulty:
     """Difficulty from a judge model's verdict, read as choice probabilities (no parsing).
 

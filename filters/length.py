@@ -13,13 +13,12 @@ from typing import Any, Literal
 from transformers import AutoTokenizer
 
 from align.config import check
-from align.pruning import FILTERS, row_text
+from align.pruning import row_text
 
 PARTS = ("prompt", "completion", "all")
 UNITS = ("tokens", "chars")
 
 
-@FILTERS.register("length")
 class LengthFilter:
     """Length of a row's text (see `align.pruning.row_text`); every row gets a score.
 

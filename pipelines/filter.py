@@ -46,8 +46,6 @@ class FilterStep:
     keep: Selection = field(default_factory=Selection)
 
     def validate(self) -> None:
-        import filters  # noqa: F401  (registers the built-in filters)
-
         try:
             FILTERS.get(self.name)
         except RegistryError as error:

@@ -1,6 +1,7 @@
 """Reward plug-ins: functions `(prompts, completions, **columns) -> list[float | None]`.
 
-Importing this package registers the built-in rewards in `align.rewarding.REWARDS`:
+The built-in rewards, by the names YAML gives them (`align.rewarding.BUILTIN_REWARDS` maps each
+name to its function or class here, imported when first named):
 
 - `answer_match`: the embedded tasks' verifiers, or normalised exact match of the tagged answer;
 - `math_verify`: mathematical equivalence with HF's math-verify;
@@ -10,10 +11,10 @@ Importing this package registers the built-in rewards in `align.rewarding.REWARD
 - `llm_judge`: a judge model served by vLLM, read through its choice probabilities;
 - `code_tests`: runs the completion's code against the row's tests in the sandbox.
 
-Your own reward needs no registration: name it in YAML as `package.module:function`.
+Your own reward needs no registration: name it in YAML as `package.module:function`, or
+declare it in your distribution's entry points (group `moealign.rewards`) and name it.
 """
 
-from align.rewarding import REWARDS, Failed
-from rewards import answers, code, judge, overlong, reward_model
+from align.rewarding import Failed
 
-__all__ = ["REWARDS", "Failed", "answers", "code", "judge", "overlong", "reward_model"]
+__all__ = ["Failed"]

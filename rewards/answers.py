@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 
-from align.rewarding import REWARDS
 from align.tasks import ANSWER_CLOSE, ANSWER_OPEN, TASKS, extract_answer
 
 
@@ -15,7 +14,6 @@ def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-@REWARDS.register("answer_match")
 def answer_match(
     prompts: list,
     completions: list[str],
@@ -48,7 +46,6 @@ def answer_match(
     return scores
 
 
-@REWARDS.register("math_verify")
 def math_equivalence(
     prompts: list,
     completions: list[str],
@@ -93,7 +90,6 @@ def _as_math(text: str) -> str:
     return text if "$" in text or "\\" in text else f"${text}$"
 
 
-@REWARDS.register("answer_format")
 def answer_format(prompts: list, completions: list[str], **_) -> list[float]:
     """1.0 when the completion holds exactly one `<answer>...</answer>` pair, in that order,
     with a non-blank answer inside; else 0.0.

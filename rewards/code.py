@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from align.rewarding import REWARDS, Failed
+from align.rewarding import Failed
 from align.sandbox import Sandbox, SandboxLimits
 from align.tasks import extract_answer
 
@@ -38,7 +38,6 @@ def extract_code(completion: str) -> str:
     return answer if answer is not None else completion
 
 
-@REWARDS.register("code_tests")
 class CodeTests:
     """1.0 when the completion's code passes the row's `tests`, 0.0 when not, None without tests.
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from align.rewarding import REWARDS
-
 DEFAULT_TEMPLATE = (
     "Question: {prompt}\nReference answer: {answer}\nResponse: {completion}\n"
     "Is the response correct? Reply yes or no."
 )
 
 
-@REWARDS.register("llm_judge")
 class LLMJudge:
     """Asks a judge model about each (prompt, completion) pair; reward = expected choice value.
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from align.rewarding import REWARDS
-
 
 def overlong_penalty(length: int, max_length: int, cache_length: int) -> float:
     """0 up to max_length - cache_length tokens, then linear down to -1 at max_length, -1 beyond.
@@ -19,7 +17,6 @@ def overlong_penalty(length: int, max_length: int, cache_length: int) -> float:
     return -1.0
 
 
-@REWARDS.register("overlong")
 def soft_overlong(
     prompts: list,
     completions: list[str],

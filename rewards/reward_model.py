@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from align.rewarding import REWARDS
 
-
-@REWARDS.register("reward_model")
 class RewardModel:
     """Scores each completion with a sequence-classification checkpoint (one output: the reward).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 import textwrap
 import time
@@ -203,6 +204,63 @@ def test_user_plugin_from_a_module_outside_the_repo(tmp_path, monkeypatch):
     assert batch.totals == [2.0, 1.0, 0.0]
     assert batch.values["my_rewards:brevity"] == [1.0, 0.0, 0.0]
     assert "my_rewards:brevity" not in REWARDS.names()
+
+
+def test_an_installed_distribution_offers_its_reward_by_name(tmp_path, monkeypatch):
+    """A plug-in package declaring an entry point in group `moealign.rewards`, installed with
+    pip (into a directory on the path), is named in YAML like a built-in."""
+    source = tmp_path / "source"
+    (source / "shouting").mkdir(parents=True)
+    (source / "shouting" / "__init__.py").write_text(
+        "def loud(prompts, completions, **columns):\n"
+        "    return [float(c.isupper()) for c in completions]\n"
+    )
+    (source / "pyproject.toml").write_text(
+        textwrap.dedent(
+            """
+            [build-system]
+            requires = ["setuptools"]
+            build-backend = "setuptools.build_meta"
+
+            [project]
+            name = "shouting"
+            version = "0.1"
+
+            [project.entry-points."moealign.rewards"]
+            loud = "shouting:loud"
+            """
+        )
+    )
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index"]
+    subprocess.run(
+        [*pip, "--no-build-isolation", "--target", str(site), str(source)],
+        check=True,
+        capture_output=True,
+    )
+    assert "loud" not in REWARDS.names()
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(REWARDS, "_items", {})  # nothing looked up earlier is remembered
+    assert "loud" in REWARDS.names() and "answer_match" in REWARDS.names()
+    rewards = build_reward_set([RewardSpec(name="loud"), RewardSpec(name="answer_format")])
+    assert rewards(PROMPTS, ["A", "b", "<answer>C</answer>"]).values["loud"] == [1.0, 0.0, 0.0]
+    with pytest.raises(RegistryError, match="unknown reward 'lound'. Did you mean 'loud'"):
+        build_reward_set([RewardSpec(name="lound")])
+
+
+def test_the_core_imports_no_plug_in_package_until_one_is_named():
+    """`import align` and building a config import neither `rewards` nor `filters` (nor
+    `pipelines`, vLLM or Ray); naming a reward imports its module only."""
+    code = (
+        "import sys, align, align.rewarding, align.pruning, align.config\n"
+        "heavy = ('rewards', 'filters', 'pipelines', 'vllm', 'ray')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "from align.rewarding import REWARDS\n"
+        "REWARDS.get('overlong')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('rewards', 'filters'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["[]", "['rewards', 'rewards.overlong']"]
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,6 @@ import time
 
 import pytest
 
-import rewards.code  # noqa: F401  (registers code_tests)
 from align.rewarding import Failed, RewardSpec, build_reward_set
 from align.sandbox import Isolation, Sandbox, SandboxLimits, probe_isolation
 from rewards.code import CodeTests, extract_code
