@@ -12,11 +12,14 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from align import engine
+from align.scoring import reward_columns
 from align.tasks import TASKS, extract_answer
 from align.tokenizer import encode_prompts
 
 if TYPE_CHECKING:
     from vllm import LLM
+
+    from align.rewarding import RewardSet
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ def evaluate(
     temperature: float = 1.0,
     max_tokens: int = 32,
     seed: int = 0,
+    rewards: RewardSet | None = None,
 ) -> dict:
     """Scores a model on held-out rows (prompt + answer, optional task and level columns).
 
@@ -66,11 +70,15 @@ def evaluate(
         temperature: sampling temperature for pass@k (greedy accuracy uses 0).
         max_tokens: longest completion.
         seed: sampling seed.
+        rewards: also scores the sampled completions with these (against each row's columns,
+            as in training), reported as each reward's mean beside the accuracy.
 
     Returns:
         A report: overall metrics, then `by_task`, `by_level` and `groups` (task x level),
         each with `n`, `greedy_accuracy`, `pass@k`, `sample_accuracy` (share of right sampled
-        completions) and `mean_completion_tokens`.
+        completions), `mean_completion_tokens` and, with `rewards`, `reward/<name>` (the mean
+        over the sampled completions that reward scored; None where it scored none) and
+        `reward/total` (the weighted sum's).
     """
     if samples < pass_k:
         raise ValueError(f"samples ({samples}) must be >= pass_k ({pass_k})")
@@ -93,8 +101,19 @@ def evaluate(
             "%d of %d rows have no embedded task; checked by exact answer match", unknown, len(rows)
         )
 
+    # Each reward's values over the sampled completions, row i's at [i * samples, (i+1) * samples).
+    scored: dict[str, list[float | None]] = {}
+    if rewards is not None:
+        flat = [c for group in sampled for c in group]
+        columns = reward_columns(rows, samples)
+        columns["completion_ids"] = [c.token_ids for c in flat]
+        prompts_flat = [row["prompt"] for row in rows for _ in range(samples)]
+        batch = rewards(prompts_flat, [c.text for c in flat], columns)
+        scored = {f"reward/{name}": values for name, values in batch.values.items()}
+        scored["reward/total"] = batch.totals
+
     per_row = []
-    for row, (best,), group in zip(rows, greedy, sampled, strict=True):
+    for i, (row, (best,), group) in enumerate(zip(rows, greedy, sampled, strict=True)):
         n_correct = sum(is_correct(row, c.text) for c in group)
         per_row.append(
             {
@@ -104,12 +123,15 @@ def evaluate(
                 "pass": pass_at_k(samples, n_correct, pass_k),
                 "sampled_correct": n_correct / samples,
                 "tokens": len(best.token_ids),
+                "rewards": {
+                    key: values[i * samples : (i + 1) * samples] for key, values in scored.items()
+                },
             }
         )
 
     def summarise(items: list[dict]) -> dict:
         n = len(items)
-        return {
+        summary = {
             "n": n,
             "greedy_accuracy": sum(i["greedy"] for i in items) / n,
             f"pass@{pass_k}": sum(i["pass"] for i in items) / n,
@@ -117,6 +139,10 @@ def evaluate(
             "sample_accuracy": sum(i["sampled_correct"] for i in items) / n,
             "mean_completion_tokens": sum(i["tokens"] for i in items) / n,
         }
+        for key in scored:
+            values = [v for i in items for v in i["rewards"][key] if v is not None]
+            summary[key] = sum(values) / len(values) if values else None
+        return summary
 
     by_task, by_level, groups = defaultdict(list), defaultdict(list), defaultdict(list)
     for item in per_row:
@@ -143,6 +169,11 @@ def scalars(report: dict, prefix: str = "eval") -> dict[str, float]:
         f"{prefix}/greedy_accuracy": report["greedy_accuracy"],
         f"{prefix}/{pass_key}": report[pass_key],
         f"{prefix}/sample_accuracy": report["sample_accuracy"],
+        **{
+            f"{prefix}/{key}": value
+            for key, value in report.items()
+            if key.startswith("reward/") and value is not None
+        },
     }
     for group, table in (("task", report["by_task"]), ("level", report["by_level"])):
         for name, m in table.items():
@@ -172,4 +203,11 @@ def format_table(report: dict, title: str = "") -> str:
     lines += [line(task, "all", m) for task, m in report["by_task"].items()]
     lines += [line("all", level, m) for level, m in report["by_level"].items()]
     lines.append(line("all", "all", report))
+    means = [
+        f"{k.removeprefix('reward/')} {v:.3f}"
+        for k, v in report.items()
+        if k.startswith("reward/") and v is not None
+    ]
+    if means:
+        lines.append("mean reward of the sampled completions: " + ", ".join(means))
     return "\n".join(lines)

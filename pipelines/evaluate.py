@@ -18,6 +18,12 @@ from align.config import check
 from align.data import load_dataset_file
 from align.evaluate import evaluate, format_table, scalars
 from align.modeling import check_checkpoint
+from align.rewarding import (
+    RewardSpec,
+    build_reward_set,
+    check_option_columns,
+    check_reward_checkpoints,
+)
 from align.runs import Run
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,10 @@ class EvalSettings:
     seed: int = 0
     # vLLM engine settings.
     engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
+    # Rewards scored on the sampled completions, each reported as its mean beside the accuracy
+    # (a custom or partial-credit reward is otherwise invisible in evaluation). Empty: accuracy
+    # only, except in `align rl`, whose evaluation then scores with the stage's own rewards.
+    rewards: list[RewardSpec] = field(default_factory=list)
 
     def validate(self) -> None:
         check(self.pass_k >= 1, "pass_k", f"must be >= 1 (got {self.pass_k})")
@@ -106,6 +116,11 @@ def run(config: Config, llm=None) -> dict:
     # Inputs are checked before anything is written.
     check_checkpoint(config.model, "model", config.engine.max_model_len)
     dataset, data_report = load_dataset_file(config.data, "rl", on_error=config.on_error)
+    rewards = None
+    if config.rewards:
+        check_reward_checkpoints(config.rewards, "rewards")
+        check_option_columns(config.rewards, dataset.column_names, "rewards", config.data)
+        rewards = build_reward_set(config.rewards)
     with Run(Path(config.runs_dir) / config.name, config) as run_dir:
         rows = list(dataset)[: config.limit]
         tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -119,6 +134,7 @@ def run(config: Config, llm=None) -> dict:
             temperature=config.temperature,
             max_tokens=config.max_new_tokens,
             seed=config.seed,
+            rewards=rewards,
         )
         report["model"] = config.model
         report["data"] = {**data_report, "evaluated": len(rows)}

@@ -23,7 +23,7 @@ training wall time), `trained.jsonl` (the prompts and policy versions of every s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -188,8 +188,10 @@ def run(config: Config) -> dict:
             rows = [dict(row) for row in dataset]
             result = Controller(config, run_dir, rows, data_report, RayFleet).train()
         if config.heldout is not None:
+            # Scored with the stage's own rewards too, unless eval.rewards names others.
+            settings = replace(config.eval, rewards=config.eval.rewards or config.rewards)
             result["eval"] = evaluate.evaluate_checkpoint(
-                config.eval, str(model_dir), config.heldout, f"{config.name}/eval", config.runs_dir
+                settings, str(model_dir), config.heldout, f"{config.name}/eval", config.runs_dir
             )
         run_dir.write_json("result.json", result)
     return result

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from align.evaluate import format_table, is_correct, pass_at_k
 from align.modeling import load_model
+from align.rewarding import RewardSpec
 from align.tokenizer import encode_prompts
 from pipelines import evaluate as eval_stage
 from tests.conftest import shared_engine
@@ -50,6 +51,7 @@ def test_eval_stage_matches_an_independent_greedy_check(memorized, tmp_path):
         pass_k=2,
         samples=4,
         max_new_tokens=12,
+        rewards=[RewardSpec(name="answer_match"), RewardSpec(name="answer_format", weight=0.5)],
     )
     report = eval_stage.run(config, llm=shared_engine(memorized["checkpoint"]))
 
@@ -81,3 +83,13 @@ def test_eval_stage_matches_an_independent_greedy_check(memorized, tmp_path):
     assert metrics["eval/level_1/pass@2"] == report["by_level"]["1"]["pass@2"]
     assert list((tmp_path / "runs" / "ev" / "tb").glob("events.out.tfevents.*"))
     assert "add" in format_table(report) and "pass@2" in format_table(report)
+    # The rewards, on the same sampled completions: answer_match is the verifier's 0/1, so its
+    # mean is the sample accuracy; the total is the weighted sum of the means.
+    assert report["reward/answer_match"] == pytest.approx(report["sample_accuracy"])
+    assert report["reward/total"] == pytest.approx(
+        report["reward/answer_match"] + 0.5 * report["reward/answer_format"]
+    )
+    for task, table in report["by_task"].items():
+        assert table["reward/answer_match"] == pytest.approx(table["sample_accuracy"]), task
+    assert metrics["eval/reward/answer_format"] == report["reward/answer_format"]
+    assert "mean reward of the sampled completions: answer_match" in format_table(report)

@@ -128,7 +128,8 @@ class RolloutWorker:
         return [result.rate for result in scorer.score(rows)]
 
     def evaluate(self, rows: list[dict[str, Any]], **settings) -> dict:
-        """Held-out evaluation of the current weights (see `align.evaluate.evaluate`)."""
+        """Held-out evaluation of the current weights (see `align.evaluate.evaluate`), the
+        sampled completions also scored with the stage's rewards."""
         from align.evaluate import evaluate
 
-        return evaluate(self.llm, self.tokenizer, rows, **settings)
+        return evaluate(self.llm, self.tokenizer, rows, rewards=self.rewards, **settings)
