@@ -33,7 +33,7 @@ from align.modeling import build_model, write_checkpoint
 from align.tasks import export, make_problems
 from align.tokenizer import build_tokenizer
 from tests.conftest import ForkedAlign
-from tests.test_cli import align
+from tests.helpers import align
 
 CORPUS = Path(__file__).parent / "data" / "bad"
 CASES = yaml.safe_load((CORPUS / "cases.yaml").read_text(encoding="utf-8"))["cases"]

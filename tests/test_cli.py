@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ALIGN = str(Path(sys.executable).parent / "align")
+from tests.helpers import align
+
 SUBCOMMANDS = ["run", "make-model", "make-data", "eval", "filter", "sft", "rl", "dpo", "distill"]
-
-
-def align(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """Runs the `align` command; `env` adds variables to the current environment."""
-    return subprocess.run(
-        [ALIGN, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_help_lists_every_subcommand():

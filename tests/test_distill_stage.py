@@ -18,9 +18,8 @@ from align.tasks import make_problems, split_problems, to_sft
 from align.tokenizer import build_tokenizer
 from align.training import LoraSettings, TrainSettings
 from pipelines import distill
-from tests.conftest import memorize, shared_engine
-from tests.test_cli import align
-from tests.test_train_stages import Crash, CrashAfterSave, logged, write_jsonl
+from tests.conftest import memorize, shared_engine, write_jsonl
+from tests.helpers import Crash, CrashAfterSave, align, logged
 
 # fp16 storage of the cached logprobs: the offline loss with k = V matches the online one to this.
 FP16_TOLERANCE = 1e-3

@@ -14,11 +14,7 @@ non-finite steps) are in tests/test_rl_stage.py, where the Ray runs are.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,9 +27,9 @@ from align.runs import NonFiniteError
 from align.tasks import make_problems, to_dpo, to_sft
 from align.training import TrainSettings
 from pipelines import dpo, sft
-from tests import test_train_stages as train_stages
 from tests.conftest import write_jsonl
-from tests.test_cli import ALIGN, align
+from tests.helpers import ALIGN, align, kill_when, run_driver
+from tests.helpers import sft_config as helpers_sft_config
 
 pytestmark = pytest.mark.fault
 
@@ -74,30 +70,8 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def sft_config(tmp_path: Path, model: Path, data: str, name: str, **train) -> sft.Config:
-    """tests/test_train_stages.py's SFT config, 2 epochs: 8 steps of 8 rows."""
-    return train_stages.sft_config(tmp_path, model, data, name, **{"epochs": 2.0, **train})
-
-
-def run_driver(tmp_path: Path, source: str, args: list[str], **env: str):
-    """Runs `align ARGS` through a Python file holding `source` (which patches in a fault and
-    then calls align.cli.main)."""
-    driver = tmp_path / "fault_driver.py"
-    driver.write_text(source, encoding="utf-8")
-    return subprocess.run(
-        [sys.executable, str(driver), *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=600,
-    )
-
-
-def plugin_env(tmp_path: Path, module: str, source: str) -> dict[str, str]:
-    """Writes a reward plug-in module and returns the environment that makes it importable."""
-    folder = tmp_path / "plugin"
-    folder.mkdir(exist_ok=True)
-    (folder / f"{module}.py").write_text(source, encoding="utf-8")
-    return {"PYTHONPATH": f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    """tests/helpers.py's SFT config, 2 epochs: 8 steps of 8 rows."""
+    return helpers_sft_config(tmp_path, model, data, name, **{"epochs": 2.0, **train})
 
 
 def logged(run_dir: Path, key: str) -> dict[int, float]:
@@ -238,20 +212,6 @@ def test_a_save_cut_off_half_way_leaves_the_previous_checkpoint_usable(
 
 
 # ------------------------------------------------------------------------ a killed pipeline
-def kill_when(args: list[str], ready, log: Path, timeout: float = 300) -> None:
-    """Runs `align ARGS` in its own process group and kills the whole group with SIGKILL as
-    soon as `ready()` holds. Fails if the command ends first."""
-    with open(log, "w", encoding="utf-8") as output:
-        process = subprocess.Popen(
-            [ALIGN, *args], stdout=output, stderr=output, start_new_session=True
-        )
-        deadline = time.monotonic() + timeout
-        while not ready():
-            assert process.poll() is None, log.read_text(encoding="utf-8")[-3000:]
-            assert time.monotonic() < deadline, f"not ready in {timeout} s"
-            time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
 
 
 def test_a_killed_pipeline_resumes_at_the_stage_it_stopped_in(tmp_path):

@@ -10,7 +10,7 @@ import yaml
 from datasets import load_from_disk
 
 from align.tasks import make_problems, to_sft
-from tests.test_cli import align
+from tests.helpers import align
 
 pytestmark = pytest.mark.vllm
 

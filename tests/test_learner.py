@@ -22,6 +22,7 @@ from align.rl.learner import LearnerRank, LearnerSettings, free_address, split_b
 from align.rl.rollout import Rollout
 from align.runs import NonFiniteError
 from tests.conftest import FAMILY_PRESETS, run_ranks
+from tests.helpers import on_policy_groups
 
 
 def start_rank(path, settings: LearnerSettings, loss: PolicyLossSettings, **kwargs) -> LearnerRank:
@@ -43,32 +44,6 @@ def full_parameters(model) -> dict[str, torch.Tensor]:
         name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
         for name, p in model.named_parameters()
     }
-
-
-def on_policy_groups(model, groups: int = 4, size: int = 4, seed: int = 0) -> list[Rollout]:
-    """Groups sampled from `model` itself with their exact logprobs, rewarded on token parity;
-    the last group has one unscored completion (the batch then splits unevenly)."""
-    generator = torch.Generator().manual_seed(seed)
-    rollouts = []
-    for g in range(groups):
-        prompt = torch.randint(5, 60, (4,), generator=generator).tolist()
-        completions, logprobs = [], []
-        for _ in range(size):
-            ids = list(prompt)
-            with torch.no_grad():
-                for _ in range(3):
-                    logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-                    probs = torch.softmax(logits.float(), -1)
-                    ids.append(int(torch.multinomial(probs, 1, generator=generator)))
-                logp = token_logprobs(model, torch.tensor([ids]), torch.ones(1, len(ids)))
-            completions.append(ids[4:])
-            logprobs.append(logp[0, 3:].tolist())
-        rewards = [float(c[0] % 2 == 0) for c in completions]
-        rewards[0], rewards[1] = 1.0, 0.0  # every group has both outcomes
-        if g == groups - 1:
-            rewards[-1] = None
-        rollouts.append(Rollout(g, prompt, completions, logprobs, rewards, version=0))
-    return rollouts
 
 
 def mean_logprob_gap(model, groups: list[Rollout]) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_cli import align
+from tests.helpers import align
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

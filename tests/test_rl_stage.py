@@ -16,8 +16,7 @@ import pytest
 import yaml
 
 from align.tasks import make_problems, to_rl
-from tests.test_cli import align
-from tests.test_faults import kill_when, plugin_env, run_driver
+from tests.helpers import align, kill_when, plugin_env, run_driver
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 

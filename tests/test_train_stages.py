@@ -9,7 +9,6 @@ import pytest
 import yaml
 from datasets import load_from_disk
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from align.config import ConfigError
 from align.rewarding import RewardSpec
@@ -17,36 +16,7 @@ from align.tasks import make_problems, split_problems, to_chat, to_dpo, to_rl, t
 from align.training import LoraSettings, TrainSettings
 from pipelines import dpo, sft
 from tests.conftest import write_jsonl
-from tests.test_cli import align
-
-
-class Crash(Exception):
-    """Stands for the process dying right after a checkpoint was written."""
-
-
-class CrashAfterSave(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Crash(f"stopped after the checkpoint of step {self.step}")
-
-
-def logged(run_dir, key: str) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)[key] for line in lines if key in json.loads(line)]
-
-
-def sft_config(tmp_path, model, data, name, **train) -> sft.Config:
-    settings = dict(batch_size=8, epochs=3.0, learning_rate=3e-3, logging_steps=1, save_steps=2)
-    return sft.Config(
-        model=str(model),
-        data=data,
-        name=name,
-        runs_dir=str(tmp_path / "runs"),
-        train=TrainSettings(**{**settings, **train}),
-    )
+from tests.helpers import Crash, CrashAfterSave, align, logged, sft_config
 
 
 def test_sft_lowers_the_loss_and_resumes_where_it_stopped(tmp_path, student_dir, sft_file):

@@ -32,7 +32,7 @@ from align.rl.learner import LearnerRank, LearnerSettings, free_address, split_b
 from align.tokenizer import encode_prompts
 from align.weight_sync import export_weights
 from tests.conftest import run_ranks, shared_engine
-from tests.test_learner import on_policy_groups
+from tests.helpers import on_policy_groups
 
 FAMILIES = ["llama4", "qwen3_moe"]
 TOLERANCE = 1e-4
