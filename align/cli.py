@@ -54,12 +54,17 @@ def build_parser(keys_of: str | None = None) -> argparse.ArgumentParser:
             action="store_true",
             help="print the resolved config (defaults, file, overrides) as YAML and exit",
         )
+        p.add_argument(
+            "--dry-run",
+            action="store_true",
+            help=(
+                "check every stage's config, print the plan (stages, inputs, placement), exit"
+                if name == "run"
+                else "check the config, its plug-ins, the files it reads and its placement, "
+                "print what it would read and write, exit"
+            ),
+        )
         if name == "run":
-            p.add_argument(
-                "--dry-run",
-                action="store_true",
-                help="check every stage's config, print the plan (stages, inputs, placement), exit",
-            )
             p.add_argument(
                 "--from",
                 dest="rerun_from",
@@ -126,19 +131,25 @@ def main(argv: list[str] | None = None) -> int:
         module = stages.COMMANDS[args.command]
     try:
         config = load_config(module.Config, config_path, overrides)
+        source = config_path or COMMAND_LINE
         if args.command == "run":
-            resolved = pipeline.resolve_stages(config, source=config_path or COMMAND_LINE)
-            if getattr(args, "dry_run", False) and not args.print_config:
+            resolved = pipeline.resolve_stages(config, source=source)
+            if args.dry_run and not args.print_config:
                 # `align run` checks them in pipeline.run, before its first stage.
-                pipeline.check_inputs(config, resolved, source=config_path or COMMAND_LINE)
+                pipeline.check_inputs(config, resolved, source=source)
+        if args.dry_run and not args.print_config:
+            if args.command == "run":
+                dry_run = pipeline.plan(config, resolved)
+            else:
+                dry_run = pipeline.stage_dry_run(args.command, config, source)
     except ConfigError as error:
         print(f"align {args.command}: {error}", file=sys.stderr)
         return 2
     if args.print_config:
         print(dump_yaml(config), end="")
         return 0
-    if getattr(args, "dry_run", False):
-        print(pipeline.plan(config, resolved))
+    if args.dry_run:
+        print(dry_run)
         return 0
 
     try:

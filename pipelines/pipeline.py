@@ -260,19 +260,49 @@ def plan(config: Config, resolved: list[tuple[StageEntry, Any]]) -> str:
             f"[{number}/{len(resolved)}] {entry.name} ({entry.command})"
             + (": finished, will be skipped" if done else "")
         )
-        for key in ("model", "student", "data", "heldout"):
-            value = getattr(stage_config, key, None)
-            if isinstance(value, str):
-                lines.append(f"      {key:<8} {value}")
-        teacher = getattr(stage_config, "teacher", None)
-        if teacher is not None:
-            lines.append(f"      teacher  {teacher.model} ({teacher.mode})")
-        if getattr(stage_config, "placement", None) is not None:
-            stage_lines, _ = placement_plan(
-                stage_config, policy_config_dir(stage_config.model, resolved[:number])
-            )
-            lines += [f"      {line}" for line in stage_lines]
+        lines += _stage_lines(stage_config, resolved[:number])
     return "\n".join(lines)
+
+
+def _stage_lines(stage_config: Any, resolved: list[tuple[StageEntry, Any]]) -> list[str]:
+    """What a stage reads (checkpoints, data, teacher) and its placement, for a plan."""
+    lines = []
+    for key in ("model", "student", "data", "heldout"):
+        value = getattr(stage_config, key, None)
+        if isinstance(value, str):
+            lines.append(f"      {key:<8} {value}")
+    teacher = getattr(stage_config, "teacher", None)
+    if teacher is not None:
+        lines.append(f"      teacher  {teacher.model} ({teacher.mode})")
+    if getattr(stage_config, "placement", None) is not None:
+        stage_lines, _ = placement_plan(
+            stage_config, policy_config_dir(stage_config.model, resolved)
+        )
+        lines += [f"      {line}" for line in stage_lines]
+    return lines
+
+
+def stage_dry_run(command: str, stage_config: Any, source: str) -> str:
+    """`align COMMAND --dry-run`: the checks `align run --dry-run` makes of each stage, made of
+    this one (config built and validated, plug-ins imported; the files it reads exist; its
+    placement fits the declared cluster), and what it would read and where it would write.
+
+    Raises:
+        ConfigError: naming the key, as the run would before starting.
+    """
+    entry = StageEntry(name=stage_config.name, command=command)
+    resolved = [(entry, stage_config)]
+    placement = getattr(stage_config, "placement", None)
+    if placement is not None and placement.cluster is not None:
+        _, problem = placement_plan(stage_config, policy_config_dir(stage_config.model, resolved))
+        if problem is not None:
+            raise ConfigError(f"key 'placement.cluster' in {source}: {problem}")
+    single = Config(name=stage_config.name, runs_dir=stage_config.runs_dir, stages=[entry])
+    check_inputs(single, resolved, source)
+    out = Path(stage_config.runs_dir) / stage_config.name
+    return "\n".join(
+        [f"align {command}: outputs under {out}/", *_stage_lines(stage_config, resolved)]
+    )
 
 
 # config.json of the presets make-model stages build, written for `policy_config_dir`.

@@ -57,14 +57,44 @@ def test_distill_needs_a_student_and_a_teacher(tmp_path, quick_align):
     assert out.returncode == 2 and "missing required key 'teacher'" in out.stderr
     out = quick_align("distill", "--print-config", "student=s", "data=d", "teacher.model=t")
     assert out.returncode == 0, out.stderr
-    assert yaml.safe_load(out.stdout)["teacher"] == {
+    teacher = yaml.safe_load(out.stdout)["teacher"]
+    assert teacher["engine"]["dtype"] == "float32"
+    assert {k: v for k, v in teacher.items() if k != "engine"} == {
         "model": "t",
         "mode": "online",
         "top_k": 32,
+        "cache_builder": "vllm",
         "cache_dir": None,
         "batch_size": 64,
     }
     assert not any(tmp_path.iterdir())
+
+
+def test_a_stage_dry_run_checks_what_it_reads_and_writes_nothing(
+    tmp_path, quick_align, student_dir, sft_file
+):
+    runs = tmp_path / "runs"
+    out = quick_align(
+        "sft", f"model={student_dir}", f"data={sft_file}", f"runs_dir={runs}", "--dry-run"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:3] == [
+        f"align sft: outputs under {runs}/sft/",
+        f"      model    {student_dir}",
+        f"      data     {sft_file}",
+    ]
+    missing = tmp_path / "no-such-data.jsonl"
+    out = quick_align(
+        "sft", f"model={student_dir}", f"data={missing}", f"runs_dir={runs}", "--dry-run"
+    )
+    assert out.returncode == 2
+    assert f"key 'data': {missing} does not exist" in out.stderr
+    # A filter's plug-in is imported and its name checked.
+    out = quick_align(
+        "filter", f"data={sft_file}", "filters=[{name: lenght}]", f"runs_dir={runs}", "--dry-run"
+    )
+    assert out.returncode == 2 and "unknown filter 'lenght'" in out.stderr, out.stderr
+    assert not runs.exists(), "a dry run writes nothing"
 
 
 def test_unknown_override_key_suggests_the_nearest(tmp_path, quick_align):
