@@ -125,6 +125,10 @@ class TeacherSettings:
     # Rows per teacher forward pass (per engine call with vllm) when precomputing the cache.
     batch_size: int = 64
 
+    def uses_engine(self) -> bool:
+        """Whether `engine` starts: the offline cache built with vLLM."""
+        return self.mode == "offline" and self.cache_builder == "vllm"
+
     def validate(self) -> None:
         check(self.top_k >= 1, "top_k", f"must be >= 1 (got {self.top_k})")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1 (got {self.batch_size})")
@@ -158,6 +162,10 @@ class OnPolicySettings:
     seed: int = 0
     # vLLM engine settings.
     engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
+
+    def uses_engine(self) -> bool:
+        """Whether `engine` starts: on-policy batches sample with vLLM."""
+        return self.ratio > 0
 
     def validate(self) -> None:
         check(0.0 <= self.ratio <= 1.0, "ratio", f"must be in [0, 1] (got {self.ratio})")

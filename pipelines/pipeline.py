@@ -14,15 +14,19 @@ rows with the same settings; the run ends with `report.md`, `report.json` and pl
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from align.config import ConfigError, changed_settings, check, from_dict, name_problem, to_dict
+from align.engine import EngineConfig
+from align.pruning import FILTERS
+from align.rewarding import REWARDS
 from align.rl.placement import plan as placement_plan
 from align.runs import write_json_atomic
 from pipelines import report, stages
@@ -274,12 +278,55 @@ def _stage_lines(stage_config: Any, resolved: list[tuple[StageEntry, Any]]) -> l
     teacher = getattr(stage_config, "teacher", None)
     if teacher is not None:
         lines.append(f"      teacher  {teacher.model} ({teacher.mode})")
+    for key, settings in engines(stage_config):
+        lines.append(
+            f"      engine   {key}: {settings.dtype}, tensor parallel "
+            f"{settings.tensor_parallel_size}, max_model_len {settings.max_model_len}, "
+            f"KV cache {settings.kv_cache_gib:g} GiB"
+        )
     if getattr(stage_config, "placement", None) is not None:
         stage_lines, _ = placement_plan(
             stage_config, policy_config_dir(stage_config.model, resolved)
         )
         lines += [f"      {line}" for line in stage_lines]
     return lines
+
+
+def engines(config: Any, prefix: str = "") -> list[tuple[str, EngineConfig]]:
+    """Every vLLM engine a stage's config sets up, with its key: the typed ones (`engine`,
+    `pairs.engine`, `teacher.engine`, `eval.engine`, ...; a settings class whose
+    `uses_engine()` is false is left out) and the `options.engine` of a filter or reward whose
+    plug-in serves a model with vLLM (its defaults where the options set none)."""
+    found = []
+    for item in fields(config):
+        value = getattr(config, item.name)
+        key = f"{prefix}{item.name}"
+        if isinstance(value, EngineConfig):
+            found.append((key, value))
+        elif is_dataclass(value) and getattr(value, "uses_engine", lambda: True)():
+            found += engines(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, entry in enumerate(value):
+                if _starts_engine(entry):
+                    settings = from_dict(
+                        EngineConfig, entry.options.get("engine") or {}, source=key
+                    )
+                    found.append((f"{key}[{i}].options.engine", settings))
+    return found
+
+
+def _starts_engine(entry: Any) -> bool:
+    """Whether a filter or reward entry's plug-in takes an `engine` option (it serves a model
+    with vLLM: the difficulty filters, the LLM judge)."""
+    options = getattr(entry, "options", None)
+    if not isinstance(options, dict) or not isinstance(getattr(entry, "name", None), str):
+        return False
+    registry = FILTERS if hasattr(entry, "keep") else REWARDS
+    try:
+        plugin = registry.get(entry.name)
+    except ConfigError:
+        return False
+    return "engine" in inspect.signature(plugin).parameters
 
 
 def stage_dry_run(command: str, stage_config: Any, source: str) -> str:

@@ -169,6 +169,14 @@ def test_gpu_pipeline_file_passes_the_dry_run(tmp_path, quick_align):
     assert "learners 16 rank(s) x 1 GPU" in out.stdout and "workers 8 x 2 GPU" in out.stdout
     assert "cluster  4 node(s) x 8 GPUs of 80 GiB: 32 of 32 GPUs used" in out.stdout
     assert f"model    {tmp_path}" in out.stdout
+    # Every engine of the 30 B model is bf16 over 2 GPUs, none left at the CPU defaults.
+    engine_lines = [line.strip() for line in out.stdout.splitlines() if "engine   " in line]
+    assert "engine   filters[1].options.engine: bfloat16, tensor parallel 2" in "\n".join(
+        engine_lines
+    )
+    assert any(line.startswith("engine   pairs.engine: bfloat16") for line in engine_lines)
+    assert any(line.startswith("engine   teacher.engine: bfloat16") for line in engine_lines)
+    assert engine_lines and not [line for line in engine_lines if "float32" in line]
 
 
 @pytest.mark.parametrize(
