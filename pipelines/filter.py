@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from align.config import check
+from align.config import check, from_dict
 from align.data import DataError, load_dataset_file
 from align.pruning import FILTERS, Buckets, Selection, build_filter, select
 from align.registry import RegistryError
+from align.rewarding import RewardSpec, check_option_columns
 from align.runs import Run, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,14 @@ def run(config: Config) -> dict:
         for i, step in enumerate(config.filters)
     ]
     dataset, data_report = load_dataset_file(config.data, config.schema, config.on_error)
+    for i, step in enumerate(config.filters):
+        # A filter that scores with rewards (difficulty) passes them the rows' columns.
+        specs = [
+            from_dict(RewardSpec, spec, source=f"filters[{i}].options.rewards[{j}]")
+            for j, spec in enumerate(step.options.get("rewards") or [])
+        ]
+        key = f"filters[{i}].options.rewards"
+        check_option_columns(specs, dataset.column_names, key, config.data)
     with Run(Path(config.runs_dir) / config.name, config) as run_dir:
         rows = list(dataset)
         if not rows:
