@@ -293,7 +293,7 @@ def _read(path: Path) -> tuple[list[dict | DataError], Dataset | None]:
 
 def detect_schema(columns: Sequence[str], candidates: Sequence[str], path: Path) -> str:
     """The one schema of `candidates` whose columns a file has (a preference file's prompt may
-    be implicit).
+    be implicit), or else the one schema some of whose columns it has.
 
     Raises:
         DataError: naming the file and the columns found, when none or several fit.
@@ -305,6 +305,12 @@ def detect_schema(columns: Sequence[str], candidates: Sequence[str], path: Path)
         if set(_required_columns(schema)) <= found
         or (schema == "dpo" and {"chosen", "rejected"} <= found)
     ]
+    if not fits:
+        # One format some of whose columns are there: its rows lack the others, and the rows
+        # are refused naming the missing field (a prompt/completion file missing completions).
+        fits = [s for s in candidates if set(_required_columns(s)) & found] or fits
+        if len(fits) > 1:
+            fits = []
     if len(fits) == 1:
         return fits[0]
     listed = ", ".join(sorted(found)) or "none"
@@ -366,13 +372,19 @@ def load_dataset_file(
     path = Path(path)
     rows, source = _read(path)
     if not isinstance(schema, str):
-        first = next((row for row in rows if isinstance(row, dict)), None)
-        if source is None and first is None and rows:
+        parsed = [row for row in rows if isinstance(row, dict)]
+        if source is None and not parsed and rows:
             # Not one row parsed: its reason is the error, not the columns.
             error = rows[0]
             error.file, error.row = str(path), 0
             raise error
-        columns = source.column_names if source is not None else list(first or {})
+        # Every column any row has (what an Arrow table of the rows would have), so that a bad
+        # row missing one is reported as a bad row, not as another format.
+        columns = (
+            source.column_names
+            if source is not None
+            else list(dict.fromkeys(key for row in parsed for key in row))
+        )
         # An empty file has no columns; it is refused below as having no usable rows.
         schema = detect_schema(columns, schema, path) if rows else schema[0]
     implicit = 0
