@@ -12,7 +12,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from align import engine
-from align.scoring import reward_columns
+from align.scoring import score_groups
 from align.tasks import TASKS, extract_answer
 from align.tokenizer import encode_prompts
 
@@ -104,11 +104,7 @@ def evaluate(
     # Each reward's values over the sampled completions, row i's at [i * samples, (i+1) * samples).
     scored: dict[str, list[float | None]] = {}
     if rewards is not None:
-        flat = [c for group in sampled for c in group]
-        columns = reward_columns(rows, samples)
-        columns["completion_ids"] = [c.token_ids for c in flat]
-        prompts_flat = [row["prompt"] for row in rows for _ in range(samples)]
-        batch = rewards(prompts_flat, [c.text for c in flat], columns)
+        batch = score_groups(rows, [row["prompt"] for row in rows], sampled, rewards)
         scored = {f"reward/{name}": values for name, values in batch.values.items()}
         scored["reward/total"] = batch.totals
 

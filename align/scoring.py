@@ -70,11 +70,22 @@ def sample_and_score(
         seed=seed,
         progress=progress,
     )
+    return completions, score_groups(rows, prompts, completions, rewards)
+
+
+def score_groups(
+    rows: list[dict[str, Any]],
+    prompts: list,
+    completions: list[list[engine.Completion]],
+    rewards: RewardSet,
+) -> RewardBatch:
+    """Scores each row's completions against the row's columns (and `completion_ids`); the
+    batch is flattened row by row (completion j of row i is entry i * samples + j)."""
+    samples = len(completions[0]) if completions else 0
     flat = [c for per_prompt in completions for c in per_prompt]
     columns = reward_columns(rows, samples)
     columns["completion_ids"] = [c.token_ids for c in flat]
-    batch = rewards([p for p in prompts for _ in range(samples)], [c.text for c in flat], columns)
-    return completions, batch
+    return rewards([p for p in prompts for _ in range(samples)], [c.text for c in flat], columns)
 
 
 @dataclass
