@@ -167,6 +167,21 @@ def shared_engine(path: Path, **settings):
     return _engines[str(path)]
 
 
+@pytest.fixture(autouse=True)
+def _engines_stay_usable():
+    """Fails the test that tore down vLLM's process-global state while session engines live
+    (an in-process engine it started and dropped), instead of the engine tests that come later."""
+    yield
+    if _engines:
+        from vllm.distributed import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            pytest.fail(
+                "this test tore down vLLM's in-process distributed state (it dropped an engine "
+                "it started in this process); run such engines in a subprocess or share one"
+            )
+
+
 def pytest_sessionfinish(session, exitstatus):
     repeated = {path: n for path, n in engine.ENGINE_STARTS.items() if n > 1}
     if repeated:

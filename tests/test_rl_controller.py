@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class FakeFleet:
         unscored: prompt ids whose groups come back with no completion scored, as when the
             reward `flaky` raises on them; `unscored_from`: the request from which every group
             does.
+        step_seconds: how long each learner step takes (generation takes no time), so that
+            generation runs ahead of training whatever the machine's load.
     """
 
     def __init__(
@@ -53,7 +56,9 @@ class FakeFleet:
         learner_dies_at=None,
         unscored=(),
         unscored_from=None,
+        step_seconds=0.0,
     ) -> None:
+        self.step_seconds = step_seconds
         self.config = config
         self.unscored, self.unscored_from = set(unscored), unscored_from
         self.workers = config.placement.workers
@@ -140,6 +145,7 @@ class FakeFleet:
     # --- learner
     def train_step(self, rollouts, stage):
         def step():
+            time.sleep(self.step_seconds)
             self.version += 1
             if self.version == self.learner_dies_at:
                 raise ActorFailure("learner rank 1 failed in train_step: ActorDiedError")
@@ -225,7 +231,7 @@ def test_groups_train_within_the_staleness_bound_and_no_prompt_twice(
     staleness, tmp_path, student_dir, rows
 ):
     config = make_config(tmp_path, student_dir, max_staleness=staleness)
-    fleet = FakeFleet(config)
+    fleet = FakeFleet(config, step_seconds=0.05)
     result, out = train(config, rows, fleet)
     lines = audit(out)
     assert [a["step"] for a in lines] == list(range(1, 9))
