@@ -199,7 +199,29 @@ def test_shipped_pipeline_files_resolve(path):
     assert len(pipeline.resolve_stages(config, str(file))) == len(config.stages)
 
 
-@pytest.mark.parametrize("command", ["filter", "sft", "dpo"])
+@pytest.mark.parametrize(
+    "path", sorted(p.name for p in (REPO_ROOT / "pipelines" / "experiments" / "rl").glob("*.yaml"))
+)
+def test_rl_ablations_load_on_top_of_the_default_rl_stage(path):
+    """bench/rl.py's `async:FILE.yaml` arms: each file's settings over the default pipeline's
+    `rl` stage make a valid stage config that holds them."""
+    from align.config import from_dict, to_dict
+    from pipelines import rl
+
+    default = yaml.safe_load((REPO_ROOT / "pipelines" / "default.yaml").read_text())
+    data = next(s["config"] for s in default["stages"] if s["name"] == "rl")
+    ablation = yaml.safe_load((REPO_ROOT / "pipelines" / "experiments" / "rl" / path).read_text())
+    for key, value in ablation.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    loaded = to_dict(from_dict(rl.Config, data, source=path))
+    for key, value in ablation.items():
+        if isinstance(value, dict):
+            assert {k: loaded[key][k] for k in value} == value, key
+        else:
+            assert loaded[key] == value, key
+
+
+@pytest.mark.parametrize("command", ["filter", "sft", "dpo", "rl", "distill"])
 def test_shipped_stage_configs_load(command):
     from align.config import load_config
     from pipelines import stages
