@@ -3,7 +3,7 @@
 All arms start from the same checkpoint and train on the same prompts with the same group size,
 batch (groups x group size), learning rate and warmup, loss (GRPO, no KL), completion length and
 MoE router loss. `align rl` runs as the default pipeline runs it (the `rl` stage of
-pipelines/default.yaml: its pool re-scoring, off-policy correction, micro-batches), with
+pipelines/default.yaml: its prompt pool, off-policy correction, micro-batches), with
 those shared settings on top, `async` (max_staleness 1) or `sync` (0); an arm
 `async:FILE.yaml` applies FILE's settings last (the ablations in pipelines/experiments/rl/).
 Three TRL arms: `trl` is GRPOTrainer with transformers `generate` on the model as transformers
@@ -15,7 +15,7 @@ toolkit loads it (only the chosen experts run), which separates the sparse routi
 Each arm runs in its own process, one after another, alternating across repetitions; both
 tools are deterministic, so repetition r uses seed `--seed` + r (sampling and prompt order).
 Every `eval_every` steps an arm keeps its weights with the training wall time so far (time
-spent keeping them excluded; this toolkit's pool re-scoring counts, it is part of the method);
+spent keeping them excluded; a pool re-scoring, where an arm does it, counts: it is part of the method);
 after all arms have run, one vLLM engine scores every snapshot on the same held-out rows, so
 evaluation never touches the timings. The accuracy is sample accuracy (`--eval-samples`
 completions per row at temperature 1, the quantity RL maximises, with the same sampling seed

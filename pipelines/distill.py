@@ -14,10 +14,10 @@ Teacher logits come from one of two places (`teacher.mode`):
     offline  a precompute step runs the teacher once over the (deduplicated) training rows and
              writes its top-k log-probabilities (fp16) and ids (int32) per completion position
              to a cache directory (`TopKCache`); training then reads them back as a sparse
-             teacher. The teacher runs in a vLLM engine (`teacher.cache_builder: vllm`, its
-             prompt logprobs; `teacher.engine` sets dtype and tensor parallelism, so a teacher
-             vLLM can serve on several GPUs can be distilled) or as a transformers forward in
-             this process (`transformers`). The cache's manifest names the teacher (path and a
+             teacher. The teacher runs as a transformers forward in this process
+             (`teacher.cache_builder: transformers`, the default) or in a vLLM engine (`vllm`,
+             its prompt logprobs; `teacher.engine` sets dtype and tensor parallelism, so a
+             teacher vLLM can serve on several GPUs can be distilled). The cache's manifest names the teacher (path and a
              hash of its files), k, the tokenizer and the rows; a cache whose manifest does not
              match is refused, not silently reused.
 
@@ -112,10 +112,12 @@ class TeacherSettings:
     # offline: teacher entries kept per completion position (the truncated teacher is
     # softmax(top-k logits); see align/losses/distill.py). At most the vocabulary size.
     top_k: int = 32
-    # offline: what runs the teacher to build the cache. vllm: a vLLM engine's prompt logprobs
-    # (any teacher vLLM serves, sharded by `engine.tensor_parallel_size`); transformers: a
-    # forward pass in the training process (the teacher must fit beside the student).
-    cache_builder: Literal["vllm", "transformers"] = "vllm"
+    # offline: what runs the teacher to build the cache. transformers: a forward pass in the
+    # training process (the teacher must fit beside the student; on CPU it built a 75 M
+    # teacher's cache 1.7x faster than vLLM with half the memory, docs/benchmarks.md section 3);
+    # vllm: a vLLM engine's prompt logprobs (any teacher vLLM serves, sharded over GPUs by
+    # `engine.tensor_parallel_size`: for teachers too large to sit beside the student).
+    cache_builder: Literal["vllm", "transformers"] = "transformers"
     # offline, cache_builder vllm: the engine. max_model_len and max_logprobs are raised to
     # train.max_length + 1 and top_k when lower.
     engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)

@@ -32,7 +32,10 @@ def test_command_help_lists_every_config_key_with_type_default_and_meaning(capsy
     keys = text.split("config keys (--config FILE.yaml or key.sub=value):\n")[1].splitlines()
     entries = dict(zip(keys[0::2], keys[1::2], strict=True))
     lines = {entry.split()[0]: (entry, meaning.strip()) for entry, meaning in entries.items()}
-    assert lines["teacher.cache_builder"][0].split(None, 1)[1] == 'vllm | transformers = "vllm"'
+    assert (
+        lines["teacher.cache_builder"][0].split(None, 1)[1]
+        == 'vllm | transformers = "transformers"'
+    )
     assert lines["teacher.cache_builder"][1].startswith("offline: what runs the teacher")
     assert lines["student"][0].endswith("str, required")
     assert lines["train.learning_rate"][0].endswith("float = 0.001")
@@ -63,7 +66,7 @@ def test_distill_needs_a_student_and_a_teacher(tmp_path, quick_align):
         "model": "t",
         "mode": "online",
         "top_k": 32,
-        "cache_builder": "vllm",
+        "cache_builder": "transformers",
         "cache_dir": None,
         "batch_size": 64,
     }

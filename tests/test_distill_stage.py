@@ -101,12 +101,12 @@ def test_offline_top_k_matches_online_and_the_cache_is_reused_or_refused(
     caplog.set_level(logging.INFO, logger="pipelines.distill")
     vocab = len(build_tokenizer())
     online = distill.run(config(tmp_path, models, files, "online"))
-    # The cache built by a vLLM engine serving the teacher (the default builder; the session's
-    # engine: one dropped in this process would take the session's other engines with it).
+    # The cache built by a vLLM engine serving the teacher (the session's engine: one dropped
+    # in this process would take the session's other engines with it).
     llm = shared_engine(models["teacher"], max_logprobs=vocab)
-    full = distill.run(
-        config(tmp_path, models, files, "full", mode="offline", top_k=vocab), llm=llm
-    )
+    full_config = config(tmp_path, models, files, "full", mode="offline", top_k=vocab)
+    full_config.teacher.cache_builder = "vllm"
+    full = distill.run(full_config, llm=llm)
     runs = tmp_path / "runs"
     assert online["steps"] == full["steps"] == 4  # 64 rows / 16 per step
     for key in ("train/loss", "train/soft_loss", "train/hard_loss", "train/teacher_kl"):
@@ -121,12 +121,13 @@ def test_offline_top_k_matches_online_and_the_cache_is_reused_or_refused(
     assert manifest["positions"] > 64
     assert manifest["build_seconds"] > 0
 
-    # A small k, built by a transformers forward: the truncated teacher loses its tail mass, so
-    # the loss moves a little.
+    # A small k, built by a transformers forward (the default builder): the truncated teacher
+    # loses its tail mass, so the loss moves a little.
     cache = tmp_path / "cache-k8"
     small = config(tmp_path, models, files, "k8", mode="offline", top_k=8, cache_dir=str(cache))
-    small.teacher.cache_builder = "transformers"
     distill.run(small)
+    built = json.loads((cache / "manifest.json").read_text())["built_with"]
+    assert built == "transformers"
     a, b = logged(runs / "online", "train/loss"), logged(runs / "k8", "train/loss")
     assert b[0] == pytest.approx(a[0], rel=0.05) and b[0] != pytest.approx(a[0], abs=1e-6)
 

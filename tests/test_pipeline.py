@@ -42,6 +42,10 @@ def small_default_pipeline(runs: Path) -> Path:
     stages["rl"]["engine"] = {"kv_cache_gib": 0.125}
     stages["dpo"]["pairs"]["samples"] = 4
     stages["distill"]["train"]["token_budget"] = 20000
+    # The teacher's cache built by the stage's own vLLM engine (the default builds it with a
+    # transformers forward, as tests/test_distill_stage.py does), started and shut down in the
+    # stage's process before training.
+    stages["distill"]["teacher"]["cache_builder"] = "vllm"
     path = runs.parent / "default-small.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
@@ -80,6 +84,8 @@ def test_default_pipeline_runs_every_stage_and_reports(tmp_path):
             level: row["greedy_accuracy"] for level, row in measured["by_level"].items()
         }, stage
         assert sorted(h["by_level"]) == ["1", "2", "3", "4"], stage
+    cache = json.loads((root / "distill" / "teacher_cache" / "manifest.json").read_text())
+    assert cache["built_with"] == "vllm" and cache["top_k"] == 32
     for stage in ("sft", "dpo", "distill"):
         budget = json.loads((root / stage / "result.json").read_text())["budget_tokens"]
         assert by_stage[stage]["tokens"] == budget > 0

@@ -267,12 +267,7 @@ def test_sft_dpo_and_distillation_train_a_dense_model(tmp_path, student_dir, sft
         distill.Config(
             student=str(dense),
             data=sft_file,
-            # A transformers forward builds the cache: a vLLM engine started and dropped in this
-            # process would tear down the session's engines (the vLLM builder is tested in
-            # tests/test_distill_stage.py on a shared engine).
-            teacher=distill.TeacherSettings(
-                model=str(student_dir), mode="offline", top_k=8, cache_builder="transformers"
-            ),
+            teacher=distill.TeacherSettings(model=str(student_dir), mode="offline", top_k=8),
             name="distill",
             runs_dir=str(tmp_path / "runs"),
             train=train,
