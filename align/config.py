@@ -607,7 +607,7 @@ def _show_type(tp: Any) -> str:
         return " | ".join("null" if a is type(None) else _show_type(a) for a in args)
     if origin in (list, tuple, dict):
         return f"{origin.__name__}[{', '.join(_show_type(a) for a in args)}]"
-    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+    return _type_name(tp)
 
 
 def _show_default(value: Any) -> str:
