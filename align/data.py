@@ -251,9 +251,14 @@ def _read_json(path: Path, data: bytes) -> list[dict | DataError]:
 
 
 def _load_saved(path: Path) -> Dataset:
-    """A `save_to_disk` directory; what `datasets` raises on a damaged one becomes a DataError."""
+    """A `save_to_disk` directory; what `datasets` raises on a damaged one becomes a DataError.
+
+    Read into memory (the rows are read as Python objects anyway): a dataset still backed by
+    the directory's Arrow files would make every later `map` or `filter` (TRL's tokenising, the
+    filters) write its cache files into the input directory.
+    """
     try:
-        dataset = load_from_disk(str(path))
+        dataset = load_from_disk(str(path), keep_in_memory=True)
     except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as error:
         # json.JSONDecodeError (a cut state.json or dataset_info.json) is a ValueError.
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__

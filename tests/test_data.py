@@ -42,6 +42,18 @@ def write(fmt, tmp_path, rows):
     return tmp_path / "data"
 
 
+def test_a_saved_dataset_directory_is_read_without_writing_into_it(tmp_path):
+    """Stages map the rows they load (TRL's tokenising, the filters); a dataset that still
+    pointed at the input's Arrow files would write its map caches next to them."""
+    path = write("dir", tmp_path, SAMPLES["sft"])
+    before = sorted(p.name for p in path.iterdir())
+    dataset, _ = load_dataset_file(path, "sft")
+    assert dataset.cache_files == []
+    dataset.map(lambda row: {"n": len(row["prompt"])})
+    dataset.filter(lambda row: True)
+    assert sorted(p.name for p in path.iterdir()) == before
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "dir"])
 @pytest.mark.parametrize("sample", list(SAMPLES))
 def test_round_trip(tmp_path, fmt, sample):
