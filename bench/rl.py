@@ -673,7 +673,10 @@ def plot(curves, runs, targets, profiles, path: Path) -> None:
                     color=plt.get_cmap("tab20")(k + (0 if side == "learner" else 10)),
                 )
                 bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        right.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        # One line per part of a name ("async:" / "rollout-filter-min192" / "rep0"): long
+        # ablation names side by side would overlap.
+        shown = [n.replace(":", ":\n").replace(" rep", "\nrep") for n in names]
+        right.set_xticks(range(len(names)), shown, fontsize=7, rotation=30, ha="right")
         right.set_ylabel("seconds per step (left bar: learner, right: worker)")
         right.legend(fontsize=6)
         right.set_title("where a step of align rl goes")
