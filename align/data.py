@@ -313,9 +313,9 @@ def detect_schema(columns: Sequence[str], candidates: Sequence[str], path: Path)
     if not fits:
         # One format some of whose columns are there: its rows lack the others, and the rows
         # are refused naming the missing field (a prompt/completion file missing completions).
-        fits = [s for s in candidates if set(_required_columns(s)) & found] or fits
-        if len(fits) > 1:
-            fits = []
+        # Several such formats are as good as none: the file is refused as fitting none.
+        partial = [s for s in candidates if set(_required_columns(s)) & found]
+        fits = partial if len(partial) == 1 else []
     if len(fits) == 1:
         return fits[0]
     listed = ", ".join(sorted(found)) or "none"

@@ -17,9 +17,9 @@ Teacher logits come from one of two places (`teacher.mode`):
              teacher. The teacher runs as a transformers forward in this process
              (`teacher.cache_builder: transformers`, the default) or in a vLLM engine (`vllm`,
              its prompt logprobs; `teacher.engine` sets dtype and tensor parallelism, so a
-             teacher vLLM can serve on several GPUs can be distilled). The cache's manifest names the teacher (path and a
-             hash of its files), k, the tokenizer and the rows; a cache whose manifest does not
-             match is refused, not silently reused.
+             teacher vLLM can serve on several GPUs can be distilled). The cache's manifest
+             names the teacher (path and a hash of its files), k, the tokenizer and the rows;
+             a cache whose manifest does not match is refused, not silently reused.
 
 Steps: (1) check the inputs before anything is written: teacher and student share a tokenizer
 and a vocabulary size, the data files are valid; (2) fit the data to the token budget; (3) build the trainer (SFTTrainer with `compute_loss`

