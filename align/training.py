@@ -32,7 +32,8 @@ from align.config import (
     parse_yaml,
     read_input_file,
 )
-from align.moe import ExpertLoad, has_experts, routers, shares
+from align.launch import TrainPlacement, sharding_arguments, sum_over_ranks
+from align.moe import ExpertLoad, has_experts, load_summary, routers, shares
 from align.runs import NonFiniteError, Run, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -152,11 +153,14 @@ def use_bf16(precision: str) -> bool:
     return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def trainer_arguments(settings: TrainSettings, output_dir: Path, model) -> dict:
+def trainer_arguments(
+    settings: TrainSettings, output_dir: Path, model, placement: TrainPlacement
+) -> dict:
     """Keyword arguments that SFTConfig and DPOConfig (both TrainingArguments) share.
 
     `model` is the model to train: the router loss applies only where it has experts (a dense
-    model trains without it, and the log says so once).
+    model trains without it, and the log says so once). On the ranks of a launch, `placement`
+    says how they shard the model (`align.launch.sharding_arguments`).
     """
     router_aux_loss_coef = settings.router_aux_loss_coef
     if router_aux_loss_coef and not has_experts(model.config):
@@ -192,6 +196,7 @@ def trainer_arguments(settings: TrainSettings, output_dir: Path, model) -> dict:
         report_to=[],
         # The stages keep their metadata columns (task, level) out of the batch themselves.
         remove_unused_columns=True,
+        **sharding_arguments(placement),
     )
 
 
@@ -298,9 +303,12 @@ def resume_point(checkpoints: Path) -> str | None:
     return None
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer, directory: Path) -> Path:
+def save_checkpoint(
+    model: PreTrainedModel, tokenizer, directory: Path, state_dict: dict | None = None
+) -> Path:
     """Writes a Hugging Face checkpoint that vLLM loads: LoRA merged, safetensors, tokenizer.
 
+    `state_dict` replaces the model's own weights (the full weights gathered from FSDP shards).
     Written to a temporary sibling first and moved into place, so `directory` is never half
     written.
     """
@@ -308,7 +316,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, directory: Path) -> Path:
         model = model.merge_and_unload()
     tmp = directory.with_name(directory.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
@@ -331,8 +339,10 @@ class NonFiniteGuard(TrainerCallback):
         self.in_a_row = 0
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        # The local shards: under FSDP each rank holds part of every gradient.
+        grads = [getattr(p.grad, "_local_tensor", p.grad) for p in model.parameters()]
+        finite = all(bool(g.isfinite().all()) for g in grads if g is not None)
+        if bool(sum_over_ranks(torch.tensor([float(not finite)])).item() == 0):
             self.in_a_row = 0
             return
         for parameter in model.parameters():
@@ -347,7 +357,8 @@ class NonFiniteGuard(TrainerCallback):
             self.in_a_row,
             self.limit,
         )
-        self.run.log_metrics(step, {"train/skipped_nonfinite": float(self.skipped)})
+        if self.run is not None:
+            self.run.log_metrics(step, {"train/skipped_nonfinite": float(self.skipped)})
         if self.in_a_row >= self.limit:
             control.should_save = True
             control.should_training_stop = True
@@ -366,10 +377,11 @@ class RunLogger(TrainerCallback):
     """Sends the trainer's logs to the run (metrics.jsonl, TensorBoard) with MoE expert load.
 
     At the end of training the per-expert load of the whole run is written to
-    `expert_load.json` and drawn as a layer x expert heat map, `expert_load.png`.
+    `expert_load.json` and drawn as a layer x expert heat map, `expert_load.png`. On several
+    ranks every rank counts its own tokens and rank 0, the one with a `run`, writes the sums.
     """
 
-    def __init__(self, run: Run, model: torch.nn.Module, prefix: str = "train") -> None:
+    def __init__(self, run: Run | None, model: torch.nn.Module, prefix: str = "train") -> None:
         self.run, self.prefix = run, prefix
         self.load = ExpertLoad(model) if routers(model) else None
         self.total_le = None
@@ -381,27 +393,30 @@ class RunLogger(TrainerCallback):
             if isinstance(value, int | float) and math.isfinite(value)
         }
         if self.load is not None:
-            metrics.update(self.load.summary())
-            self._accumulate()
-        if metrics:
+            metrics.update(load_summary(self._accumulate()))
+        if metrics and self.run is not None:
             self.run.log_metrics(state.global_step, metrics)
 
-    def _accumulate(self) -> None:
-        counts = self.load.counts_le.clone()
+    def _accumulate(self) -> torch.Tensor:
+        """Adds the counts since the last call (of every rank) to the total; returns them."""
+        counts = sum_over_ranks(self.load.counts_le)
         self.total_le = counts if self.total_le is None else self.total_le + counts
         self.load.reset()
+        return counts
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.load is None:
             return
         self._accumulate()
+        self.load.detach()
+        if self.run is None:
+            return
         shares_le = shares(self.total_le)
         table = {
             name: row.tolist() for name, row in zip(self.load.layer_names, shares_le, strict=True)
         }
         write_json_atomic(self.run.dir / "expert_load.json", {"share_per_expert": table})
         _heatmap(self.run.dir / "expert_load.png", shares_le, self.load.layer_names)
-        self.load.detach()
 
 
 def _heatmap(path: Path, shares_le: torch.Tensor, names: list[str]) -> None:
@@ -423,14 +438,23 @@ def _heatmap(path: Path, shares_le: torch.Tensor, names: list[str]) -> None:
     plt.close(fig)
 
 
-def finish(trainer, train_output, tokenizer, directory: Path, **facts) -> dict:
+def finish(trainer, train_output, tokenizer, directory: Path, **facts) -> dict | None:
     """Saves the trained model (see `save_checkpoint`) and marks the run finished.
+
+    On several ranks every rank must call it (FSDP gathers the full weights); rank 0 writes.
 
     Returns:
         The result: the checkpoint path, steps, mean training loss and `facts`, also written to
         `<directory>/train_result.json`, whose presence means the run needs no more training.
+        None on the other ranks.
     """
-    save_checkpoint(trainer.model, tokenizer, directory)
+    model, state_dict = trainer.model, None
+    if trainer.is_fsdp_enabled:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+    if not trainer.accelerator.is_main_process:
+        return None
+    save_checkpoint(model, tokenizer, directory, state_dict)
     result = {
         "model": str(directory),
         "steps": trainer.state.global_step,

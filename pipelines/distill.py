@@ -58,9 +58,10 @@ from transformers import AutoConfig, AutoTokenizer
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 from trl import SFTConfig, SFTTrainer
 
-from align import engine
+from align import engine, launch
 from align.config import ConfigError, check
 from align.data import load_dataset_file
+from align.launch import TrainPlacement, check_placement, sum_over_ranks
 from align.losses.distill import (
     IGNORE_INDEX,
     AlphaSchedule,
@@ -208,10 +209,19 @@ class Config:
     eval: evaluate.EvalSettings = field(default_factory=evaluate.EvalSettings)
     # Bad dataset rows: "raise" stops with the file, row and field; "skip" drops and counts them.
     on_error: Literal["raise", "skip"] = "raise"
+    # Processes the training runs on (align/launch.py).
+    placement: TrainPlacement = field(default_factory=TrainPlacement)
 
     def validate(self) -> None:
+        check_placement(self.placement, self.lora.enabled)
         if self.on_policy.ratio == 0.0:
             return
+        check(
+            self.placement.processes == 1,
+            "on_policy.ratio",
+            "on-policy batches run on one process (each rank would start its own vLLM engine); "
+            "set placement.processes 1 or on_policy.ratio 0",
+        )
         check(
             self.teacher.mode == "online",
             "on_policy.ratio",
@@ -281,6 +291,10 @@ class DistillTrainer(SFTTrainer):
         )
         if num_items_in_batch is not None:
             loss = out.loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                # num_items_in_batch counts the tokens of every rank and DDP (or FSDP) averages
+                # the gradients over the ranks: scale back, as Trainer.compute_loss does.
+                loss = loss * self.accelerator.num_processes
         elif on_policy:
             # The Trainer leaves the accumulation average to the loss here.
             loss = out.loss / self.current_gradient_accumulation_steps
@@ -678,6 +692,9 @@ def heldout_scores(student, teacher: OnlineTeacher, loader) -> dict:
         kl_sum += (logp_t_nv.exp() * (logp_t_nv - logp_s_nv)).sum().item()
         tokens += int(target_bt.sum())
     student.train(was_training)
+    # On several ranks the loader gives each rank its share of the rows.
+    ce_sum, kl_sum, tokens = sum_over_ranks(torch.tensor([ce_sum, kl_sum, tokens])).tolist()
+    tokens = int(tokens)
     return {"ce": ce_sum / max(tokens, 1), "teacher_kl": kl_sum / max(tokens, 1), "tokens": tokens}
 
 
@@ -702,10 +719,8 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
             f"key 'teacher.top_k': {config.teacher.top_k} exceeds the vocabulary size {vocab}"
         )
     dataset, data_report = load_dataset_file(config.data, "sft", config.on_error)
-    heldout_rows = None
     if config.heldout_sft is not None:
-        heldout_rows, _ = load_dataset_file(config.heldout_sft, "sft", config.on_error)
-        heldout_rows = heldout_rows.select_columns(["prompt", "completion"])
+        load_dataset_file(config.heldout_sft, "sft", config.on_error)
     evaluate.check_heldout(config.heldout)
     out = Path(config.runs_dir) / config.name
     refuse_changed_rerun(out, config)
@@ -728,62 +743,23 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
                 dataset.select_columns(["prompt", "completion"]), counts, config.train, "rows"
             )
 
-            # 3. The trainer; its teacher is set once the tokenised rows exist (offline cache).
-            model = load_model(config.student)
-            args = SFTConfig(
-                **trainer_arguments(config.train, out / "checkpoints", model),
-                completion_only_loss=True,
-                per_device_eval_batch_size=config.train.batch_size,
-            )
-            trainer = DistillTrainer(
-                model=model,
-                args=args,
-                train_dataset=dataset,
-                eval_dataset=heldout_rows,
-                processing_class=tokenizer,
-                peft_config=lora_config(config.lora),
-                callbacks=callbacks,
-                teacher=None,
-                loss_config=config.loss,
-            )
-            trainer.add_callback(RunLogger(run_dir, trainer.model))
-            trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
-            online = None
-            if config.teacher.mode == "online" or heldout_rows is not None:
-                online = OnlineTeacher(load_model(config.teacher.model))
-            if config.teacher.mode == "online":
-                trainer.teacher = online
-            else:
-                trainer.teacher = offline_teacher(config, trainer, tokenizer, out, llm)
-            if config.on_policy.ratio > 0:
-                trainer.sampler = StudentSampler(
-                    config.on_policy, config.student, out / "policy-export", tokenizer.pad_token_id
-                )
-
-            # 4. Training; an interrupted run continues from its newest checkpoint.
-            resume = resume_point(out / "checkpoints")
-            heldout_before = None
-            if heldout_rows is not None and resume is None:
-                heldout_before = heldout_scores(
-                    trainer.model, online, trainer.get_eval_dataloader()
-                )
-            train_output = trainer.train(resume_from_checkpoint=resume)
-            facts = {}
-            if heldout_rows is not None:
-                after = heldout_scores(trainer.model, online, trainer.get_eval_dataloader())
-                facts = {"heldout_before": heldout_before, "heldout_after": after}
-                log.info("held-out gold completions: %s -> %s", heldout_before, after)
-
-            # 5. The checkpoint vLLM loads.
-            result = finish(
-                trainer,
-                train_output,
-                tokenizer,
-                model_dir,
-                data=data_report,
-                budget_tokens=tokens,
-                teacher=config.teacher.model,
-                **facts,
+            # 3-5. Training here or on config.placement's processes (see `fit`); an interrupted
+            # run continues from its newest checkpoint.
+            result = launch.train(
+                fit,
+                config,
+                dataset,
+                run_dir,
+                out,
+                resume_point(out / "checkpoints"),
+                callbacks,
+                # An engine of this process cannot reach the ranks; there rank 0 starts one.
+                llm=llm if config.placement.processes == 1 else None,
+                facts={
+                    "data": data_report,
+                    "budget_tokens": tokens,
+                    "teacher": config.teacher.model,
+                },
             )
 
         # 6. Held-out evaluation.
@@ -793,3 +769,68 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
             )
         run_dir.write_json("result.json", result)
     return result
+
+
+def fit(
+    config: Config,
+    dataset,
+    run_dir: Run | None,
+    resume: str | None,
+    callbacks: list | None,
+    facts: dict,
+    llm=None,
+) -> dict | None:
+    """Steps 3-5 of `run`, on each rank: the trainer and its teacher, training from `resume`,
+    the held-out CE and KL before and after, and the checkpoint vLLM loads (rank 0, with `facts`
+    in its result). `llm` builds the offline cache as in `run` (in the stage's process only)."""
+    out = Path(config.runs_dir) / config.name
+    tokenizer = AutoTokenizer.from_pretrained(config.student)
+    heldout_rows = None
+    if config.heldout_sft is not None:
+        heldout_rows, _ = load_dataset_file(config.heldout_sft, "sft", config.on_error)
+        heldout_rows = heldout_rows.select_columns(["prompt", "completion"])
+    # The trainer; its teacher is set once the tokenised rows exist (offline cache).
+    model = load_model(config.student)
+    args = SFTConfig(
+        **trainer_arguments(config.train, out / "checkpoints", model, config.placement),
+        completion_only_loss=True,
+        per_device_eval_batch_size=config.train.batch_size,
+    )
+    trainer = DistillTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=heldout_rows,
+        processing_class=tokenizer,
+        peft_config=lora_config(config.lora),
+        callbacks=callbacks,
+        teacher=None,
+        loss_config=config.loss,
+    )
+    launch.check_joined(trainer)
+    trainer.add_callback(RunLogger(run_dir, trainer.model))
+    trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
+    online = None
+    if config.teacher.mode == "online" or heldout_rows is not None:
+        online = OnlineTeacher(load_model(config.teacher.model))
+    if config.teacher.mode == "online":
+        trainer.teacher = online
+    else:
+        # Rank 0 builds the cache (or finds it); the other ranks then open it.
+        with trainer.accelerator.main_process_first():
+            trainer.teacher = offline_teacher(config, trainer, tokenizer, out, llm)
+    if config.on_policy.ratio > 0:
+        trainer.sampler = StudentSampler(
+            config.on_policy, config.student, out / "policy-export", tokenizer.pad_token_id
+        )
+
+    # Training; held-out CE and KL on the gold completions before (unless resumed) and after.
+    heldout_before = None
+    if heldout_rows is not None and resume is None:
+        heldout_before = heldout_scores(trainer.model, online, trainer.get_eval_dataloader())
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    if heldout_rows is not None:
+        after = heldout_scores(trainer.model, online, trainer.get_eval_dataloader())
+        facts = {**facts, "heldout_before": heldout_before, "heldout_after": after}
+        log.info("held-out gold completions: %s -> %s", heldout_before, after)
+    return finish(trainer, train_output, tokenizer, out / "model", **facts)

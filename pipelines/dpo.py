@@ -30,9 +30,10 @@ from datasets import Dataset, load_from_disk
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from align import engine
+from align import engine, launch
 from align.config import ConfigError, check
 from align.data import DataError, load_dataset_file
+from align.launch import TrainPlacement, check_placement
 from align.modeling import check_checkpoint, load_model
 from align.preferences import FormatMaskingCollator, build_pairs, format_token_ids
 from align.rewarding import (
@@ -150,8 +151,11 @@ class Config:
     eval: evaluate.EvalSettings = field(default_factory=evaluate.EvalSettings)
     # Bad dataset rows: "raise" stops with the file, row and field; "skip" drops and counts them.
     on_error: Literal["raise", "skip"] = "raise"
+    # Processes the training runs on (align/launch.py).
+    placement: TrainPlacement = field(default_factory=TrainPlacement)
 
     def validate(self) -> None:
+        check_placement(self.placement, self.lora.enabled)
         check(
             (self.data is None) != (self.pairs is None),
             "data",
@@ -245,22 +249,17 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
             # in-memory dataset's cache lives in a per-process temporary directory instead.
             dataset = Dataset.from_list(list(dataset))
 
-            # 4. Training.
-            trainer = build_trainer(config, load_model(config.model), tokenizer, dataset, out)
-            for callback in callbacks or []:
-                trainer.add_callback(callback)
-            trainer.add_callback(RunLogger(run_dir, trainer.model))
-            trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
-            train_output = trainer.train(resume_from_checkpoint=resume_point(out / "checkpoints"))
-
-            # 5. The checkpoint vLLM loads.
-            result = finish(
-                trainer,
-                train_output,
-                tokenizer,
-                model_dir,
-                data=data_report,
-                budget_tokens=tokens,
+            # 4-5. Training here or on config.placement's processes (see `fit`); an interrupted
+            # run continues from its newest checkpoint.
+            result = launch.train(
+                fit,
+                config,
+                dataset,
+                run_dir,
+                out,
+                resume_point(out / "checkpoints"),
+                callbacks,
+                facts={"data": data_report, "budget_tokens": tokens},
             )
 
         # 6. Held-out evaluation.
@@ -272,6 +271,28 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
     return result
 
 
+def fit(
+    config: Config,
+    dataset: Dataset,
+    run_dir: Run | None,
+    resume: str | None,
+    callbacks: list | None,
+    facts: dict,
+) -> dict | None:
+    """Steps 4-5 of `run`, on each rank: trains on the prepared pairs, resuming from `resume`,
+    and saves the checkpoint vLLM loads (rank 0, with `facts` in its result)."""
+    out = Path(config.runs_dir) / config.name
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    trainer = build_trainer(config, load_model(config.model), tokenizer, dataset, out)
+    launch.check_joined(trainer)
+    for callback in callbacks or []:
+        trainer.add_callback(callback)
+    trainer.add_callback(RunLogger(run_dir, trainer.model))
+    trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    return finish(trainer, train_output, tokenizer, out / "model", **facts)
+
+
 def build_trainer(config: Config, model, tokenizer, dataset: Dataset, out: Path) -> DPOTrainer:
     """The DPO (or SimPO) trainer for `config`: loss mapping, format mask, precomputed reference."""
     loss = config.loss
@@ -280,7 +301,7 @@ def build_trainer(config: Config, model, tokenizer, dataset: Dataset, out: Path)
         loss_types.append("sft")
         loss_weights.append(loss.nll_weight)
     args = DPOConfig(
-        **trainer_arguments(config.train, out / "checkpoints", model),
+        **trainer_arguments(config.train, out / "checkpoints", model, config.placement),
         beta=loss.beta,
         loss_type=loss_types,
         loss_weights=loss_weights,

@@ -25,8 +25,10 @@ from typing import Any
 
 from align.config import ConfigError, changed_settings, check, from_dict, name_problem, to_dict
 from align.engine import EngineConfig
+from align.launch import TrainPlacement
 from align.pruning import FILTERS
 from align.rewarding import REWARDS
+from align.rl.placement import Placement
 from align.rl.placement import plan as placement_plan
 from align.runs import write_json_atomic
 from pipelines import report, stages
@@ -134,7 +136,7 @@ def resolve_stages(config: Config, source: str = "<pipeline>") -> list[tuple[Sta
         )
         resolved.append((entry, stage_config))
         placement = getattr(stage_config, "placement", None)
-        if placement is not None and placement.cluster is not None:
+        if isinstance(placement, Placement) and placement.cluster is not None:
             _, problem = placement_plan(
                 stage_config, policy_config_dir(stage_config.model, resolved)
             )
@@ -284,11 +286,14 @@ def _stage_lines(stage_config: Any, resolved: list[tuple[StageEntry, Any]]) -> l
             f"{settings.tensor_parallel_size}, max_model_len {settings.max_model_len}, "
             f"KV cache {settings.kv_cache_gib:g} GiB"
         )
-    if getattr(stage_config, "placement", None) is not None:
+    placement = getattr(stage_config, "placement", None)
+    if isinstance(placement, Placement):
         stage_lines, _ = placement_plan(
             stage_config, policy_config_dir(stage_config.model, resolved)
         )
         lines += [f"      {line}" for line in stage_lines]
+    elif isinstance(placement, TrainPlacement) and placement.processes > 1:
+        lines.append(f"      training on {placement.processes} processes ({placement.sharding})")
     return lines
 
 
@@ -340,7 +345,7 @@ def stage_dry_run(command: str, stage_config: Any, source: str) -> str:
     entry = StageEntry(name=stage_config.name, command=command)
     resolved = [(entry, stage_config)]
     placement = getattr(stage_config, "placement", None)
-    if placement is not None and placement.cluster is not None:
+    if isinstance(placement, Placement) and placement.cluster is not None:
         _, problem = placement_plan(stage_config, policy_config_dir(stage_config.model, resolved))
         if problem is not None:
             raise ConfigError(f"key 'placement.cluster' in {source}: {problem}")

@@ -24,8 +24,10 @@ from typing import Literal
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
+from align import launch
 from align.config import check
 from align.data import load_dataset_file
+from align.launch import TrainPlacement, check_placement
 from align.modeling import check_checkpoint, load_model
 from align.runs import Run
 from align.training import (
@@ -85,8 +87,11 @@ class Config:
     eval: evaluate.EvalSettings = field(default_factory=evaluate.EvalSettings)
     # Bad dataset rows: "raise" stops with the file, row and field; "skip" drops and counts them.
     on_error: Literal["raise", "skip"] = "raise"
+    # Processes the training runs on (align/launch.py).
+    placement: TrainPlacement = field(default_factory=TrainPlacement)
 
     def validate(self) -> None:
+        check_placement(self.placement, self.lora.enabled)
         check(
             self.schema in ("auto", "sft") or not self.filters,
             "filters",
@@ -143,33 +148,21 @@ def run(config: Config, callbacks: list | None = None) -> dict:
                 dataset.select_columns(columns), counts, config.train, "rows"
             )
 
-            # 3. Training; an interrupted run continues from its newest checkpoint.
-            model = load_model(config.model)
-            args = SFTConfig(
-                **trainer_arguments(config.train, out / "checkpoints", model),
-                packing=config.packing,
-                completion_only_loss=True if schema == "sft" else None,
-            )
-            trainer = SFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=dataset,
-                processing_class=tokenizer,
-                peft_config=lora_config(config.lora),
-                callbacks=callbacks,
-            )
-            trainer.add_callback(RunLogger(run_dir, trainer.model))
-            trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
-            train_output = trainer.train(resume_from_checkpoint=resume_point(out / "checkpoints"))
-
-            # 4. The checkpoint vLLM loads.
-            result = finish(
-                trainer,
-                train_output,
-                tokenizer,
-                model_dir,
-                data={**data_report, "rows_after_filters": len(counts)},
-                budget_tokens=tokens,
+            # 3-4. Training here or on config.placement's processes (see `fit`); an interrupted
+            # run continues from its newest checkpoint.
+            result = launch.train(
+                fit,
+                config,
+                dataset,
+                run_dir,
+                out,
+                resume_point(out / "checkpoints"),
+                callbacks,
+                schema=schema,
+                facts={
+                    "data": {**data_report, "rows_after_filters": len(counts)},
+                    "budget_tokens": tokens,
+                },
             )
 
         # 5. Held-out evaluation.
@@ -179,3 +172,37 @@ def run(config: Config, callbacks: list | None = None) -> dict:
             )
         run_dir.write_json("result.json", result)
     return result
+
+
+def fit(
+    config: Config,
+    dataset,
+    run_dir: Run | None,
+    resume: str | None,
+    callbacks: list | None,
+    schema: str,
+    facts: dict,
+) -> dict | None:
+    """Steps 3-4 of `run`, on each rank: trains on the prepared rows with SFTTrainer, resuming
+    from `resume`, and saves the checkpoint vLLM loads (rank 0, with `facts` in its result)."""
+    out = Path(config.runs_dir) / config.name
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    model = load_model(config.model)
+    args = SFTConfig(
+        **trainer_arguments(config.train, out / "checkpoints", model, config.placement),
+        packing=config.packing,
+        completion_only_loss=True if schema == "sft" else None,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(config.lora),
+        callbacks=callbacks,
+    )
+    launch.check_joined(trainer)
+    trainer.add_callback(RunLogger(run_dir, trainer.model))
+    trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    return finish(trainer, train_output, tokenizer, out / "model", **facts)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from align.launch import TrainPlacement
 from align.modeling import build_model, load_model
 from align.moe import ExpertLoad
 from align.tasks import make_problems, to_sft
@@ -124,7 +125,9 @@ def test_sft_loss_covers_exactly_the_completion(tmp_path, student_dir, packing):
     )
     model = load_model(student_dir)
     args = SFTConfig(
-        **trainer_arguments(TrainSettings(batch_size=8, max_length=64), tmp_path, model),
+        **trainer_arguments(
+            TrainSettings(batch_size=8, max_length=64), tmp_path, model, TrainPlacement()
+        ),
         packing=packing,
         completion_only_loss=True,
     )
