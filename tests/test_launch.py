@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from align.config import ConfigError, load_config
 from align.launch import TrainPlacement
 from align.modeling import build_model, write_checkpoint
+from align.runs import RunStopped
 from align.tasks import make_problems, to_dpo
 from align.training import TrainSettings
 from pipelines import distill, dpo, sft
@@ -151,6 +152,20 @@ def test_distillation_on_two_processes_equals_one_accumulating(tmp_path, student
     # The held-out scores sum both ranks' shares of the rows.
     assert two["heldout_after"]["tokens"] == one["heldout_after"]["tokens"]
     assert two["heldout_after"]["ce"] == pytest.approx(one["heldout_after"]["ce"], abs=1e-5)
+
+
+def test_a_stop_on_the_ranks_stops_the_stage_with_their_message(tmp_path, student_dir, sft_file):
+    # A learning rate that sends the weights to 1e30 (after the warmup step at 0): every later
+    # gradient is not finite.
+    config = sft_run(
+        tmp_path, student_dir, sft_file, "nan", 2, learning_rate=1e30, max_nonfinite_steps=2
+    )
+    with pytest.raises(RunStopped, match="2 consecutive steps had non-finite gradients"):
+        sft.run(config)
+    run = tmp_path / "runs" / "nan"
+    assert logged(run, "train/skipped_nonfinite") == [1.0, 2.0]
+    assert (run / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists()
+    assert not (run / "model").exists()
 
 
 def test_the_plan_shows_the_processes(tmp_path, student_dir, sft_file):
