@@ -13,6 +13,9 @@ accelerate:
   gloo instead, and the log says so.
 - `sharding: ddp` keeps the whole model on every rank and averages gradients.
 
+With LoRA, fsdp shards the frozen base as well (a model too large for one GPU can still get
+adapters) and rank 0 gathers the weights to merge the adapters for the export.
+
 Either way a step over N ranks equals the step one process takes accumulating the same N
 micro-batches: the trainers normalise the loss by the token count of all ranks. Rank 0 writes
 the logs, metrics, checkpoints' shared files and the exported model; every rank writes its own
@@ -38,6 +41,7 @@ from typing import Literal
 import torch
 
 from align.config import check, load_config
+from align.rl.placement import GIB, USABLE, Cluster, ModelShape, learner_memory
 from align.runs import Run, RunStopped
 
 log = logging.getLogger(__name__)
@@ -59,9 +63,92 @@ class TrainPlacement:
     # ranks; accelerate offers it on GPUs only, so on CPU the ranks run ddp over gloo);
     # ddp: every rank holds the whole model and the gradients are averaged.
     sharding: Literal["fsdp", "ddp"] = "fsdp"
+    # The GPUs the processes run on (one process per GPU, all on one machine): `--dry-run` and
+    # the stage refuse a placement whose memory per GPU does not fit; null: not checked.
+    cluster: Cluster | None = None
 
     def validate(self) -> None:
         check(self.processes >= 1, "processes", f"must be >= 1 (got {self.processes})")
+        if self.cluster is not None:
+            check(
+                self.processes <= self.cluster.gpus_per_node,
+                "cluster",
+                f"{self.processes} processes, one per GPU, do not fit a node of "
+                f"{self.cluster.gpus_per_node} GPUs (a training stage runs on one machine)",
+            )
+
+
+def plan(
+    placement: TrainPlacement,
+    train,
+    lora: bool,
+    shape: ModelShape | None,
+    sequences_per_row: int = 1,
+    teacher: ModelShape | None = None,
+) -> tuple[list[str], str | None]:
+    """The placement report of a training stage for `--dry-run`, and why it cannot fit its
+    cluster (None if it can or none is declared).
+
+    Memory per GPU, on GPUs (bf16 compute unless train.precision is fp32), for `shape` (the
+    model trained; None: its config.json is not there yet):
+    - state: full-parameter, 16 bytes per parameter (fp32 weights and gradients, AdamW's two
+      moments); LoRA, the frozen weights (2 bytes per parameter in bf16), the adapters' state
+      not counted (well under 1%); divided over the processes with fsdp;
+    - with fsdp, two decoder layers and the root unit unsharded in bf16, with their gradients
+      when full-parameter;
+    - the logits and activations of a micro-batch of train.batch_size x `sequences_per_row`
+      sequences of train.max_length tokens, as for the RL learner (align/rl/placement.py);
+    - `teacher`: an online teacher's frozen weights.
+
+    Args:
+        train: the stage's `TrainSettings`.
+        lora: whether the stage trains LoRA adapters.
+    """
+    kind = "LoRA" if lora else "full-parameter"
+    lines = [f"training {placement.processes} process(es), {placement.sharding}, {kind}"]
+    cluster = placement.cluster
+    if cluster is not None:
+        lines[0] += f"; one GPU each of {cluster.gpu_memory_gib:g} GiB on one node"
+    if shape is None:
+        lines.append("memory   not computed: the model's config.json is not there yet")
+        return lines, None
+    frozen_bytes = 4 if train.precision == "fp32" else 2
+    fsdp = placement.sharding == "fsdp"
+    shards = placement.processes if fsdp else 1
+    memory = learner_memory(
+        shape,
+        shards,
+        train.batch_size * sequences_per_row,
+        train.max_length,
+        False,
+        train.gradient_checkpointing,
+        False,
+    )
+    if lora:
+        memory.sharded = frozen_bytes * shape.parameters / shards
+        memory.in_flight /= 2  # the unsharded layers' weights, without gradients
+    if not fsdp:
+        memory.in_flight = 0.0
+    teacher_bytes = frozen_bytes * teacher.parameters if teacher is not None else 0.0
+    total = memory.total + teacher_bytes
+    lines.append(
+        f"trainer  per GPU: {_gib(total)} = {'frozen weights' if lora else 'state'} "
+        f"{_gib(memory.sharded)} + layers in flight {_gib(memory.in_flight)} + logits "
+        f"{_gib(memory.logits)} + activations {_gib(memory.activations)}"
+        + (f" + teacher {_gib(teacher_bytes)}" if teacher is not None else "")
+        + f" (micro-batch {train.batch_size * sequences_per_row} x {train.max_length} tokens)"
+    )
+    if cluster is None or total <= USABLE * cluster.gpu_memory_gib * GIB:
+        return lines, None
+    return lines, (
+        f"the training needs about {_gib(total)} per GPU, over {USABLE:.0%} of "
+        f"{cluster.gpu_memory_gib:g} GiB: add processes (with sharding fsdp), train LoRA "
+        "adapters, set train.gradient_checkpointing or lower train.batch_size"
+    )
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.1f} GiB"
 
 
 def world_size() -> int:
@@ -72,18 +159,6 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Whether this process writes the run's files: rank 0 of a launch, or the only process."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def check_placement(placement: TrainPlacement, lora: bool) -> None:
-    """Refuses what the launched ranks cannot do: LoRA adapters merged into FSDP-sharded weights
-    at export. Called by the stages' config checks."""
-    check(
-        placement.processes == 1 or placement.sharding == "ddp" or not lora,
-        "placement.sharding",
-        "LoRA on several processes needs sharding ddp (each rank holds the frozen model and only "
-        "the adapters' gradients are averaged); the export cannot merge adapters into "
-        "FSDP-sharded weights",
-    )
 
 
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:

@@ -153,6 +153,18 @@ def use_bf16(precision: str) -> bool:
     return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def frozen_dtype(precision: str) -> torch.dtype:
+    """The dtype of weights that are not trained (a LoRA base, a teacher): bf16 under bf16
+    mixed precision, where they need half the memory of fp32 and are computed in bf16 anyway;
+    fp32 otherwise. Trained weights stay fp32 (the optimiser's master copy)."""
+    return torch.bfloat16 if use_bf16(precision) else torch.float32
+
+
+def model_dtype(settings: TrainSettings, lora: LoraSettings) -> torch.dtype:
+    """The dtype to load the model to train in: with LoRA its weights are frozen."""
+    return frozen_dtype(settings.precision) if lora.enabled else torch.float32
+
+
 def trainer_arguments(
     settings: TrainSettings, output_dir: Path, model, placement: TrainPlacement
 ) -> dict:
@@ -323,6 +335,24 @@ def save_checkpoint(
     return directory
 
 
+def with_weights(peft_model, state_dict: dict[str, torch.Tensor]):
+    """A copy of `peft_model` (LoRA on a sharded base) holding `state_dict`, its full weights
+    gathered from the FSDP shards, so that peft can merge the adapters for the export.
+
+    The copy is built on the meta device and takes the gathered tensors as its parameters
+    (`assign`), so no second copy of the weights is made.
+    """
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = peft_model.get_base_model()
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
+    copy = get_peft_model(skeleton, peft_model.peft_config["default"])
+    copy.load_state_dict(state_dict, strict=True, assign=True)
+    return copy
+
+
 class NonFiniteGuard(TrainerCallback):
     """Skips an optimiser step whose gradients are not finite; stops after `limit` in a row.
 
@@ -450,10 +480,13 @@ def finish(trainer, train_output, tokenizer, directory: Path, **facts) -> dict |
     """
     model, state_dict = trainer.model, None
     if trainer.is_fsdp_enabled:
+        # The full weights, gathered from every rank's shard into rank 0's host memory.
         state_dict = trainer.accelerator.get_state_dict(trainer.model)
         model = trainer.accelerator.unwrap_model(trainer.model)
     if not trainer.accelerator.is_main_process:
         return None
+    if state_dict is not None and hasattr(model, "merge_and_unload"):
+        model, state_dict = with_weights(model, state_dict), None
     save_checkpoint(model, tokenizer, directory, state_dict)
     result = {
         "model": str(directory),

@@ -61,7 +61,7 @@ from trl import SFTConfig, SFTTrainer
 from align import engine, launch
 from align.config import ConfigError, check
 from align.data import load_dataset_file
-from align.launch import TrainPlacement, check_placement, sum_over_ranks
+from align.launch import TrainPlacement, sum_over_ranks
 from align.losses.distill import (
     IGNORE_INDEX,
     AlphaSchedule,
@@ -79,7 +79,9 @@ from align.training import (
     finish,
     finished_result,
     fit_budget,
+    frozen_dtype,
     lora_config,
+    model_dtype,
     refuse_changed_rerun,
     resume_point,
     token_count,
@@ -213,7 +215,6 @@ class Config:
     placement: TrainPlacement = field(default_factory=TrainPlacement)
 
     def validate(self) -> None:
-        check_placement(self.placement, self.lora.enabled)
         if self.on_policy.ratio == 0.0:
             return
         check(
@@ -790,7 +791,7 @@ def fit(
         heldout_rows, _ = load_dataset_file(config.heldout_sft, "sft", config.on_error)
         heldout_rows = heldout_rows.select_columns(["prompt", "completion"])
     # The trainer; its teacher is set once the tokenised rows exist (offline cache).
-    model = load_model(config.student)
+    model = load_model(config.student, model_dtype(config.train, config.lora))
     args = SFTConfig(
         **trainer_arguments(config.train, out / "checkpoints", model, config.placement),
         completion_only_loss=True,
@@ -812,7 +813,9 @@ def fit(
     trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
     online = None
     if config.teacher.mode == "online" or heldout_rows is not None:
-        online = OnlineTeacher(load_model(config.teacher.model))
+        online = OnlineTeacher(
+            load_model(config.teacher.model, frozen_dtype(config.train.precision))
+        )
     if config.teacher.mode == "online":
         trainer.teacher = online
     else:

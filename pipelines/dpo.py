@@ -33,7 +33,7 @@ from trl import DPOConfig, DPOTrainer
 from align import engine, launch
 from align.config import ConfigError, check
 from align.data import DataError, load_dataset_file
-from align.launch import TrainPlacement, check_placement
+from align.launch import TrainPlacement
 from align.modeling import check_checkpoint, load_model
 from align.preferences import FormatMaskingCollator, build_pairs, format_token_ids
 from align.rewarding import (
@@ -52,6 +52,7 @@ from align.training import (
     finished_result,
     fit_budget,
     lora_config,
+    model_dtype,
     refuse_changed_rerun,
     resume_point,
     token_count,
@@ -155,7 +156,6 @@ class Config:
     placement: TrainPlacement = field(default_factory=TrainPlacement)
 
     def validate(self) -> None:
-        check_placement(self.placement, self.lora.enabled)
         check(
             (self.data is None) != (self.pairs is None),
             "data",
@@ -283,7 +283,8 @@ def fit(
     and saves the checkpoint vLLM loads (rank 0, with `facts` in its result)."""
     out = Path(config.runs_dir) / config.name
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    trainer = build_trainer(config, load_model(config.model), tokenizer, dataset, out)
+    model = load_model(config.model, model_dtype(config.train, config.lora))
+    trainer = build_trainer(config, model, tokenizer, dataset, out)
     launch.check_joined(trainer)
     for callback in callbacks or []:
         trainer.add_callback(callback)

@@ -26,9 +26,10 @@ from typing import Any
 from align.config import ConfigError, changed_settings, check, from_dict, name_problem, to_dict
 from align.engine import EngineConfig
 from align.launch import TrainPlacement
+from align.launch import plan as train_plan
 from align.pruning import FILTERS
 from align.rewarding import REWARDS
-from align.rl.placement import Placement
+from align.rl.placement import ModelShape, Placement
 from align.rl.placement import plan as placement_plan
 from align.runs import write_json_atomic
 from pipelines import report, stages
@@ -135,15 +136,11 @@ def resolve_stages(config: Config, source: str = "<pipeline>") -> list[tuple[Sta
             command.Config, data, source=f"{source}: stages[{index}] ({entry.name})"
         )
         resolved.append((entry, stage_config))
-        placement = getattr(stage_config, "placement", None)
-        if isinstance(placement, Placement) and placement.cluster is not None:
-            _, problem = placement_plan(
-                stage_config, policy_config_dir(stage_config.model, resolved)
+        _, problem = placement_check(entry.command, stage_config, resolved)
+        if problem is not None:
+            raise ConfigError(
+                f"stage {entry.name!r} in {source}: key 'placement.cluster': {problem}"
             )
-            if problem is not None:
-                raise ConfigError(
-                    f"stage {entry.name!r} in {source}: key 'placement.cluster': {problem}"
-                )
     return resolved
 
 
@@ -266,11 +263,13 @@ def plan(config: Config, resolved: list[tuple[StageEntry, Any]]) -> str:
             f"[{number}/{len(resolved)}] {entry.name} ({entry.command})"
             + (": finished, will be skipped" if done else "")
         )
-        lines += _stage_lines(stage_config, resolved[:number])
+        lines += _stage_lines(entry.command, stage_config, resolved[:number])
     return "\n".join(lines)
 
 
-def _stage_lines(stage_config: Any, resolved: list[tuple[StageEntry, Any]]) -> list[str]:
+def _stage_lines(
+    command: str, stage_config: Any, resolved: list[tuple[StageEntry, Any]]
+) -> list[str]:
     """What a stage reads (checkpoints, data, teacher) and its placement, for a plan."""
     lines = []
     for key in ("model", "student", "data", "heldout"):
@@ -286,15 +285,49 @@ def _stage_lines(stage_config: Any, resolved: list[tuple[StageEntry, Any]]) -> l
             f"{settings.tensor_parallel_size}, max_model_len {settings.max_model_len}, "
             f"KV cache {settings.kv_cache_gib:g} GiB"
         )
+    stage_lines, _ = placement_report(command, stage_config, resolved)
+    lines += [f"      {line}" for line in stage_lines]
+    return lines
+
+
+def placement_report(
+    command: str, stage_config: Any, resolved: list[tuple[StageEntry, Any]]
+) -> tuple[list[str], str | None]:
+    """A stage's placement and memory per GPU, for a plan, and why it cannot fit its declared
+    cluster (None if it can, or if it declares none); no lines for a stage without placement."""
     placement = getattr(stage_config, "placement", None)
     if isinstance(placement, Placement):
-        stage_lines, _ = placement_plan(
-            stage_config, policy_config_dir(stage_config.model, resolved)
-        )
-        lines += [f"      {line}" for line in stage_lines]
-    elif isinstance(placement, TrainPlacement) and placement.processes > 1:
-        lines.append(f"      training on {placement.processes} processes ({placement.sharding})")
-    return lines
+        return placement_plan(stage_config, policy_config_dir(stage_config.model, resolved))
+    if not isinstance(placement, TrainPlacement):
+        return [], None
+    model = stage_config.student if command == "distill" else stage_config.model
+    teacher = None
+    if command == "distill" and stage_config.teacher.mode == "online":
+        teacher = _shape(policy_config_dir(stage_config.teacher.model, resolved))
+    return train_plan(
+        placement,
+        stage_config.train,
+        stage_config.lora.enabled,
+        _shape(policy_config_dir(model, resolved)),
+        # DPO's micro-batch holds each pair's chosen and rejected sequences.
+        sequences_per_row=2 if command == "dpo" else 1,
+        teacher=teacher,
+    )
+
+
+def placement_check(
+    command: str, stage_config: Any, resolved: list[tuple[StageEntry, Any]]
+) -> tuple[list[str], str | None]:
+    """`placement_report` where the stage declares a cluster (nothing to check otherwise)."""
+    if getattr(getattr(stage_config, "placement", None), "cluster", None) is None:
+        return [], None
+    return placement_report(command, stage_config, resolved)
+
+
+def _shape(config_dir: Path | None) -> ModelShape | None:
+    if config_dir is None or not (config_dir / "config.json").is_file():
+        return None
+    return ModelShape.from_checkpoint(config_dir)
 
 
 def engines(config: Any, prefix: str = "") -> list[tuple[str, EngineConfig]]:
@@ -344,16 +377,14 @@ def stage_dry_run(command: str, stage_config: Any, source: str) -> str:
     """
     entry = StageEntry(name=stage_config.name, command=command)
     resolved = [(entry, stage_config)]
-    placement = getattr(stage_config, "placement", None)
-    if isinstance(placement, Placement) and placement.cluster is not None:
-        _, problem = placement_plan(stage_config, policy_config_dir(stage_config.model, resolved))
-        if problem is not None:
-            raise ConfigError(f"key 'placement.cluster' in {source}: {problem}")
+    _, problem = placement_check(command, stage_config, resolved)
+    if problem is not None:
+        raise ConfigError(f"key 'placement.cluster' in {source}: {problem}")
     single = Config(name=stage_config.name, runs_dir=stage_config.runs_dir, stages=[entry])
     check_inputs(single, resolved, source)
     out = Path(stage_config.runs_dir) / stage_config.name
     return "\n".join(
-        [f"align {command}: outputs under {out}/", *_stage_lines(stage_config, resolved)]
+        [f"align {command}: outputs under {out}/", *_stage_lines(command, stage_config, resolved)]
     )
 
 

@@ -27,7 +27,7 @@ from trl import SFTConfig, SFTTrainer
 from align import launch
 from align.config import check
 from align.data import load_dataset_file
-from align.launch import TrainPlacement, check_placement
+from align.launch import TrainPlacement
 from align.modeling import check_checkpoint, load_model
 from align.runs import Run
 from align.training import (
@@ -39,6 +39,7 @@ from align.training import (
     finished_result,
     fit_budget,
     lora_config,
+    model_dtype,
     refuse_changed_rerun,
     resume_point,
     token_count,
@@ -91,7 +92,6 @@ class Config:
     placement: TrainPlacement = field(default_factory=TrainPlacement)
 
     def validate(self) -> None:
-        check_placement(self.placement, self.lora.enabled)
         check(
             self.schema in ("auto", "sft") or not self.filters,
             "filters",
@@ -187,7 +187,7 @@ def fit(
     from `resume`, and saves the checkpoint vLLM loads (rank 0, with `facts` in its result)."""
     out = Path(config.runs_dir) / config.name
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    model = load_model(config.model)
+    model = load_model(config.model, model_dtype(config.train, config.lora))
     args = SFTConfig(
         **trainer_arguments(config.train, out / "checkpoints", model, config.placement),
         packing=config.packing,

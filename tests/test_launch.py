@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from align.config import ConfigError, load_config
 from align.launch import TrainPlacement
-from align.modeling import build_model, write_checkpoint
+from align.modeling import build_model, load_model, write_checkpoint
 from align.runs import RunStopped
 from align.tasks import make_problems, to_dpo
-from align.training import TrainSettings
+from align.training import LoraSettings, TrainSettings, lora_config, with_weights
 from pipelines import distill, dpo, sft
 from pipelines.pipeline import stage_dry_run
 from tests.conftest import write_jsonl
@@ -171,27 +171,32 @@ def test_a_stop_on_the_ranks_stops_the_stage_with_their_message(tmp_path, studen
 def test_the_plan_shows_the_processes(tmp_path, student_dir, sft_file):
     config = sft_run(tmp_path, student_dir, sft_file, "plan", 2)
     plan = stage_dry_run("sft", config, "<test>")
-    assert "training on 2 processes (fsdp)" in plan
+    assert "training 2 process(es), fsdp, full-parameter" in plan
+    assert "trainer  per GPU:" in plan
     assert not (tmp_path / "runs").exists()
 
 
-def test_lora_on_fsdp_ranks_and_on_policy_on_ranks_are_refused():
-    with pytest.raises(ConfigError, match="placement.sharding"):
-        load_config(
-            sft.Config, None, ["model=m", "data=d", "lora.enabled=true", "placement.processes=2"]
-        )
-    sft_config = load_config(
-        sft.Config,
-        None,
-        [
-            "model=m",
-            "data=d",
-            "lora.enabled=true",
-            "placement.processes=2",
-            "placement.sharding=ddp",
-        ],
-    )
-    assert sft_config.placement.sharding == "ddp"
+def test_lora_merged_from_gathered_fsdp_weights_equals_peft_merge(student_dir):
+    """The export of LoRA trained on FSDP ranks: the gathered state dict, put into a copy built
+    on the meta device, merges into the weights peft merges from the live model."""
+    from peft import get_peft_model
+
+    model = get_peft_model(load_model(student_dir), lora_config(LoraSettings(enabled=True, r=4)))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # trained adapters: B is zero at initialisation
+            torch.nn.init.normal_(parameter, std=0.1)
+    gathered = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    merged = with_weights(model, gathered).merge_and_unload().state_dict()
+    expected = model.merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    changed = 0
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=0, msg=name)
+        changed += not torch.equal(tensor, load_model(student_dir).state_dict()[name])
+    assert changed > 0  # the adapters were merged into some weights
+
+
+def test_on_policy_distillation_on_several_ranks_is_refused():
     with pytest.raises(ConfigError, match="on_policy.ratio"):
         load_config(
             distill.Config,

@@ -190,6 +190,7 @@ def test_gpu_pipeline_file_passes_the_dry_run(tmp_path, quick_align):
     [
         "default.yaml",
         "qwen3-moe-gpu.yaml",
+        "llama4-scout-gpu.yaml",
         *sorted(p.name for p in (REPO_ROOT / "pipelines" / "experiments").glob("*.yaml")),
     ],
 )

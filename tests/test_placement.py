@@ -8,12 +8,16 @@ values: no weights are needed, the arithmetic counts parameters on the meta devi
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from align.config import ConfigError, from_dict, load_config
-from align.rl.placement import GIB, ModelShape, learner_memory
+from align.launch import TrainPlacement
+from align.launch import plan as train_plan
+from align.rl.placement import GIB, Cluster, ModelShape, learner_memory
+from align.training import TrainSettings
 from pipelines import pipeline, rl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +41,47 @@ QWEN3_30B_A3B = {
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
 }
+
+
+# Llama 4 Scout's config.json (the multimodal checkpoint: the language model's settings nested).
+LLAMA4_SCOUT = {
+    "architectures": ["Llama4ForConditionalGeneration"],
+    "model_type": "llama4",
+    "text_config": {
+        "model_type": "llama4_text",
+        "hidden_size": 5120,
+        "intermediate_size": 8192,
+        "intermediate_size_mlp": 16384,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "num_local_experts": 16,
+        "num_experts_per_tok": 1,
+        "interleave_moe_layer_step": 1,
+        "vocab_size": 202048,
+        "max_position_embeddings": 10485760,
+        "attention_chunk_size": 8192,
+        "use_qk_norm": True,
+        "tie_word_embeddings": False,
+    },
+    "vision_config": {
+        "model_type": "llama4_vision_model",
+        "hidden_size": 1408,
+        "num_hidden_layers": 34,
+        "image_size": 336,
+        "patch_size": 14,
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.fixture(scope="module")
+def llama4_scout(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("llama4-scout")
+    (directory / "config.json").write_text(json.dumps(LLAMA4_SCOUT))
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +168,58 @@ def test_worker_gpus_must_match_the_engines_tensor_parallelism():
     data = {"model": "m", "data": "d", "placement": {"worker_gpus": 2}}
     with pytest.raises(ConfigError, match="must equal engine.tensor_parallel_size"):
         from_dict(rl.Config, data, source="rl.yaml")
+
+
+def test_a_training_stages_memory_per_gpu(qwen3_30b):
+    """LoRA on data-parallel ranks holds the frozen bf16 weights on every GPU; FSDP divides
+    them (and a full-parameter state of 16 bytes per parameter) over the processes."""
+    shape = ModelShape.from_checkpoint(qwen3_30b)
+    train = TrainSettings(
+        batch_size=1, max_length=4096, precision="bf16", gradient_checkpointing=True
+    )
+    lines, problem = train_plan(TrainPlacement(processes=8, sharding="ddp"), train, True, shape)
+    # 2 x 30.53 B = 56.9 GiB + logits 10 x 4096 x 151936 = 5.8 GiB + activations 1.0 GiB.
+    assert "trainer  per GPU: 63.7 GiB = frozen weights 56.9 GiB" in lines[1] and problem is None
+    cluster = Cluster(nodes=1, gpus_per_node=8, gpu_memory_gib=80)
+    full = TrainPlacement(processes=8, sharding="fsdp", cluster=cluster)
+    lines, problem = train_plan(full, train, False, shape)
+    # 16 x 30.53 B / 8 = 56.9 GiB + 7.0 GiB of layers in flight: inside 90% of 80 GiB, barely.
+    assert "trainer  per GPU: 70.6 GiB = state 56.9 GiB + layers in flight 7.0 GiB" in lines[1]
+    assert problem is None
+    longer = replace(train, max_length=8192)
+    _, problem = train_plan(full, longer, False, shape)
+    assert problem is not None and "the training needs about 77.5 GiB per GPU" in problem
+    assert "over 90% of 80 GiB" in problem and "train LoRA adapters" in problem
+    # A DPO micro-batch holds both sequences of a pair.
+    lines, _ = train_plan(full, train, True, shape, sequences_per_row=2)
+    assert "micro-batch 2 x 4096 tokens" in lines[1]
+
+
+def scout_dry_run(scout: Path, student: Path, *overrides: str) -> str:
+    path = REPO_ROOT / "pipelines" / "llama4-scout-gpu.yaml"
+    models = [
+        f"stages.1.config.model={scout}",
+        f"stages.2.config.filters.1.options.model={scout}",
+        f"stages.3.config.model={scout}",
+        f"stages.6.config.student={student}",
+    ]
+    config = load_config(pipeline.Config, path, [*models, *overrides])
+    resolved = pipeline.resolve_stages(config, str(path))
+    pipeline.check_inputs(config, resolved, str(path))
+    return pipeline.plan(config, resolved)
+
+
+def test_the_llama4_scout_pipeline_fits_its_cluster_and_full_sft_would_not(
+    llama4_scout, student_dir
+):
+    report = scout_dry_run(llama4_scout, student_dir)
+    assert "policy   107.77 B parameters, 48 layers" in report
+    # SFT: LoRA on 8 GPUs, the frozen bf16 weights sharded; RL: 16 ranks, state offloaded.
+    assert "trainer  per GPU: 47.4 GiB = frozen weights 25.1 GiB" in report
+    assert "learner  per GPU: 34.4 GiB = sharded state 0.0 GiB (offloaded" in report
+    assert "worker   per GPU: weights 50.2 GiB" in report
+    # Full-parameter SFT on one node would need 201 GiB of state per GPU: refused.
+    with pytest.raises(ConfigError) as refused:
+        scout_dry_run(llama4_scout, student_dir, "stages.3.config.lora.enabled=false")
+    message = str(refused.value)
+    assert "stage 'sft'" in message and "the training needs about 235.1 GiB per GPU" in message

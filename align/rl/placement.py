@@ -157,8 +157,9 @@ class ModelShape:
             layer_parameters=max(per_layer),
             root_parameters=total - sum(per_layer),
             layers=len(layers),
-            hidden_size=config.hidden_size,
-            vocab_size=config.vocab_size,
+            # A multimodal checkpoint (Llama 4's) nests the language model's settings.
+            hidden_size=config.get_text_config().hidden_size,
+            vocab_size=config.get_text_config().vocab_size,
         )
 
 
