@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run and not args.print_config:
                 # `align run` checks them in pipeline.run, before its first stage.
                 pipeline.check_inputs(config, resolved, source=source)
+        elif not (args.dry_run or args.print_config) and args.command in ("sft", "dpo", "distill"):
+            pipeline.check_stage_placement(args.command, config, source)
         if args.dry_run and not args.print_config:
             if args.command == "run":
                 dry_run = pipeline.plan(config, resolved)

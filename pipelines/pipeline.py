@@ -367,6 +367,19 @@ def _starts_engine(entry: Any) -> bool:
     return "engine" in inspect.signature(plugin).parameters
 
 
+def check_stage_placement(command: str, stage_config: Any, source: str) -> None:
+    """Refuses a stage run alone (`align COMMAND`) whose placement does not fit its declared
+    cluster, as `align run` refuses a pipeline's stage.
+
+    Raises:
+        ConfigError: naming the key and the numbers.
+    """
+    resolved = [(StageEntry(name=stage_config.name, command=command), stage_config)]
+    _, problem = placement_check(command, stage_config, resolved)
+    if problem is not None:
+        raise ConfigError(f"key 'placement.cluster' in {source}: {problem}")
+
+
 def stage_dry_run(command: str, stage_config: Any, source: str) -> str:
     """`align COMMAND --dry-run`: the checks `align run --dry-run` makes of each stage, made of
     this one (config built and validated, plug-ins imported; the files it reads exist; its
@@ -377,9 +390,7 @@ def stage_dry_run(command: str, stage_config: Any, source: str) -> str:
     """
     entry = StageEntry(name=stage_config.name, command=command)
     resolved = [(entry, stage_config)]
-    _, problem = placement_check(command, stage_config, resolved)
-    if problem is not None:
-        raise ConfigError(f"key 'placement.cluster' in {source}: {problem}")
+    check_stage_placement(command, stage_config, source)
     single = Config(name=stage_config.name, runs_dir=stage_config.runs_dir, stages=[entry])
     check_inputs(single, resolved, source)
     out = Path(stage_config.runs_dir) / stage_config.name

@@ -223,3 +223,20 @@ def test_the_llama4_scout_pipeline_fits_its_cluster_and_full_sft_would_not(
         scout_dry_run(llama4_scout, student_dir, "stages.3.config.lora.enabled=false")
     message = str(refused.value)
     assert "stage 'sft'" in message and "the training needs about 235.1 GiB per GPU" in message
+
+
+def test_a_training_stage_run_alone_that_cannot_fit_is_refused(qwen3_30b, quick_align, tmp_path):
+    out = quick_align(
+        "sft",
+        f"model={qwen3_30b}",
+        f"data={tmp_path / 'rows.jsonl'}",
+        f"runs_dir={tmp_path / 'runs'}",
+        "placement.processes=8",
+        "placement.cluster.gpu_memory_gib=80",
+        "train.batch_size=1",
+        "train.max_length=8192",
+        "train.gradient_checkpointing=true",
+    )
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "key 'placement.cluster'" in out.stderr and "77.5 GiB per GPU" in out.stderr
+    assert not (tmp_path / "runs").exists()

@@ -11,7 +11,15 @@ from align.modeling import build_model, load_model
 from align.moe import ExpertLoad
 from align.tasks import make_problems, to_sft
 from align.tokenizer import build_tokenizer
-from align.training import TrainSettings, budget_indices, fit_budget, token_count, trainer_arguments
+from align.training import (
+    LoraSettings,
+    TrainSettings,
+    budget_indices,
+    fit_budget,
+    model_dtype,
+    token_count,
+    trainer_arguments,
+)
 
 
 def test_budget_takes_whole_seeded_passes_then_cuts_the_last():
@@ -157,3 +165,12 @@ def test_sft_loss_covers_exactly_the_completion(tmp_path, student_dir, packing):
             full, lab = next((f, la) for f, la in expected_rows if row_ids[: len(f)] == f)
             assert row_labels[: len(full)] == lab
             assert all(x == -100 for x in row_labels[len(full) :])  # padding
+
+
+def test_frozen_weights_load_in_bf16_under_bf16_precision_and_trained_ones_in_fp32():
+    lora = LoraSettings(enabled=True)
+    assert model_dtype(TrainSettings(precision="bf16"), lora) == torch.bfloat16
+    assert model_dtype(TrainSettings(precision="bf16"), LoraSettings()) == torch.float32
+    assert model_dtype(TrainSettings(precision="fp32"), lora) == torch.float32
+    # auto is bf16 only where a GPU supports it: fp32 on this CPU machine.
+    assert model_dtype(TrainSettings(precision="auto"), lora) == torch.float32
