@@ -18,9 +18,11 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 from align.losses.policy import KINDS, PolicyLossSettings
 from align.modeling import build_model, load_model
 from align.moe import balance_terms
+from align.rl import transport
 from align.rl.learner import LearnerRank, LearnerSettings, free_address, split_batch, token_logprobs
 from align.rl.rollout import Rollout
 from align.runs import NonFiniteError
+from align.training import LoraSettings
 from tests.conftest import FAMILY_PRESETS, run_ranks
 from tests.helpers import on_policy_groups
 
@@ -91,6 +93,41 @@ def test_learner_steps_raise_the_likelihood_of_rewarded_completions(student_dir,
     assert metrics["perf/learner_flops_per_s"] > 0 and 0 <= metrics["perf/padding_share"] < 1
     # Steps this large send some tokens to other experts, not all.
     assert 0 < metrics["moe/routing_change"] < 0.5
+
+
+def test_a_lora_learner_trains_only_its_adapters_and_exports_them_merged(student_dir, tmp_path):
+    lora = LoraSettings(enabled=True, r=8, alpha=16)
+    rank = start_rank(
+        student_dir, LearnerSettings(learning_rate=1e-2, lora=lora), PolicyLossSettings()
+    )
+    groups = on_policy_groups(load_model(student_dir))
+    before, gap_before = full_parameters(rank.model), mean_logprob_gap(rank.model, groups)
+    for _ in range(3):
+        step(rank, groups)
+    assert mean_logprob_gap(rank.model, groups) > gap_before + 0.5
+    after = full_parameters(rank.model)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    adapters = {name for name in before if ".lora_" in name}
+    # Every adapter's B (zero at first) moved; no other weight did: not the routers, not the
+    # experts, not the attention and MLP weights the adapters sit on.
+    assert changed and changed <= adapters
+    assert {n for n in adapters if "lora_B" in n} <= changed
+    assert not [n for n in adapters if "router" in n or ".experts." in n]
+    # The export (what the workers get) is the merged model: a checkpoint transformers loads,
+    # without adapter tensors, scoring as the learner does.
+    transport.export(rank.model, tmp_path / "merged", torch.float32)
+    merged = load_model(tmp_path / "merged")
+    assert not [n for n, _ in merged.named_parameters() if "lora" in n]
+    ids = torch.randint(
+        3, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        learner_lp = token_logprobs(rank.model, ids, torch.ones_like(ids))
+        merged_lp = token_logprobs(merged, ids, torch.ones_like(ids))
+    assert (learner_lp - merged_lp).abs().max() <= 1e-5
+    assert (
+        merged_lp - token_logprobs(load_model(student_dir), ids, torch.ones_like(ids))
+    ).abs().max() > 1e-3
 
 
 def test_routing_change_is_zero_for_an_update_too_small_to_reroute(student_dir):

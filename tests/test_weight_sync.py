@@ -30,6 +30,7 @@ from align.modeling import load_model
 from align.rl import transport
 from align.rl.learner import LearnerRank, LearnerSettings, free_address, split_batch, token_logprobs
 from align.tokenizer import encode_prompts
+from align.training import LoraSettings
 from align.weight_sync import export_weights
 from tests.conftest import run_ranks, shared_engine
 from tests.helpers import on_policy_groups
@@ -265,10 +266,13 @@ def test_learner_side_does_not_import_vllm():
 # --- the learner group's in-memory stream ------------------------------------------------------
 
 
-def _train_and_send(rank, world, port, checkpoint, groups, endpoints, sequences, out: Path):
-    """Two learner steps on `world` ranks; rank 0 stages the weights and sends them to each
-    endpoint in turn; every rank scores `sequences` (rank 0 writes the logprobs)."""
-    settings = LearnerSettings(learning_rate=1e-2)
+def _train_and_send(
+    rank, world, port, checkpoint, groups, endpoints, sequences, out: Path, lora: bool = False
+):
+    """Two learner steps on `world` ranks (LoRA adapters only, with `lora`); rank 0 stages the
+    weights and sends them to each endpoint in turn; every rank scores `sequences` (rank 0
+    writes the logprobs)."""
+    settings = LearnerSettings(learning_rate=1e-2, lora=LoraSettings(enabled=lora, r=8, alpha=16))
     learner = LearnerRank(str(checkpoint), settings, PolicyLossSettings(), 8, 0, rank, world)
     learner.start("127.0.0.1", port)
     for _ in range(2):
@@ -328,6 +332,45 @@ def test_two_learner_ranks_stream_weights_into_two_engines_exactly(
     moved = max(
         (torch.tensor(a) - torch.tensor(b)).abs().max().item()
         for a, b in zip(engine.sequence_logprobs(llms[1], sequences), learner_lp, strict=True)
+    )
+    assert moved > 0.05, moved
+
+
+@pytest.mark.vllm
+def test_a_lora_learner_streams_the_merged_weights_and_the_engine_scores_like_it(
+    checkpoints, engine_for, learner, tmp_path
+):
+    """2 learner ranks train LoRA adapters on a frozen policy; rank 0 merges them into the
+    weights it streams, and the engine then scores like the learner with its adapters on."""
+    family = "llama4"
+    llm = engine_for(family)
+    _, _, sequences = learner(family)
+    groups = on_policy_groups(load_model(checkpoints[family]), groups=4)
+    endpoint = transport.Endpoint("gloo", "127.0.0.1", free_address()[1], 2, 120.0)
+    args = (_train_and_send, 2, checkpoints[family], groups, [endpoint], sequences, tmp_path, True)
+    ranks = threading.Thread(target=run_ranks, args=args)
+    ranks.start()
+    try:
+        engine.init_weight_transfer(llm, endpoint.worker_init_info())
+        update_info = tmp_path / "update_info.json"
+        while not update_info.exists() and ranks.is_alive():
+            time.sleep(0.1)
+        info = json.loads(update_info.read_text())
+        # Checkpoint names only: the adapters travel merged into the weights they adapt.
+        assert info["names"] and not [n for n in info["names"] if "lora" in n or "base_layer" in n]
+        engine.receive_weights(llm, info)
+        ranks.join()
+        learner_lp = json.loads((tmp_path / "logprobs.json").read_text())
+        after = engine.sequence_logprobs(llm, sequences)
+    finally:
+        ranks.join()
+        engine.sync_weights(llm, checkpoints[family])
+    for vllm_lp, expected in zip(after, learner_lp, strict=True):
+        assert (torch.tensor(vllm_lp) - torch.tensor(expected)).abs().max() <= 1e-5
+    before = engine.sequence_logprobs(llm, sequences)
+    moved = max(
+        (torch.tensor(a) - torch.tensor(b)).abs().max().item()
+        for a, b in zip(before, learner_lp, strict=True)
     )
     assert moved > 0.05, moved
 

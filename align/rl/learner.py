@@ -43,7 +43,7 @@ import os
 import pickle
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -58,7 +58,7 @@ from align.moe import RouterLogits, balance_terms, load_summary, routers
 from align.rl import transport
 from align.rl.rollout import Rollout
 from align.runs import NonFiniteError
-from align.training import use_bf16
+from align.training import LoraSettings, lora_config, use_bf16
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,10 @@ class LearnerSettings:
     max_nonfinite_steps: int = 3
     # Seconds a collective of the group may wait for a rank before failing (a rank that died).
     collective_timeout_s: float = 600.0
+    # LoRA adapters on the frozen policy instead of training every weight (as in the SFT
+    # stage: attention and dense MLP projections; routers and routed experts stay frozen unless
+    # target_modules names them). The workers get the weights with the adapters merged in.
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self) -> None:
         check(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
@@ -369,7 +373,7 @@ class LearnerRank:
         }
         self.model = self._load_sharded(shard_options, trainable=True)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            [p for p in self.model.parameters() if p.requires_grad],
             lr=self.settings.learning_rate,
             weight_decay=self.settings.weight_decay,
         )
@@ -390,7 +394,9 @@ class LearnerRank:
         active = count_parameters(self.model)["active"]
         if not config.tie_word_embeddings:
             active -= self.model.get_input_embeddings().weight.numel()
-        self.flops_per_token = 6 * active
+        # Frozen weights (LoRA) take no weight gradient: 4 FLOPs per parameter, not 6 (the
+        # adapters' own FLOPs left out, a fraction of a percent).
+        self.flops_per_token = (4 if self.settings.lora.enabled else 6) * active
 
     def _load_sharded(self, shard_options: dict, trainable: bool):
         """The checkpoint as an FSDP2 module (each decoder layer a unit, then the root), built
@@ -403,6 +409,9 @@ class LearnerRank:
         from torch.distributed.fsdp import fully_shard
 
         model = empty_model(self.model_path)
+        adapters = lora_config(self.settings.lora) if trainable else None
+        if adapters is not None:
+            _add_adapters(model, adapters)
         if trainable and self.settings.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         options = {k: v for k, v in shard_options.items() if v is not None}
@@ -411,6 +420,9 @@ class LearnerRank:
         fully_shard(model, **options)
         model.to_empty(device="cpu" if "offload_policy" in options else self.device)
         full = load_model(self.model_path) if self.rank == 0 else None
+        if full is not None and adapters is not None:
+            # Rank 0's adapters, initialised from the seed, are every rank's.
+            _add_adapters(full, adapters)
         set_model_state_dict(
             model,
             full.state_dict() if full is not None else {},
@@ -435,6 +447,9 @@ class LearnerRank:
         model.set_reduce_scatter_unused_params(True)
         if trainable:
             model.train()
+            if adapters is not None:
+                for name, parameter in model.named_parameters():
+                    parameter.requires_grad_(".lora_" in name)
         else:
             model.eval()
             model.requires_grad_(False)
@@ -780,6 +795,13 @@ def checkpoint_reader(directory: str):
             return metadata
 
     return Reader(directory)
+
+
+def _add_adapters(model, config) -> None:
+    """Puts LoRA adapters into `model` in place (peft), keeping its class and module names."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, model)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

@@ -103,8 +103,31 @@ def checkpoint_layers(model) -> Iterator[list[tuple[str, torch.Tensor]]]:
         if not rank0:
             yield []
             continue
-        layer = remove_tied_weights_from_state_dict(layer, model)
+        layer = remove_tied_weights_from_state_dict(merge_adapters(model, layer), model)
         yield list(revert_weight_conversion(model, layer).items())
+
+
+def merge_adapters(model, layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`layer`'s tensors with any LoRA adapters merged into the weights they adapt, under those
+    weights' own names: W + scaling x (B @ A), as peft's merge computes it, without changing
+    the model (whose adapters keep training). Tensors of modules without adapters pass through.
+    """
+    merged = {}
+    for name, tensor in layer.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        prefix, base, leaf = name.rpartition(".base_layer.")
+        if not base:
+            merged[name] = tensor
+            continue
+        if leaf == "weight":
+            module = model.get_submodule(prefix)
+            for adapter in module.active_adapters:
+                a = layer[f"{prefix}.lora_A.{adapter}.weight"]
+                b = layer[f"{prefix}.lora_B.{adapter}.weight"]
+                tensor = tensor + (b @ a) * module.scaling[adapter]
+        merged[f"{prefix}.{leaf}"] = tensor
+    return merged
 
 
 @dataclass
