@@ -123,10 +123,10 @@ def plan(
         False,
         train.gradient_checkpointing,
         False,
+        lora,
     )
-    if lora:
+    if lora:  # the frozen weights are loaded in bf16 here (fp32 in the RL learner)
         memory.sharded = frozen_bytes * shape.parameters / shards
-        memory.in_flight /= 2  # the unsharded layers' weights, without gradients
     if not fsdp:
         memory.in_flight = 0.0
     teacher_bytes = frozen_bytes * teacher.parameters if teacher is not None else 0.0

@@ -103,6 +103,10 @@ def test_the_learner_memory_of_qwen3_30b_on_16_ranks(qwen3_30b):
     assert learner_memory(shape, 16, 1, 4096, True, True, False).sharded == 0
     no_checkpointing = learner_memory(shape, 16, 1, 4096, False, False, False)
     assert no_checkpointing.activations == 34 * 2048 * 4096 * 48
+    # LoRA: the frozen fp32 policy, 4 bytes per parameter, and no gradients in flight.
+    lora = learner_memory(shape, 16, 1, 4096, False, True, False, lora=True)
+    assert lora.sharded == 4 * shape.parameters / 16
+    assert lora.in_flight == memory.in_flight / 2
 
 
 def dry_run(*overrides: str) -> str:
@@ -218,6 +222,14 @@ def test_the_llama4_scout_pipeline_fits_its_cluster_and_full_sft_would_not(
     assert "trainer  per GPU: 47.4 GiB = frozen weights 25.1 GiB" in report
     assert "learner  per GPU: 34.4 GiB = sharded state 0.0 GiB (offloaded" in report
     assert "worker   per GPU: weights 50.2 GiB" in report
+    # RL with LoRA adapters instead: the frozen policy sharded over 16 ranks, nothing offloaded.
+    lora_rl = scout_dry_run(
+        llama4_scout,
+        student_dir,
+        "stages.4.config.learner.lora.enabled=true",
+        "stages.4.config.learner.offload=false",
+    )
+    assert "learner  per GPU: 47.4 GiB = sharded state 25.1 GiB + layers in flight 12.1" in lora_rl
     # Full-parameter SFT on one node would need 201 GiB of state per GPU: refused.
     with pytest.raises(ConfigError) as refused:
         scout_dry_run(llama4_scout, student_dir, "stages.3.config.lora.enabled=false")

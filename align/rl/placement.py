@@ -8,7 +8,8 @@ declared cluster it refuses a placement that cannot fit.
 
 The learner's memory per GPU, with FSDP2 over `learners` ranks (bf16 compute, fp32 master):
 - sharded state: 16 bytes per parameter / learners (fp32 weights 4, fp32 gradients 4, AdamW's two
-  moments 8); with `learner.offload` this lives in host memory instead;
+  moments 8); with `learner.lora` the policy is frozen, 4 bytes per parameter (the adapters'
+  state is not counted); with `learner.offload` this lives in host memory instead;
 - layers in flight: two decoder layers unsharded in bf16 with their bf16 gradients (the
   current one and the prefetched next), plus the root unit (embeddings, final norm, head);
 - logits of a micro-batch: micro_batch_size x max_model_len x vocabulary x 10 bytes (bf16
@@ -185,12 +186,14 @@ def learner_memory(
     offload: bool,
     gradient_checkpointing: bool,
     reference: bool,
+    lora: bool = False,
 ) -> LearnerMemory:
-    """The learner's memory per GPU for `shape` sharded over `learners` ranks."""
-    per_parameter = 16 + (4 if reference else 0)
+    """The learner's memory per GPU for `shape` sharded over `learners` ranks; with `lora` the
+    policy is frozen (fp32 weights only: 4 bytes per parameter; the adapters not counted)."""
+    per_parameter = (4 if lora else 16) + (4 if reference else 0)
     sharded = 0.0 if offload else per_parameter * shape.parameters / learners
-    # bf16 weights and bf16 gradients of two layers, and of the root unit.
-    in_flight = 4 * (2 * shape.layer_parameters + shape.root_parameters)
+    # bf16 weights of two layers and of the root unit, with their bf16 gradients unless frozen.
+    in_flight = (2 if lora else 4) * (2 * shape.layer_parameters + shape.root_parameters)
     tokens = micro_batch_size * sequence_length
     logits = 10.0 * tokens * shape.vocab_size
     per_token_layer = 34 * shape.hidden_size
@@ -246,6 +249,7 @@ def plan(config, model_config_dir: Path | None) -> tuple[list[str], str | None]:
         learner.offload,
         learner.gradient_checkpointing,
         config.loss.kl_coef > 0,
+        learner.lora.enabled,
     )
     size = shape.parameters
     count = f"{size / 1e9:.2f} B" if size >= 1e9 else f"{size / 1e6:.1f} M"
