@@ -329,17 +329,19 @@ def trained_cases(checkpoints, tmp_path_factory):
 
 def test_two_ranks_take_the_same_steps_as_one(trained_cases):
     """Every loss kind, both families, a batch of 19 rows (5 groups, one unscored completion)
-    cut 10 / 9 across the ranks: parameters after 3 AdamW steps within 1e-6.
+    cut 10 / 9 across the ranks: parameters after 3 AdamW steps within 2e-6.
 
     The steps differ only in the order of float sums. At the default learning rate (1e-4) that
-    leaves about 2e-7; Adam turns a rounding difference dg on a gradient near its eps (1e-8)
-    into an update difference of up to lr * dg / eps, so the bound scales with the rate."""
+    leaves about 2e-7 in most cases; Adam turns a rounding difference dg on a gradient near its
+    eps (1e-8) into an update difference of up to lr * dg / eps, so the bound scales with the
+    rate, and with the machine's summation order: Qwen3-MoE with DAPO and micro-batches of 4/2
+    came to 1.03e-6 on one 2-core machine and under 1e-6 on another."""
     for index, case in enumerate(CASES):
         one = load_file(str(trained_cases / f"case{index}-ranks1.safetensors"))
         two = load_file(str(trained_cases / f"case{index}-ranks2.safetensors"))
         assert one.keys() == two.keys()
         worst = max((one[n] - two[n]).abs().max().item() for n in one)
-        assert worst <= 1e-6, (case, worst)
+        assert worst <= 2e-6, (case, worst)
 
 
 @pytest.mark.parametrize("family", FAMILY_PRESETS)
