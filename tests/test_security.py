@@ -46,6 +46,11 @@ ALLOWED = {
         "imports the module of a reward or filter plug-in that the user names explicitly as "
         "'module:attribute' in a config (README, Rewards); no other config string is imported"
     ),
+    ("align/launch.py", "_rank_main", "dynamic import"): (
+        "a training rank imports the module of the stage's `fit` function, which the stage "
+        "process names itself on the ranks' command line (`fit.__module__`); no config, data "
+        "or job-file string is imported"
+    ),
     ("align/config.py", "parse_yaml", "yaml.load without SafeLoader"): (
         "its loader, _ConfigLoader, subclasses yaml.SafeLoader and only adds refusals "
         "(duplicate keys, alias expansion past a bound); it constructs nothing SafeLoader does not"
