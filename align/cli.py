@@ -64,6 +64,12 @@ def build_parser(keys_of: str | None = None) -> argparse.ArgumentParser:
                 "print what it would read and write, exit"
             ),
         )
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show every detail in the terminal: vLLM's logs and progress bars, the "
+            "trainers' logged dicts (log.txt has the run's own log either way)",
+        )
         if name == "run":
             p.add_argument(
                 "--from",
@@ -101,16 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     args.items += extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # vLLM logs every engine detail at INFO, and datasets/transformers draw a bar for every
-    # small file they write; keep the terminal for the toolkit's own progress.
-    # Set VLLM_LOGGING_LEVEL=WARNING (or INFO) to see vLLM's own messages again.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # small file they write; keep the terminal for the toolkit's own progress (one line per
+    # stage) unless --verbose asks for everything. VLLM_LOGGING_LEVEL, when set, wins.
+    if args.verbose:
+        os.environ["ALIGN_VERBOSE"] = "1"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if args.verbose else "ERROR")
     logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
     import datasets
     import transformers
 
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    if not args.verbose:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
     from pipelines import pipeline, stages
 

@@ -12,6 +12,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from align import engine
+from align.runs import verbose
 from align.scoring import score_groups
 from align.tasks import TASKS, extract_answer
 from align.tokenizer import encode_prompts
@@ -84,7 +85,7 @@ def evaluate(
         raise ValueError(f"samples ({samples}) must be >= pass_k ({pass_k})")
     prompts = encode_prompts(tokenizer, [row["prompt"] for row in rows])
     greedy = engine.generate(
-        llm, prompts, n=1, temperature=0.0, max_tokens=max_tokens, progress=True
+        llm, prompts, n=1, temperature=0.0, max_tokens=max_tokens, progress=verbose()
     )
     sampled = engine.generate(
         llm,
@@ -93,7 +94,7 @@ def evaluate(
         temperature=temperature,
         max_tokens=max_tokens,
         seed=seed,
-        progress=True,
+        progress=verbose(),
     )
     if any(row.get("task") not in TASKS for row in rows):
         unknown = sum(row.get("task") not in TASKS for row in rows)

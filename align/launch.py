@@ -42,7 +42,7 @@ import torch
 
 from align.config import check, load_config
 from align.rl.placement import GIB, USABLE, Cluster, ModelShape, learner_memory
-from align.runs import Run, RunStopped
+from align.runs import Run, RunStopped, verbose
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +312,12 @@ def _rank_main(target: str, job_path: str) -> int:
     module = importlib.import_module(module_name)
     fit = getattr(module, function_name)
     main = is_main_process()
+    if not verbose():  # as the `align` command keeps its own terminal
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(
         level=logging.INFO if main else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -22,6 +22,7 @@ import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from align.rewarding import RewardSet
+from align.runs import verbose
 from align.scoring import row_prompt, sample_and_score
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def build_pairs(
         temperature=temperature,
         max_new_tokens=max_new_tokens,
         seed=seed,
-        progress=True,
+        progress=verbose(),
     )
     totals = batch.totals
 

@@ -16,6 +16,12 @@ from pathlib import Path
 from align.config import save_config
 
 
+def verbose() -> bool:
+    """Whether the terminal gets every detail: progress bars of each vLLM batch, the trainers'
+    logged dicts, vLLM's INFO logs (`align ... --verbose`; the launched ranks inherit it)."""
+    return os.environ.get("ALIGN_VERBOSE") == "1"
+
+
 class RunStopped(RuntimeError):
     """A run stopped on purpose after writing a checkpoint; the message says why and how to go on.
 

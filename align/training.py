@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import yaml
 from transformers import PreTrainedModel, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from align.config import (
@@ -34,7 +35,7 @@ from align.config import (
 )
 from align.launch import TrainPlacement, sharding_arguments, sum_over_ranks
 from align.moe import ExpertLoad, has_experts, load_summary, routers, shares
-from align.runs import NonFiniteError, Run, write_json_atomic
+from align.runs import NonFiniteError, Run, verbose, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +448,40 @@ class RunLogger(TrainerCallback):
         }
         write_json_atomic(self.run.dir / "expert_load.json", {"share_per_expert": table})
         _heatmap(self.run.dir / "expert_load.png", shares_le, self.load.layer_names)
+
+
+class ProgressLine(ProgressCallback):
+    """The trainer's progress bar, named after the run, with the last logged loss and learning
+    rate beside it instead of a printed dict at every log (the metrics are in the run)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description(self.name)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shown = {
+            key: f"{logs[key]:.4g}"
+            for key in ("loss", "learning_rate")
+            if isinstance((logs or {}).get(key), int | float)
+        }
+        if self.training_bar is not None and shown:
+            self.training_bar.set_postfix(shown)
+
+
+def watch(trainer, run: Run | None, settings: TrainSettings, name: str) -> None:
+    """Adds what every training stage's trainer reports to: the run's metrics and expert load
+    (`RunLogger`), the non-finite step guard, and one progress line named `name` (the
+    trainer's own bar and dicts with `--verbose`)."""
+    trainer.add_callback(RunLogger(run, trainer.model))
+    trainer.add_callback(NonFiniteGuard(run, settings.max_nonfinite_steps))
+    if not verbose():
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ProgressLine(name))
 
 
 def _heatmap(path: Path, shares_le: torch.Tensor, names: list[str]) -> None:

@@ -73,8 +73,6 @@ from align.modeling import check_checkpoint, load_model
 from align.runs import Run, write_json_atomic
 from align.training import (
     LoraSettings,
-    NonFiniteGuard,
-    RunLogger,
     TrainSettings,
     finish,
     finished_result,
@@ -86,6 +84,7 @@ from align.training import (
     resume_point,
     token_count,
     trainer_arguments,
+    watch,
 )
 from align.weight_sync import export_weights
 from pipelines import evaluate
@@ -809,8 +808,7 @@ def fit(
         loss_config=config.loss,
     )
     launch.check_joined(trainer)
-    trainer.add_callback(RunLogger(run_dir, trainer.model))
-    trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
+    watch(trainer, run_dir, config.train, config.name)
     online = None
     if config.teacher.mode == "online" or heldout_rows is not None:
         online = OnlineTeacher(

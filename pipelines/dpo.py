@@ -45,8 +45,6 @@ from align.rewarding import (
 from align.runs import Run
 from align.training import (
     LoraSettings,
-    NonFiniteGuard,
-    RunLogger,
     TrainSettings,
     finish,
     finished_result,
@@ -57,6 +55,7 @@ from align.training import (
     resume_point,
     token_count,
     trainer_arguments,
+    watch,
 )
 from pipelines import evaluate
 
@@ -288,8 +287,7 @@ def fit(
     launch.check_joined(trainer)
     for callback in callbacks or []:
         trainer.add_callback(callback)
-    trainer.add_callback(RunLogger(run_dir, trainer.model))
-    trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
+    watch(trainer, run_dir, config.train, config.name)
     train_output = trainer.train(resume_from_checkpoint=resume)
     return finish(trainer, train_output, tokenizer, out / "model", **facts)
 

@@ -32,8 +32,6 @@ from align.modeling import check_checkpoint, load_model
 from align.runs import Run
 from align.training import (
     LoraSettings,
-    NonFiniteGuard,
-    RunLogger,
     TrainSettings,
     finish,
     finished_result,
@@ -44,6 +42,7 @@ from align.training import (
     resume_point,
     token_count,
     trainer_arguments,
+    watch,
 )
 from pipelines import evaluate
 from pipelines import filter as filter_stage
@@ -202,7 +201,6 @@ def fit(
         callbacks=callbacks,
     )
     launch.check_joined(trainer)
-    trainer.add_callback(RunLogger(run_dir, trainer.model))
-    trainer.add_callback(NonFiniteGuard(run_dir, config.train.max_nonfinite_steps))
+    watch(trainer, run_dir, config.train, config.name)
     train_output = trainer.train(resume_from_checkpoint=resume)
     return finish(trainer, train_output, tokenizer, out / "model", **facts)

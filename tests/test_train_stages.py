@@ -158,6 +158,12 @@ def test_sft_cli_filters_by_difficulty_trains_and_evaluates(tmp_path, partially_
     report = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert report["n"] == len(heldout) and report["model"] == str(run_dir / "model")
     assert "held-out evaluation" in out.stdout
+    # The terminal: one progress line for the training (named after the run, with the loss),
+    # not the trainer's dict per log; after it, the evaluation's vLLM batches draw no bars (the
+    # difficulty filter's scoring pass, a long one, keeps its bar).
+    assert "sft: 100%" in out.stderr and "loss=" in out.stderr
+    assert "{'loss'" not in out.stdout + out.stderr
+    assert "Processed prompts" not in out.stderr.rsplit("sft: 100%", 1)[1]
 
 
 @pytest.mark.vllm
