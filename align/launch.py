@@ -40,7 +40,7 @@ from typing import Literal
 
 import torch
 
-from align.config import check, load_config
+from align.config import ConfigError, check, load_config
 from align.rl.placement import GIB, USABLE, Cluster, ModelShape, learner_memory
 from align.runs import Run, RunStopped, verbose
 
@@ -231,6 +231,7 @@ def train(
     `config` is read back from `<out>/config.yaml`, which `Run` wrote.
 
     Raises:
+        ConfigError: more processes than this machine has GPUs (on a GPU machine).
         RunStopped: the ranks stopped the run on purpose (the message says why and how to go on).
         RuntimeError: a rank failed (its traceback is in the output above).
     """
@@ -239,8 +240,14 @@ def train(
         return fit(config, dataset, run_dir, resume, callbacks, **extra)
     if callbacks:
         raise ValueError("callbacks run in this process; launched ranks cannot take them")
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        raise ConfigError(
+            f"key 'placement.processes': {processes} processes, one per GPU, but this machine "
+            f"has {torch.cuda.device_count()} GPU(s)"
+        )
     work = out / "ranks"
-    (work / STOPPED_FILE).unlink(missing_ok=True)
+    for name in (STOPPED_FILE, "result.json"):  # an earlier launch's
+        (work / name).unlink(missing_ok=True)
     # Fresh each launch: the trainers cache what they derive from the rows (tokens, DPO's
     # reference log-probabilities) next to them, where every rank finds it.
     shutil.rmtree(work / "data", ignore_errors=True)

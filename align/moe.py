@@ -104,10 +104,6 @@ class ExpertLoad:
 
         return count
 
-    def summary(self) -> dict[str, float]:
-        """`load_summary` of the counts so far."""
-        return load_summary(self.counts_le)
-
     def reset(self) -> None:
         self.counts_le.zero_()
 

@@ -8,7 +8,7 @@ from trl import SFTConfig, SFTTrainer
 
 from align.launch import TrainPlacement
 from align.modeling import build_model, load_model
-from align.moe import ExpertLoad
+from align.moe import ExpertLoad, load_summary
 from align.tasks import make_problems, to_sft
 from align.tokenizer import build_tokenizer
 from align.training import (
@@ -84,7 +84,7 @@ def test_expert_load_summary_hand_worked():
     load.counts_le.zero_()
     load.counts_le[0] = torch.tensor([40.0, 30.0, 20.0, 10.0])  # shares 0.4 0.3 0.2 0.1
     load.counts_le[1:] = 25.0  # uniform
-    summary = load.summary()
+    summary = load_summary(load.counts_le)
     assert summary["moe/load_max"] == pytest.approx(1.6)
     assert summary["moe/load_min"] == pytest.approx(0.4)
     assert summary["moe/load_cv"] == pytest.approx(0.2**0.5)
