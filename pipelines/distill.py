@@ -31,7 +31,8 @@ accuracy / pass@k through `align eval` (`heldout`).
 Output under runs/<name>/: `model/` (with `train_result.json`), `checkpoints/`, `teacher_cache/`
 (offline, unless `teacher.cache_dir` puts it elsewhere), `eval/`, `expert_load.json`/`.png`,
 `metrics.jsonl` (per step: loss, soft_loss, hard_loss, alpha, effective_alpha, teacher_kl),
-`tb/`, `log.txt`, `config.yaml`, `result.json`.
+`tb/`, `log.txt`, `config.yaml`, `result.json`; `ranks/` (the rows and job the ranks read) with
+`placement.processes` > 1.
 
 Tensor legend: b batch, t position, v vocabulary, k cached teacher entries per position, n
 completion tokens of one row.

@@ -15,7 +15,8 @@ preference rows or prompts); (2) build or load the pairs; (3) fit them to the to
 vLLM loads; (6) evaluate.
 
 Output under runs/<name>/: `pairs/` and `pairs.json` (when built from rollouts), `model/`,
-`checkpoints/`, `eval/`, `expert_load.json`/`.png`, `metrics.jsonl`, `tb/`, `log.txt`.
+`checkpoints/`, `eval/`, `expert_load.json`/`.png`, `metrics.jsonl`, `tb/`, `log.txt`; `ranks/` (the
+pairs and job the ranks read) with `placement.processes` > 1.
 """
 
 from __future__ import annotations

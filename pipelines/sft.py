@@ -11,7 +11,8 @@ Hugging Face checkpoint that vLLM loads; (5) evaluate it on the held-out rows.
 
 Output under runs/<name>/: `model/` (the checkpoint, with `train_result.json`), `checkpoints/`
 (resumable), `filter/` (if filtering), `eval/`, `expert_load.json` and `.png` (routed-token share
-per MoE layer and expert), `metrics.jsonl`, `tb/`, `log.txt`, `config.yaml`.
+per MoE layer and expert), `metrics.jsonl`, `tb/`, `log.txt`, `config.yaml`; `ranks/` (the rows
+and job the ranks read) with `placement.processes` > 1.
 """
 
 from __future__ import annotations
