@@ -174,6 +174,10 @@ def test_gpu_pipeline_file_passes_the_dry_run(tmp_path, quick_align):
     assert "[5/7] rl (rl)" in out.stdout
     assert "learners 16 rank(s) x 1 GPU" in out.stdout and "workers 8 x 2 GPU" in out.stdout
     assert "cluster  4 node(s) x 8 GPUs of 80 GiB: 32 of 32 GPUs used" in out.stdout
+    # SFT and DPO: LoRA on the 8 GPUs of one node, each holding the frozen bf16 weights.
+    assert "training 8 process(es), ddp, LoRA; one GPU each of 80 GiB on one node" in out.stdout
+    assert "trainer  per GPU: 63.7 GiB = frozen weights 56.9 GiB" in out.stdout
+    assert "trainer  per GPU: 70.5 GiB = frozen weights 56.9 GiB" in out.stdout
     assert f"model    {tmp_path}" in out.stdout
     # Every engine of the 30 B model is bf16 over 2 GPUs, none left at the CPU defaults.
     engine_lines = [line.strip() for line in out.stdout.splitlines() if "engine   " in line]
