@@ -16,10 +16,12 @@ accelerate:
 With LoRA, fsdp shards the frozen base as well (a model too large for one GPU can still get
 adapters) and rank 0 gathers the weights to merge the adapters for the export.
 
-Either way a step over N ranks equals the step one process takes accumulating the same N
-micro-batches: the trainers normalise the loss by the token count of all ranks. Rank 0 writes
-the logs, metrics, checkpoints' shared files and the exported model; every rank writes its own
-shard of a sharded checkpoint, and a rerun of the same command resumes from the newest one.
+A step over N ranks equals the step one process takes accumulating the same N micro-batches:
+the trainers normalise the loss by the token count of all ranks (tested with DDP over gloo,
+where the two agree to the bit; the FSDP2 path has not run on GPUs in this project's tests).
+Rank 0 writes the logs, metrics, checkpoints' shared files and the exported model; every rank
+writes its own shard of a sharded checkpoint, and a rerun of the same command resumes from the
+newest one. `plan` is the stage's memory per GPU for `--dry-run` and the cluster check.
 
     result = launch.train(fit, config, dataset, run_dir, out, resume)   # in the stage process
     def fit(config, dataset, run: Run | None, resume, callbacks, **extra) -> dict  # each rank
