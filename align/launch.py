@@ -344,9 +344,20 @@ def _rank_main(target: str, job_path: str) -> int:
     finally:
         if run_dir is not None:
             run_dir.close()
+        _leave_group()
     if main:
         Path(job["result"]).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
+
+
+def _leave_group() -> None:
+    """Shuts the rank's process group down before the interpreter exits: left to the exit, the
+    gloo backend's threads were sometimes destroyed while joinable and the rank aborted
+    ("terminate called without an active exception", exit -6) after its work was done."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
