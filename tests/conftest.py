@@ -304,6 +304,3 @@ def _rank_entry(target, rank: int, world: int, port: int, args: tuple) -> None:
     # Two ranks share the machine's cores; one thread each keeps them from fighting.
     torch.set_num_threads(1)
     target(rank, world, port, *args)
-    # Left to the interpreter's exit, gloo's threads sometimes abort the process (exit -6).
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
