@@ -304,3 +304,9 @@ def _rank_entry(target, rank: int, world: int, port: int, args: tuple) -> None:
     # Two ranks share the machine's cores; one thread each keeps them from fighting.
     torch.set_num_threads(1)
     target(rank, world, port, *args)
+    # The rank's work is done and written. Exit without the interpreter's teardown: there,
+    # now and then, a gloo thread was destroyed while joinable and the process aborted
+    # ("terminate called without an active exception", exit -6) after finishing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
