@@ -157,8 +157,9 @@ class Controller:
                 batch = self.buffer.take()
                 if batch is not None:
                     stage = (self.step + 1) % config.sync_every == 0
-                    training = self.fleet.train_step(batch, stage)
+                    # Timed from before the submission: the learner may start before it returns.
                     submitted = time.perf_counter()
+                    training = self.fleet.train_step(batch, stage)
             # 3. Wait for whatever finishes first.
             waiting = [*self.inflight, *self.syncs] + ([training] if training else [])
             if not waiting:
