@@ -23,7 +23,7 @@ Rank 0 writes the logs, metrics, checkpoints' shared files and the exported mode
 writes its own shard of a sharded checkpoint, and a rerun of the same command resumes from the
 newest one. `plan` is the stage's memory per GPU for `--dry-run` and the cluster check.
 
-    result = launch.train(fit, config, dataset, run_dir, out, resume)   # in the stage process
+    result = launch.train(fit, config, dataset, run_dir, resume)   # in the stage process
     def fit(config, dataset, run: Run | None, resume, callbacks, **extra) -> dict  # each rank
 """
 
@@ -220,7 +220,6 @@ def train(
     config,
     dataset,
     run_dir: Run,
-    out: Path,
     resume: str | None,
     callbacks: list | None = None,
     **extra,
@@ -228,9 +227,9 @@ def train(
     """Runs `fit(config, dataset, run, resume, callbacks, **extra)` here, or on the ranks of
     `config.placement`; returns the result `fit` returned (rank 0's).
 
-    With several ranks the rows are saved under `<out>/ranks/` and each rank reads them back;
+    With several ranks the rows are saved under `<run>/ranks/` and each rank reads them back;
     `extra` must then be JSON and `callbacks` (TrainerCallbacks, objects of this process) empty.
-    `config` is read back from `<out>/config.yaml`, which `Run` wrote.
+    `config` is read back from `<run>/config.yaml`, which `Run` wrote.
 
     Raises:
         ConfigError: more processes than this machine has GPUs (on a GPU machine).
@@ -247,6 +246,7 @@ def train(
             f"key 'placement.processes': {processes} processes, one per GPU, but this machine "
             f"has {torch.cuda.device_count()} GPU(s)"
         )
+    out = run_dir.dir
     work = out / "ranks"
     for name in (STOPPED_FILE, "result.json"):  # an earlier launch's
         (work / name).unlink(missing_ok=True)

@@ -751,7 +751,6 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
                 config,
                 dataset,
                 run_dir,
-                out,
                 resume_point(out / "checkpoints"),
                 callbacks,
                 # An engine of this process cannot reach the ranks; there rank 0 starts one.

@@ -256,7 +256,6 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
                 config,
                 dataset,
                 run_dir,
-                out,
                 resume_point(out / "checkpoints"),
                 callbacks,
                 facts={"data": data_report, "budget_tokens": tokens},

@@ -155,7 +155,6 @@ def run(config: Config, callbacks: list | None = None) -> dict:
                 config,
                 dataset,
                 run_dir,
-                out,
                 resume_point(out / "checkpoints"),
                 callbacks,
                 schema=schema,
