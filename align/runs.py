@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from align.config import save_config
@@ -39,6 +42,22 @@ def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_directory(directory: Path) -> Iterator[Path]:
+    """Yields an empty `.partial` sibling of `directory` to write into; when the block ends
+    without an error it replaces `directory` in one rename, so a reader (or a resumed run)
+    never finds half of it. After an error (or a kill) `directory` is as it was; the partial
+    sibling left behind is removed by the next write.
+    """
+    directory = Path(directory)
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    yield partial
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(partial, directory)
 
 
 class Run:

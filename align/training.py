@@ -35,7 +35,7 @@ from align.config import (
 )
 from align.launch import TrainPlacement, sharding_arguments, sum_over_ranks
 from align.moe import ExpertLoad, has_experts, load_summary, routers, shares
-from align.runs import NonFiniteError, Run, verbose, write_json_atomic
+from align.runs import NonFiniteError, Run, atomic_directory, verbose, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -322,17 +322,13 @@ def save_checkpoint(
     """Writes a Hugging Face checkpoint that vLLM loads: LoRA merged, safetensors, tokenizer.
 
     `state_dict` replaces the model's own weights (the full weights gathered from FSDP shards).
-    Written to a temporary sibling first and moved into place, so `directory` is never half
-    written.
+    Written with `atomic_directory`, so `directory` is never half written.
     """
     if hasattr(model, "merge_and_unload"):  # a peft model
         model = model.merge_and_unload()
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), state_dict=state_dict)
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+    with atomic_directory(directory) as partial:
+        model.save_pretrained(str(partial), state_dict=state_dict)
+        tokenizer.save_pretrained(str(partial))
     return directory
 
 

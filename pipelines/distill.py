@@ -45,8 +45,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,7 +69,7 @@ from align.losses.distill import (
     distillation_loss,
 )
 from align.modeling import check_checkpoint, load_model
-from align.runs import Run, write_json_atomic
+from align.runs import Run, atomic_directory, write_json_atomic
 from align.training import (
     LoraSettings,
     TrainSettings,
@@ -581,8 +579,8 @@ def write_topk_cache(
 ) -> None:
     """Writes the cache of `rows` (from `transformers_topk` or `engine_topk`) to `directory`.
 
-    Written into a `.partial` sibling and renamed into place, so an interrupted precompute
-    never leaves a cache that looks complete. The manifest records the seconds it took
+    Written with `atomic_directory`, so an interrupted precompute never leaves a cache that
+    looks complete. The manifest records the seconds it took
     (`build_seconds`: running the teacher over the rows and writing, its loading excluded).
     """
     started = time.perf_counter()
@@ -592,25 +590,21 @@ def write_topk_cache(
         ids.append(ids_nk.to(torch.int32))
         logprobs.append(logprobs_nk.to(torch.float16))
         offsets.append(offsets[-1] + len(ids_nk))
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(
-        {
-            "keys": torch.tensor([list(key) for key in keys], dtype=torch.uint8),
-            "offsets": torch.tensor(offsets, dtype=torch.int64),
-            "ids": torch.cat(ids),
-            "logprobs": torch.cat(logprobs),
-        },
-        str(partial / "topk.safetensors"),
-    )
-    seconds = time.perf_counter() - started
-    write_json_atomic(
-        partial / "manifest.json",
-        {**manifest, "positions": offsets[-1], "build_seconds": seconds},
-    )
-    shutil.rmtree(directory, ignore_errors=True)
-    os.rename(partial, directory)
+    with atomic_directory(directory) as partial:
+        save_file(
+            {
+                "keys": torch.tensor([list(key) for key in keys], dtype=torch.uint8),
+                "offsets": torch.tensor(offsets, dtype=torch.int64),
+                "ids": torch.cat(ids),
+                "logprobs": torch.cat(logprobs),
+            },
+            str(partial / "topk.safetensors"),
+        )
+        seconds = time.perf_counter() - started
+        write_json_atomic(
+            partial / "manifest.json",
+            {**manifest, "positions": offsets[-1], "build_seconds": seconds},
+        )
     log.info("teacher cache: %d positions of %d rows in %.1f s", offsets[-1], len(keys), seconds)
 
 

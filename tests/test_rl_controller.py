@@ -302,9 +302,9 @@ def test_a_save_cut_half_way_resumes_from_the_previous_checkpoint(
     _, whole_out = train(whole, rows, FakeFleet(whole))
 
     config = make_config(tmp_path / "cut", student_dir, **one_worker)
-    from align.rl import state
+    from align import runs
 
-    replace = state.os.replace
+    replace = runs.os.replace
 
     def cut(source, destination):
         if Path(source).name == "step-6.partial":
@@ -313,10 +313,10 @@ def test_a_save_cut_half_way_resumes_from_the_previous_checkpoint(
             raise KeyboardInterrupt("killed while saving")
         return replace(source, destination)
 
-    monkeypatch.setattr(state.os, "replace", cut)
+    monkeypatch.setattr(runs.os, "replace", cut)
     with pytest.raises(KeyboardInterrupt):
         train(config, rows, FakeFleet(config))
-    monkeypatch.setattr(state.os, "replace", replace)
+    monkeypatch.setattr(runs.os, "replace", replace)
     out = Path(config.runs_dir) / config.name
     assert (out / "checkpoints" / "step-6.partial").exists()
     train(config, rows, FakeFleet(config))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from align.rl.rollout import Rollout
-from align.runs import write_json_atomic
+from align.runs import atomic_directory, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +53,9 @@ class RunState:
         final = self.checkpoints / f"step-{step}"
         if final.exists():
             return final
-        partial = self.checkpoints / f"step-{step}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        save_learner(str(partial / "learner"))
-        (partial / "state.json").write_text(json.dumps(loop), encoding="utf-8")
-        os.replace(partial, final)
+        with atomic_directory(final) as partial:
+            save_learner(str(partial / "learner"))
+            (partial / "state.json").write_text(json.dumps(loop), encoding="utf-8")
         for old in self._complete()[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old)
         log.info("checkpoint written: %s", final)
@@ -142,10 +138,7 @@ class RunState:
         from transformers import AutoTokenizer
 
         model_dir = self.out / "model"
-        partial = model_dir.with_name("model.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        export(str(partial))
-        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(str(partial))
-        shutil.rmtree(model_dir, ignore_errors=True)
-        os.replace(partial, model_dir)
+        with atomic_directory(model_dir) as partial:
+            export(str(partial))
+            AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(str(partial))
         return model_dir
