@@ -323,7 +323,14 @@ class _Builder:
         values = {}
         for f in fields:
             if f.name in data:
-                values[f.name] = self.convert(hints[f.name], data[f.name], _join(path, f.name))
+                value = data[f.name]
+                if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+                    # A partial section starts from the field's own default, not the section
+                    # class's: DPO's `train: {epochs: 1}` keeps DPO's learning rate.
+                    default = f.default_factory()
+                    if dataclasses.is_dataclass(default):
+                        value = deep_merge(dataclasses.asdict(default), value)
+                values[f.name] = self.convert(hints[f.name], value, _join(path, f.name))
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 full = _join(path, f.name)
                 raise ConfigError(f"missing required key '{full}' in {self.where(full)}")
@@ -362,6 +369,20 @@ class _Builder:
                 f"invalid value for '{key}' in {self.where(key)}: must be a directory "
                 f"(got {config.runs_dir!r})"
             )
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`base` with `override`'s keys replacing its own, nested mappings merged key by key.
+
+    >>> deep_merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 5}})
+    {'a': {'b': 5, 'c': 2}, 'd': 3}
+    """
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = deep_merge(merged[key], value)
+        merged[key] = value
+    return merged
 
 
 def from_dict(cls: type[T], data: dict, source: str = "<config>") -> T:

@@ -77,6 +77,11 @@ class RewardSpec:
     # Seconds a call may take before it is abandoned and counted as a timeout.
     timeout_s: float = 120.0
 
+    @staticmethod
+    def registry() -> Registry:
+        """Where `name` is looked up."""
+        return REWARDS
+
     def validate(self) -> None:
         check(bool(self.name.strip()), "name", "must name a reward")
         check(math.isfinite(self.weight), "weight", f"must be finite (got {self.weight})")

@@ -36,6 +36,7 @@ from align.config import (
 from align.launch import TrainPlacement, sharding_arguments, sum_over_ranks
 from align.moe import ExpertLoad, has_experts, load_summary, routers, shares
 from align.runs import NonFiniteError, Run, atomic_directory, verbose, write_json_atomic
+from align.settings import OptimSettings
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +77,14 @@ class LoraSettings:
 
 
 @dataclass
-class TrainSettings:
-    """Optimisation settings shared by the SFT and DPO stages."""
+class TrainSettings(OptimSettings):
+    """Optimisation of the SFT, DPO and distillation stages (`align.settings.OptimSettings`
+    plus what a TRL trainer takes). Warmup defaults to 5% of the steps."""
 
-    # Peak learning rate.
-    learning_rate: float = 1e-3
+    warmup_steps: float = 0.05
+
     # Learning-rate schedule after warmup.
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    # Fraction of the steps spent warming up linearly.
-    warmup_ratio: float = 0.05
-    # AdamW weight decay.
-    weight_decay: float = 0.0
     # Sequences (SFT; packed rows with packing) or pairs (DPO) per device per micro-batch.
     batch_size: int = 32
     # Micro-batches per optimiser step.
@@ -98,8 +96,6 @@ class TrainSettings:
     token_budget: int | None = None
     # Longest sequence in tokens; longer rows are truncated (and counted in the log).
     max_length: int = 256
-    # Gradient clipping by global norm.
-    max_grad_norm: float = 1.0
     # Log every N optimiser steps.
     logging_steps: int = 10
     # Write a resumable checkpoint every N optimiser steps.
@@ -108,22 +104,9 @@ class TrainSettings:
     save_total_limit: int = 2
     # Seed of data order, budget sampling and initialisation of new weights.
     seed: int = 0
-    # auto: bf16 mixed precision where the GPU supports it, fp32 otherwise.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # Recompute activations in the backward pass to save memory.
-    gradient_checkpointing: bool = False
-    # Weight of the MoE router load-balancing loss (Llama 4 used 0.001); 0 turns it off.
-    router_aux_loss_coef: float = 0.001
-    # A step whose gradients are not finite is skipped with the weights unchanged; this many
-    # in a row stop the run with a checkpoint.
-    max_nonfinite_steps: int = 3
 
     def validate(self) -> None:
-        check(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
-        check(
-            0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1) ({self.warmup_ratio})"
-        )
-        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0 (got {self.weight_decay})")
+        super().validate()
         check(self.batch_size >= 1, "batch_size", f"must be >= 1 (got {self.batch_size})")
         check(self.grad_accum >= 1, "grad_accum", f"must be >= 1 (got {self.grad_accum})")
         check(self.epochs > 0, "epochs", f"must be > 0 (got {self.epochs})")
@@ -136,14 +119,9 @@ class TrainSettings:
         check(self.logging_steps >= 1, "logging_steps", f"must be >= 1 ({self.logging_steps})")
         check(self.save_steps >= 1, "save_steps", f"must be >= 1 (got {self.save_steps})")
         check(
-            self.router_aux_loss_coef >= 0,
-            "router_aux_loss_coef",
-            f"must be >= 0 (got {self.router_aux_loss_coef})",
-        )
-        check(
-            self.max_nonfinite_steps >= 1,
-            "max_nonfinite_steps",
-            f"must be >= 1 (got {self.max_nonfinite_steps})",
+            self.save_total_limit >= 1,
+            "save_total_limit",
+            f"must be >= 1 (got {self.save_total_limit})",
         )
 
 
@@ -189,7 +167,10 @@ def trainer_arguments(
         lr_scheduler_type={"constant": "constant_with_warmup"}.get(
             settings.lr_scheduler, settings.lr_scheduler
         ),
-        warmup_steps=settings.warmup_ratio,  # a float below 1 is a fraction of the steps
+        # A float below 1 is a share of the steps to the trainers too.
+        warmup_steps=settings.warmup_steps
+        if settings.warmup_steps < 1
+        else int(settings.warmup_steps),
         weight_decay=settings.weight_decay,
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,

@@ -4,7 +4,7 @@ Both arms sample `--n` completions of at most `--max-new-tokens` tokens for each
 `--prompts` prompts (the embedded tasks' RL prompts, chat template applied), at temperature 1
 with no top-p or top-k truncation, from the same random-initialised checkpoint:
 
-    vllm  align.engine.start_engine with the RL stage's default EngineConfig, then
+    vllm  align.engine.start_engine with the RL stage's default EngineSettings, then
           align.engine.generate (n completions per prompt, with the sampled tokens' logprobs),
           the two calls a rollout worker makes (align/rollout.py);
     hf    transformers' AutoModelForCausalLM.from_pretrained (the model as transformers runs
@@ -77,9 +77,10 @@ class VllmArm:
 
     def __init__(self, model: str, args) -> None:
         from align import engine
+        from align.settings import EngineSettings
 
         self.engine, self.args = engine, args
-        self.llm = engine.start_engine(model, engine.EngineConfig())
+        self.llm = engine.start_engine(model, EngineSettings())
 
     def batch(self, prompts: list[list[int]], seed: int) -> tuple[int, int]:
         completions = self.engine.generate(

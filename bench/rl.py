@@ -51,6 +51,9 @@ from pathlib import Path
 import common
 import yaml
 
+from align.config import deep_merge, load_config
+from align.settings import with_defaults
+
 ARMS = ("async", "sync", "trl", "trl-vllm", "trl-routed")
 # How each TRL arm generates and runs the MoE layers: transformers `generate` on the dense
 # MoE forward (every token through every expert, as transformers runs Llama 4), the same with
@@ -122,7 +125,7 @@ def run_ours(args, arm: str, out: Path) -> tuple[Path, int]:
     """
     mode, _, extra = arm.partition(":")
     config = stage_config(DEFAULT_PIPELINE, "rl")
-    config = merge(
+    config = deep_merge(
         config,
         {
             "model": args.model,
@@ -132,7 +135,7 @@ def run_ours(args, arm: str, out: Path) -> tuple[Path, int]:
             "groups_per_step": args.groups,
             "groups_per_request": max(1, args.groups // 2),
             "max_staleness": 1 if mode == "async" else 0,
-            "sampling": {"group_size": args.group_size, "max_new_tokens": args.max_new_tokens},
+            "sampling": {"samples": args.group_size, "max_new_tokens": args.max_new_tokens},
             "learner": {"learning_rate": args.lr, "warmup_steps": args.warmup},
             "eval_every": args.eval_every,
             "save_every": 10_000,
@@ -140,7 +143,7 @@ def run_ours(args, arm: str, out: Path) -> tuple[Path, int]:
         },
     )
     if extra:
-        config = merge(config, yaml.safe_load(Path(extra).read_text()) or {})
+        config = deep_merge(config, yaml.safe_load(Path(extra).read_text()) or {})
     common.run_align("rl", config, out)
     return ours_result(args, out)
 
@@ -170,24 +173,14 @@ def trl_result(args, out: Path) -> tuple[Path, int] | None:
 
 
 def stage_config(pipeline: Path, stage: str) -> dict:
-    """The config of `stage` in a pipeline file."""
-    stages = yaml.safe_load(pipeline.read_text())["stages"]
-    return next(s["config"] for s in stages if s["name"] == stage)
+    """The config of `stage` in a pipeline file, with the file's `defaults:` merged in."""
+    from pipelines import pipeline as runner
+    from pipelines import stages as commands
 
-
-def merge(base: dict, override: dict) -> dict:
-    """`base` with `override`'s keys replacing its own, nested mappings merged key by key.
-
-    >>> merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 5}})
-    {'a': {'b': 5, 'c': 2}, 'd': 3}
-    """
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    config = load_config(runner.Config, pipeline)
+    entry = next(e for e in config.stages if e.name == stage)
+    command = commands.COMMANDS[entry.command]
+    return with_defaults(command.Config, entry.config, config.defaults.sections())
 
 
 def trl_arm(args, out: Path) -> None:
@@ -336,6 +329,7 @@ def evaluate_snapshots(args, directories: list[Path]) -> dict[str, list[dict]]:
     from align import engine
     from align.data import load_dataset_file
     from align.evaluate import evaluate
+    from align.settings import EngineSettings
 
     settings = {
         "model": str(Path(args.model).resolve()),
@@ -357,7 +351,7 @@ def evaluate_snapshots(args, directories: list[Path]) -> dict[str, list[dict]]:
             score = json.loads(kept.read_text()) if kept.is_file() else {}
             if score.get("settings") != settings:
                 if llm is None:
-                    llm = engine.start_engine(args.model, engine.EngineConfig())
+                    llm = engine.start_engine(args.model, EngineSettings())
                     tokenizer = AutoTokenizer.from_pretrained(args.model)
                 engine.sync_weights(llm, facts["weights"])
                 report = evaluate(

@@ -110,7 +110,7 @@ def run_ours(args, point: dict, out: Path) -> dict:
         "groups_per_request": max(1, args.groups // 2),
         "max_staleness": 1,
         "dynamic_sampling": False,
-        "sampling": {"group_size": point["group_size"], "max_new_tokens": point["max_new_tokens"]},
+        "sampling": {"samples": point["group_size"], "max_new_tokens": point["max_new_tokens"]},
         "loss": {"kind": "grpo"},
         "learner": {"learning_rate": args.lr, "warmup_steps": 0},
         "placement": {

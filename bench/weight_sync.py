@@ -145,6 +145,7 @@ def measure(size: str, groups: int, repeats: int) -> dict:
     from align import engine
     from align.rl import transport
     from align.rl.learner import free_address
+    from align.settings import EngineSettings
 
     path = str(common.ensure_model(size))
     context = multiprocessing.get_context("spawn")
@@ -156,7 +157,7 @@ def measure(size: str, groups: int, repeats: int) -> dict:
         ours.send((command, argument))
         return ours.recv()
 
-    llm = engine.start_engine(path, engine.EngineConfig(max_model_len=256))
+    llm = engine.start_engine(path, EngineSettings(max_model_len=256))
     ask("step", "small")  # warm-up
     step_s = ask("step", "full")
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -35,7 +35,7 @@ class PassRateDifficulty:
         max_new_tokens: longest answer.
         pass_threshold: an answer passes when its combined reward is >= this.
         seed: sampling seed.
-        engine: vLLM engine settings (EngineConfig keys).
+        engine: vLLM engine settings (EngineSettings keys).
         llm: an engine already serving `model` (from code, not YAML).
     """
 
@@ -98,7 +98,7 @@ class JudgeDifficulty:
         model: the judge checkpoint.
         template: the question; `{prompt}`, `{completion}` and dataset columns are filled in.
         choices: verdicts and their difficulty values.
-        engine: vLLM engine settings (EngineConfig keys).
+        engine: vLLM engine settings (EngineSettings keys).
         llm: an engine already serving `model` (from code, not YAML).
     """
 

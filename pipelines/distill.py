@@ -70,6 +70,7 @@ from align.losses.distill import (
 )
 from align.modeling import check_checkpoint, load_model
 from align.runs import Run, atomic_directory, write_json_atomic
+from align.settings import EngineSettings
 from align.training import (
     LoraSettings,
     TrainSettings,
@@ -121,7 +122,7 @@ class TeacherSettings:
     cache_builder: Literal["vllm", "transformers"] = "transformers"
     # offline, cache_builder vllm: the engine. max_model_len and max_logprobs are raised to
     # train.max_length + 1 and top_k when lower.
-    engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     # offline: cache directory; null puts it in runs/<name>/teacher_cache. Runs with the same
     # teacher, student tokenizer, data, budget, seed and max_length can share one.
     cache_dir: str | None = None
@@ -164,7 +165,7 @@ class OnPolicySettings:
     # Sampling seed; step s samples with seed + s, so a resumed run samples the same.
     seed: int = 0
     # vLLM engine settings.
-    engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
     def uses_engine(self) -> bool:
         """Whether `engine` starts: on-policy batches sample with vLLM."""

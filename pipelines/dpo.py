@@ -44,6 +44,7 @@ from align.rewarding import (
     check_reward_checkpoints,
 )
 from align.runs import Run
+from align.settings import EngineSettings, GenerationSettings
 from align.training import (
     LoraSettings,
     TrainSettings,
@@ -72,29 +73,25 @@ LOSS_TYPES = {
 }
 
 
-@dataclass
-class PairSettings:
-    """Preference pairs from the model's own rollouts, ranked by rewards."""
+@dataclass(kw_only=True)
+class PairSettings(GenerationSettings):
+    """Preference pairs from the model's own rollouts (`samples` completions per prompt,
+    `align.settings.GenerationSettings`), ranked by rewards."""
 
     # Prompt rows (prompt, plus what the rewards read, e.g. answer): JSONL, Parquet or a
     # `datasets` directory.
     prompts: str
     # Rewards that rank the completions (README, "Rewards").
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="answer_match")])
-    # Completions sampled per prompt.
-    samples: int = 8
-    # Sampling temperature.
-    temperature: float = 1.0
-    # Longest completion in tokens.
-    max_new_tokens: int = 32
     # Keep a pair when best - worst reward >= this.
     min_margin: float = 0.5
     # Sampling seed.
     seed: int = 0
     # vLLM engine settings.
-    engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
     def validate(self) -> None:
+        super().validate()
         check(self.samples >= 2, "samples", f"pairs need >= 2 samples (got {self.samples})")
         check(self.min_margin > 0, "min_margin", f"must be > 0 (got {self.min_margin})")
 

@@ -25,34 +25,34 @@ from align.rewarding import (
     check_reward_checkpoints,
 )
 from align.runs import Run
+from align.settings import EngineSettings, GenerationSettings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class EvalSettings:
-    """How held-out rows are scored; `align eval` and every training stage share these."""
+class EvalSettings(GenerationSettings):
+    """How held-out rows are scored; `align eval` and every training stage share these. Greedy
+    accuracy is always decoded at temperature 0; `samples` completions at `temperature` give
+    pass@k and the sample accuracy."""
+
+    samples: int = 4
 
     # Evaluate only the first N rows (None: all).
     limit: int | None = None
     # k of pass@k.
     pass_k: int = 4
-    # Completions sampled per prompt for pass@k.
-    samples: int = 4
-    # Sampling temperature for pass@k (greedy accuracy always uses 0).
-    temperature: float = 1.0
-    # Longest completion in tokens.
-    max_new_tokens: int = 32
     # Sampling seed.
     seed: int = 0
     # vLLM engine settings.
-    engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     # Rewards scored on the sampled completions, each reported as its mean beside the accuracy
     # (a custom or partial-credit reward is otherwise invisible in evaluation). Empty: accuracy
     # only, except in `align rl`, whose evaluation then scores with the stage's own rewards.
     rewards: list[RewardSpec] = field(default_factory=list)
 
     def validate(self) -> None:
+        super().validate()
         check(self.pass_k >= 1, "pass_k", f"must be >= 1 (got {self.pass_k})")
         check(
             self.samples >= self.pass_k,
@@ -63,9 +63,6 @@ class EvalSettings:
             self.temperature > 0,
             "temperature",
             f"must be > 0 for pass@k sampling (got {self.temperature})",
-        )
-        check(
-            self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1 (got {self.max_new_tokens})"
         )
         check(
             self.limit is None or self.limit >= 1,

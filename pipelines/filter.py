@@ -28,7 +28,7 @@ from typing import Any, Literal
 from align.config import check, from_dict
 from align.data import DataError, load_dataset_file
 from align.pruning import FILTERS, Buckets, Selection, build_filter, select
-from align.registry import RegistryError
+from align.registry import Registry, RegistryError
 from align.rewarding import RewardSpec, check_option_columns
 from align.runs import Run, write_json_atomic
 
@@ -45,6 +45,11 @@ class FilterStep:
     options: dict[str, Any] = field(default_factory=dict)
     # Which scores to keep. Changing only this re-uses the cached scores.
     keep: Selection = field(default_factory=Selection)
+
+    @staticmethod
+    def registry() -> Registry:
+        """Where `name` is looked up."""
+        return FILTERS
 
     def validate(self) -> None:
         try:

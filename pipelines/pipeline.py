@@ -7,7 +7,9 @@ earlier stage's output (`model: "{run}/teacher/model"`). A finished stage leaves
 `stage-done.json` there and is skipped when the pipeline is run again, so an interrupted
 pipeline resumes at the stage it stopped in (and that stage resumes from its own checkpoint).
 
-An `evaluation:` block makes every stage that produces a model score it on the same held-out
+A `defaults:` block states settings once for every stage (align/settings.py): `engine` for every
+vLLM engine any stage starts, `generation` for everything that samples, `optim` for every
+trained stage's optimiser; what a stage sets itself wins. An `evaluation:` block makes every stage that produces a model score it on the same held-out
 rows with the same settings; the run ends with `report.md`, `report.json` and plots
 (see pipelines/report.py) and prints the report's table.
 """
@@ -24,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from align.config import ConfigError, changed_settings, check, from_dict, name_problem, to_dict
-from align.engine import EngineConfig
 from align.launch import TrainPlacement
 from align.launch import plan as train_plan
 from align.pruning import FILTERS
@@ -32,6 +33,7 @@ from align.rewarding import REWARDS
 from align.rl.placement import ModelShape, Placement
 from align.rl.placement import plan as placement_plan
 from align.runs import write_json_atomic
+from align.settings import SHARED, EngineSettings, with_defaults
 from pipelines import report, stages
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,33 @@ class Evaluation:
 
 
 @dataclass
+class Defaults:
+    """Settings every stage starts from (align/settings.py); what a stage sets wins."""
+
+    # vLLM engine settings (dtype, tensor_parallel_size, max_model_len, kv_cache_gib, ...) of
+    # every engine any stage starts: the filter's, RL's workers, DPO's pairs, the teacher
+    # cache's, evaluation's.
+    engine: dict[str, Any] = field(default_factory=dict)
+    # Sampling settings (samples, temperature, max_new_tokens) of everything that samples:
+    # RL's `sampling`, DPO's `pairs`, evaluation, the difficulty filter's options.
+    generation: dict[str, Any] = field(default_factory=dict)
+    # Optimiser settings (learning_rate, precision, router_aux_loss_coef, ...) of every
+    # trained stage: SFT, DPO and distillation's `train`, RL's `learner`.
+    optim: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for section, kind in SHARED.items():
+            try:
+                from_dict(kind, getattr(self, section))
+            except ConfigError as error:
+                check(False, section, str(error).replace(" in <config>", ""))
+
+    def sections(self) -> dict[str, dict]:
+        """The sections that set something."""
+        return {name: getattr(self, name) for name in SHARED if getattr(self, name)}
+
+
+@dataclass
 class Config:
     """A pipeline file."""
 
@@ -95,6 +124,8 @@ class Config:
     runs_dir: str = "runs"
     # The stages, run in order.
     stages: list[StageEntry] = field(default_factory=list)
+    # Settings merged into every stage, under the stage's own.
+    defaults: Defaults = field(default_factory=Defaults)
     # Evaluation shared by every stage.
     evaluation: Evaluation = field(default_factory=Evaluation)
 
@@ -119,6 +150,7 @@ def resolve_stages(config: Config, source: str = "<pipeline>") -> list[tuple[Sta
             )
         data = {**data, "name": entry.name, "runs_dir": run_dir}
         data = _with_evaluation(data, entry, command, config.evaluation, run_dir, source)
+        data = with_defaults(command.Config, data, config.defaults.sections())
         earlier = [e.name for e in config.stages[:index]]
         all_names = {e.name for e in config.stages}
         for path in _run_paths(entry.config):
@@ -330,7 +362,7 @@ def _shape(config_dir: Path | None) -> ModelShape | None:
     return ModelShape.from_checkpoint(config_dir)
 
 
-def engines(config: Any, prefix: str = "") -> list[tuple[str, EngineConfig]]:
+def engines(config: Any, prefix: str = "") -> list[tuple[str, EngineSettings]]:
     """Every vLLM engine a stage's config sets up, with its key: the typed ones (`engine`,
     `pairs.engine`, `teacher.engine`, `eval.engine`, ...; a settings class whose
     `uses_engine()` is false is left out) and the `options.engine` of a filter or reward whose
@@ -339,7 +371,7 @@ def engines(config: Any, prefix: str = "") -> list[tuple[str, EngineConfig]]:
     for item in fields(config):
         value = getattr(config, item.name)
         key = f"{prefix}{item.name}"
-        if isinstance(value, EngineConfig):
+        if isinstance(value, EngineSettings):
             found.append((key, value))
         elif is_dataclass(value) and getattr(value, "uses_engine", lambda: True)():
             found += engines(value, f"{key}.")
@@ -347,7 +379,7 @@ def engines(config: Any, prefix: str = "") -> list[tuple[str, EngineConfig]]:
             for i, entry in enumerate(value):
                 if _starts_engine(entry):
                     settings = from_dict(
-                        EngineConfig, entry.options.get("engine") or {}, source=key
+                        EngineSettings, entry.options.get("engine") or {}, source=key
                     )
                     found.append((f"{key}[{i}].options.engine", settings))
     return found

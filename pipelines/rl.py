@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from align import engine
 from align.config import ConfigError, check
 from align.data import DataError, load_dataset_file
 from align.losses.policy import PolicyLossSettings
@@ -42,6 +41,7 @@ from align.rl.placement import plan as placement_plan
 from align.rl.pool import PoolSettings
 from align.rl.rollout import SamplingSettings
 from align.runs import Run
+from align.settings import EngineSettings
 from align.training import finished_result, refuse_changed_rerun
 from pipelines import evaluate
 
@@ -64,7 +64,7 @@ class Config:
     runs_dir: str = "runs"
     # Learner steps (policy updates) to run.
     steps: int = 40
-    # Prompt groups per learner step (the batch is groups_per_step x sampling.group_size). On
+    # Prompt groups per learner step (the batch is groups_per_step x sampling.samples). On
     # the embedded model, 16 groups x 8 left held-out accuracy flat or falling at every learning
     # rate tried (3e-5 to 5e-4); 64 x 8 at 1e-4 raised it (docs/recipe-evidence.md, 3b).
     groups_per_step: int = 64
@@ -90,7 +90,7 @@ class Config:
     # Ray resources of the actors.
     placement: Placement = field(default_factory=Placement)
     # vLLM engine of every rollout worker.
-    engine: engine.EngineConfig = field(default_factory=engine.EngineConfig)
+    engine: EngineSettings = field(default_factory=EngineSettings)
     # Keep the weights every N steps for the held-out accuracy curve (0: none); they are
     # evaluated after training, so evaluation never slows the loop or skews its timings.
     eval_every: int = 0
@@ -126,10 +126,10 @@ class Config:
             f"lists a reward more than once ({', '.join(names)}); list each reward once",
         )
         check(
-            self.sampling.group_size >= 2,
-            "sampling.group_size",
+            self.sampling.samples >= 2,
+            "sampling.samples",
             f"group-relative advantages need >= 2 completions per prompt "
-            f"(got {self.sampling.group_size})",
+            f"(got {self.sampling.samples})",
         )
         check(
             self.sampling.temperature == 1.0,

@@ -22,7 +22,7 @@ class LLMJudge:
         model: the judge checkpoint directory; a vLLM engine is started for it.
         template: the question; see `DEFAULT_TEMPLATE`.
         choices: allowed verdicts and their reward values.
-        engine: vLLM engine settings (`align.engine.EngineConfig` keys).
+        engine: vLLM engine settings (`align.settings.EngineSettings` keys).
         llm: an already started engine for `model` (from code, not YAML), e.g. to share one.
     """
 

@@ -20,6 +20,7 @@ import pytest
 
 from align import engine
 from align.modeling import build_model, write_checkpoint
+from align.settings import EngineSettings
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -161,9 +162,9 @@ def engine_for(checkpoints):
 
 def shared_engine(path: Path, **settings):
     """The session's engine for the checkpoint at `path`, started on first use (with the
-    EngineConfig `settings` given then)."""
+    EngineSettings `settings` given then)."""
     if str(path) not in _engines:
-        _engines[str(path)] = engine.start_engine(str(path), engine.EngineConfig(**settings))
+        _engines[str(path)] = engine.start_engine(str(path), EngineSettings(**settings))
     return _engines[str(path)]
 
 

@@ -87,7 +87,7 @@ class FakeFleet:
             if number in self.hang_on:
                 self.release.wait(60)
                 raise RuntimeError("released at shutdown")
-            size = self.config.sampling.group_size
+            size = self.config.sampling.samples
             failing = {
                 p["id"]
                 for p in prompts
@@ -201,7 +201,7 @@ def make_config(tmp_path: Path, model: Path, **settings):
         "groups_per_request": 2,
         "max_staleness": 1,
         "dynamic_sampling": False,
-        "sampling": {"group_size": 4},
+        "sampling": {"samples": 4},
         "pool": {"min_active": 4},
         "placement": {"workers": 2},
         "save_every": 2,

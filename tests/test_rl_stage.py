@@ -39,7 +39,7 @@ def write_config(tmp_path: Path, model: Path, data: Path, **settings) -> Path:
         "steps": 8,
         "groups_per_step": 8,
         "groups_per_request": 4,
-        "sampling": {"group_size": 8, "max_new_tokens": 16},
+        "sampling": {"samples": 8, "max_new_tokens": 16},
         "learner": {"learning_rate": 1e-4},
         "pool": {"min_active": 8},
         "engine": {"kv_cache_gib": 0.125},

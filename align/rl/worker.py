@@ -21,6 +21,7 @@ from align import engine
 from align.rewarding import RewardSpec, build_reward_set
 from align.rl.rollout import GenerateResult, Rollout, SamplingSettings
 from align.scoring import PassRateScorer, sample_and_score
+from align.settings import EngineSettings
 from align.tokenizer import encode_prompts
 
 
@@ -37,7 +38,7 @@ class RolloutWorker:
     def __init__(
         self,
         model_path: str,
-        engine_config: engine.EngineConfig,
+        engine_config: EngineSettings,
         rewards: list[RewardSpec],
         sampling: SamplingSettings,
     ) -> None:
@@ -64,13 +65,13 @@ class RolloutWorker:
             self.tokenizer,
             rows,
             self.rewards,
-            samples=self.sampling.group_size,
+            samples=self.sampling.samples,
             temperature=self.sampling.temperature,
             max_new_tokens=self.sampling.max_new_tokens,
             seed=seed,
         )
         prompt_ids = encode_prompts(self.tokenizer, [row["prompt"] for row in rows])
-        g = self.sampling.group_size
+        g = self.sampling.samples
         rollouts = [
             Rollout(
                 prompt_id=p["id"],

