@@ -9,24 +9,26 @@ with alpha following a schedule over the optimiser steps and w_t an optional per
 (teacher confidence or entropy). The data are prompt/completion rows (the `sft` schema); the loss
 covers the completion tokens only.
 
-Teacher logits come from one of two places (`teacher.mode`):
+Teacher logits come from one of two places (`teacher.mode`; `align.distill.teachers`):
     online   the teacher runs forward on every batch, in eval mode under no_grad;
     offline  a precompute step runs the teacher once over the (deduplicated) training rows and
-             writes its top-k log-probabilities (fp16) and ids (int32) per completion position
-             to a cache directory (`TopKCache`); training then reads them back as a sparse
-             teacher. The teacher runs as a transformers forward in this process
-             (`teacher.cache_builder: transformers`, the default) or in a vLLM engine (`vllm`,
-             its prompt logprobs; `teacher.engine` sets dtype and tensor parallelism, so a
-             teacher vLLM can serve on several GPUs can be distilled). The cache's manifest
-             names the teacher (path and a hash of its files), k, the tokenizer and the rows;
-             a cache whose manifest does not match is refused, not silently reused.
+             writes its top-k log-probabilities per completion position to a cache directory
+             (`TopKCache`); training then reads them back as a sparse teacher. The teacher runs
+             as a transformers forward in this process (`teacher.cache_builder: transformers`,
+             the default) or in a vLLM engine (`vllm`, its prompt logprobs; `teacher.engine`
+             sets dtype and tensor parallelism, so a teacher vLLM can serve on several GPUs can
+             be distilled). A cache whose manifest (teacher, k, tokenizer, rows) does not match
+             the run is refused, not silently reused.
+With `on_policy.ratio` > 0 a share of the steps trains on completions the student samples itself
+(`align.distill.sampler.StudentSampler`).
 
 Steps: (1) check the inputs before anything is written: teacher and student share a tokenizer
-and a vocabulary size, the data files are valid; (2) fit the data to the token budget; (3) build the trainer (SFTTrainer with `compute_loss`
-replaced) and, offline, build or reuse the top-k cache; (4) train, resuming from the newest
-checkpoint of an interrupted run; (5) save a Hugging Face checkpoint that vLLM loads;
-(6) held-out student CE and teacher-student KL on gold completions (`heldout_sft`), and greedy
-accuracy / pass@k through `align eval` (`heldout`).
+and a vocabulary size, the data files are valid; (2) fit the data to the token budget; (3) build
+the trainer (`align.distill.trainer.DistillTrainer`: SFTTrainer with `compute_loss` replaced)
+and, offline, build or reuse the top-k cache; (4) train, resuming from the newest checkpoint of
+an interrupted run; (5) save a Hugging Face checkpoint that vLLM loads; (6) held-out student CE
+and teacher-student KL on gold completions (`heldout_sft`), and greedy accuracy / pass@k through
+`align eval` (`heldout`).
 
 Output under runs/<name>/: `model/` (with `train_result.json`), `checkpoints/`, `teacher_cache/`
 (offline, unless `teacher.cache_dir` puts it elsewhere), `eval/`, `expert_load.json`/`.png`,
@@ -34,8 +36,7 @@ Output under runs/<name>/: `model/` (with `train_result.json`), `checkpoints/`, 
 `tb/`, `log.txt`, `config.yaml`, `result.json`; `ranks/` (the rows and job the ranks read) with
 `placement.processes` > 1.
 
-Tensor legend: b batch, t position, v vocabulary, k cached teacher entries per position, n
-completion tokens of one row.
+Tensor legend: b batch, t position, v vocabulary, n completion tokens of the batch.
 """
 
 from __future__ import annotations
@@ -227,132 +228,6 @@ class Config:
         )
 
 
-def check_same_tokenizer(student: str, teacher: str) -> int:
-    """Refuses a teacher whose tokenizer or output vocabulary differs from the student's.
-
-    Distillation compares the two next-token distributions id by id, so the ids must mean the
-    same tokens and both models must produce logits over the same number of ids.
-
-    Returns:
-        The models' shared `vocab_size`.
-
-    Raises:
-        ConfigError: naming the key `teacher.model`, both paths and the first difference found.
-    """
-    key = "key 'teacher.model'"
-    tokenizers = {path: AutoTokenizer.from_pretrained(path) for path in (student, teacher)}
-    vocabs = {path: tok.get_vocab() for path, tok in tokenizers.items()}
-    s_vocab, t_vocab = vocabs[student], vocabs[teacher]
-    if s_vocab != t_vocab:
-        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
-        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
-        moved = sorted(k for k in set(s_vocab) & set(t_vocab) if s_vocab[k] != t_vocab[k])[:5]
-        raise ConfigError(
-            f"{key}: teacher {teacher} and student {student} have different tokenizers: vocab "
-            f"sizes {len(t_vocab)} and {len(s_vocab)}; tokens only in the student's: {only_s}, "
-            f"only in the teacher's: {only_t}, with different ids: {moved}. Distillation needs "
-            "a shared tokenizer"
-        )
-    s_special = tokenizers[student].all_special_tokens
-    t_special = tokenizers[teacher].all_special_tokens
-    if s_special != t_special:
-        raise ConfigError(
-            f"{key}: teacher {teacher} and student {student} have different special tokens: "
-            f"{t_special} vs {s_special}. Distillation needs a shared tokenizer"
-        )
-    sizes = {path: AutoConfig.from_pretrained(path).vocab_size for path in (student, teacher)}
-    for path, size in sizes.items():
-        if size < len(s_vocab):
-            raise ConfigError(
-                f"{key}: model {path} has vocab_size {size} in config.json but its tokenizer "
-                f"has {len(s_vocab)} tokens: the model cannot score every token"
-            )
-    if sizes[student] != sizes[teacher]:
-        raise ConfigError(
-            f"{key}: teacher {teacher} has vocab_size {sizes[teacher]} and student {student} "
-            f"has {sizes[student]}: their logits must cover the same ids"
-        )
-    return sizes[student]
-
-
-def offline_teacher(
-    config: Config, trainer: SFTTrainer, tokenizer, out: Path, llm=None
-) -> TopKCache:
-    """The top-k cache for `trainer`'s training rows: reused when it matches, else built (with
-    `llm` when given and the builder is vllm)."""
-    settings = config.teacher
-    directory = Path(settings.cache_dir) if settings.cache_dir else out / "teacher_cache"
-    # One entry per distinct training row (the token budget repeats rows). The collator only
-    # pads, so these keys are the ones the cache stores for the collated rows.
-    dataset = trainer.train_dataset
-    unique, seen = [], set()
-    for index, ids in enumerate(dataset["input_ids"]):
-        key = sequence_key(torch.tensor(ids))
-        if key not in seen:
-            seen.add(key)
-            unique.append(index)
-    expected = cache_manifest(settings.model, settings.top_k, tokenizer, config.train.max_length)
-    if not (directory / "manifest.json").exists():
-        log.info(
-            "precomputing the teacher's top-%d logits for %d distinct rows into %s",
-            settings.top_k,
-            len(unique),
-            directory,
-        )
-        step = settings.batch_size
-        batches = (
-            trainer.data_collator([dataset[i] for i in unique[start : start + step]])
-            for start in range(0, len(unique), step)
-        )
-        manifest = {**expected, "rows": len(unique), "built_with": settings.cache_builder}
-        if settings.cache_builder == "transformers":
-            rows = transformers_topk(load_model(settings.model), batches, settings.top_k)
-            write_topk_cache(rows, directory, manifest)
-        elif llm is not None:
-            write_topk_cache(engine_topk(llm, batches, settings.top_k), directory, manifest)
-        else:
-            engine_config = replace(
-                settings.engine,
-                max_model_len=max(settings.engine.max_model_len, config.train.max_length + 1),
-                max_logprobs=max(settings.engine.max_logprobs, settings.top_k),
-            )
-            llm = engine.start_engine(settings.model, engine_config)
-            write_topk_cache(engine_topk(llm, batches, settings.top_k), directory, manifest)
-            # The engine goes before training starts, so its memory is free for the trainer.
-            del llm
-            gc.collect()
-    else:
-        log.info("reusing the teacher cache in %s", directory)
-    cache = TopKCache.open(directory, expected)
-    cache.check_covers(seen)
-    return cache
-
-
-@torch.no_grad()
-def heldout_scores(student, teacher: OnlineTeacher, loader) -> dict:
-    """Student CE and forward KL(teacher || student) at T = 1 per gold completion token."""
-    was_training = student.training
-    student.eval()
-    ce_sum, kl_sum, tokens = 0.0, 0.0, 0
-    for batch in loader:
-        labels_bt = batch["labels"][:, 1:]
-        student_logits_btv = student(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits[:, :-1]
-        teacher_logits = teacher(batch["input_ids"], batch["attention_mask"], labels_bt)
-        target_bt = labels_bt != IGNORE_INDEX
-        logp_s_nv = student_logits_btv[target_bt].float().log_softmax(-1)
-        logp_t_nv = teacher_logits.logits_btv[target_bt].float().log_softmax(-1)
-        ce_sum += -logp_s_nv.gather(-1, labels_bt[target_bt][:, None]).sum().item()
-        kl_sum += (logp_t_nv.exp() * (logp_t_nv - logp_s_nv)).sum().item()
-        tokens += int(target_bt.sum())
-    student.train(was_training)
-    # On several ranks the loader gives each rank its share of the rows.
-    ce_sum, kl_sum, tokens = sum_over_ranks(torch.tensor([ce_sum, kl_sum, tokens])).tolist()
-    tokens = int(tokens)
-    return {"ce": ce_sum / max(tokens, 1), "teacher_kl": kl_sum / max(tokens, 1), "tokens": tokens}
-
-
 def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
     """Distils `config.teacher.model` into `config.student`; extra TrainerCallbacks may be given,
     and an engine already serving the teacher (`llm`, with max_logprobs >= teacher.top_k) that
@@ -497,3 +372,129 @@ def fit(
         facts = {**facts, "heldout_before": heldout_before, "heldout_after": after}
         log.info("held-out gold completions: %s -> %s", heldout_before, after)
     return finish(trainer, train_output, tokenizer, out / "model", **facts)
+
+
+def check_same_tokenizer(student: str, teacher: str) -> int:
+    """Refuses a teacher whose tokenizer or output vocabulary differs from the student's.
+
+    Distillation compares the two next-token distributions id by id, so the ids must mean the
+    same tokens and both models must produce logits over the same number of ids.
+
+    Returns:
+        The models' shared `vocab_size`.
+
+    Raises:
+        ConfigError: naming the key `teacher.model`, both paths and the first difference found.
+    """
+    key = "key 'teacher.model'"
+    tokenizers = {path: AutoTokenizer.from_pretrained(path) for path in (student, teacher)}
+    vocabs = {path: tok.get_vocab() for path, tok in tokenizers.items()}
+    s_vocab, t_vocab = vocabs[student], vocabs[teacher]
+    if s_vocab != t_vocab:
+        only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+        only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+        moved = sorted(k for k in set(s_vocab) & set(t_vocab) if s_vocab[k] != t_vocab[k])[:5]
+        raise ConfigError(
+            f"{key}: teacher {teacher} and student {student} have different tokenizers: vocab "
+            f"sizes {len(t_vocab)} and {len(s_vocab)}; tokens only in the student's: {only_s}, "
+            f"only in the teacher's: {only_t}, with different ids: {moved}. Distillation needs "
+            "a shared tokenizer"
+        )
+    s_special = tokenizers[student].all_special_tokens
+    t_special = tokenizers[teacher].all_special_tokens
+    if s_special != t_special:
+        raise ConfigError(
+            f"{key}: teacher {teacher} and student {student} have different special tokens: "
+            f"{t_special} vs {s_special}. Distillation needs a shared tokenizer"
+        )
+    sizes = {path: AutoConfig.from_pretrained(path).vocab_size for path in (student, teacher)}
+    for path, size in sizes.items():
+        if size < len(s_vocab):
+            raise ConfigError(
+                f"{key}: model {path} has vocab_size {size} in config.json but its tokenizer "
+                f"has {len(s_vocab)} tokens: the model cannot score every token"
+            )
+    if sizes[student] != sizes[teacher]:
+        raise ConfigError(
+            f"{key}: teacher {teacher} has vocab_size {sizes[teacher]} and student {student} "
+            f"has {sizes[student]}: their logits must cover the same ids"
+        )
+    return sizes[student]
+
+
+def offline_teacher(
+    config: Config, trainer: SFTTrainer, tokenizer, out: Path, llm=None
+) -> TopKCache:
+    """The top-k cache for `trainer`'s training rows: reused when it matches, else built (with
+    `llm` when given and the builder is vllm)."""
+    settings = config.teacher
+    directory = Path(settings.cache_dir) if settings.cache_dir else out / "teacher_cache"
+    # One entry per distinct training row (the token budget repeats rows). The collator only
+    # pads, so these keys are the ones the cache stores for the collated rows.
+    dataset = trainer.train_dataset
+    unique, seen = [], set()
+    for index, ids in enumerate(dataset["input_ids"]):
+        key = sequence_key(torch.tensor(ids))
+        if key not in seen:
+            seen.add(key)
+            unique.append(index)
+    expected = cache_manifest(settings.model, settings.top_k, tokenizer, config.train.max_length)
+    if not (directory / "manifest.json").exists():
+        log.info(
+            "precomputing the teacher's top-%d logits for %d distinct rows into %s",
+            settings.top_k,
+            len(unique),
+            directory,
+        )
+        step = settings.batch_size
+        batches = (
+            trainer.data_collator([dataset[i] for i in unique[start : start + step]])
+            for start in range(0, len(unique), step)
+        )
+        manifest = {**expected, "rows": len(unique), "built_with": settings.cache_builder}
+        if settings.cache_builder == "transformers":
+            rows = transformers_topk(load_model(settings.model), batches, settings.top_k)
+            write_topk_cache(rows, directory, manifest)
+        elif llm is not None:
+            write_topk_cache(engine_topk(llm, batches, settings.top_k), directory, manifest)
+        else:
+            engine_config = replace(
+                settings.engine,
+                max_model_len=max(settings.engine.max_model_len, config.train.max_length + 1),
+                max_logprobs=max(settings.engine.max_logprobs, settings.top_k),
+            )
+            llm = engine.start_engine(settings.model, engine_config)
+            write_topk_cache(engine_topk(llm, batches, settings.top_k), directory, manifest)
+            # The engine goes before training starts, so its memory is free for the trainer.
+            del llm
+            gc.collect()
+    else:
+        log.info("reusing the teacher cache in %s", directory)
+    cache = TopKCache.open(directory, expected)
+    cache.check_covers(seen)
+    return cache
+
+
+@torch.no_grad()
+def heldout_scores(student, teacher: OnlineTeacher, loader) -> dict:
+    """Student CE and forward KL(teacher || student) at T = 1 per gold completion token."""
+    was_training = student.training
+    student.eval()
+    ce_sum, kl_sum, tokens = 0.0, 0.0, 0
+    for batch in loader:
+        labels_bt = batch["labels"][:, 1:]
+        student_logits_btv = student(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits[:, :-1]
+        teacher_logits = teacher(batch["input_ids"], batch["attention_mask"], labels_bt)
+        target_bt = labels_bt != IGNORE_INDEX
+        logp_s_nv = student_logits_btv[target_bt].float().log_softmax(-1)
+        logp_t_nv = teacher_logits.logits_btv[target_bt].float().log_softmax(-1)
+        ce_sum += -logp_s_nv.gather(-1, labels_bt[target_bt][:, None]).sum().item()
+        kl_sum += (logp_t_nv.exp() * (logp_t_nv - logp_s_nv)).sum().item()
+        tokens += int(target_bt.sum())
+    student.train(was_training)
+    # On several ranks the loader gives each rank its share of the rows.
+    ce_sum, kl_sum, tokens = sum_over_ranks(torch.tensor([ce_sum, kl_sum, tokens])).tolist()
+    tokens = int(tokens)
+    return {"ce": ce_sum / max(tokens, 1), "teacher_kl": kl_sum / max(tokens, 1), "tokens": tokens}
