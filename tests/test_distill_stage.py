@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from align.distill.teachers import engine_topk, transformers_topk
 from align.losses.distill import IGNORE_INDEX, AlphaSchedule, DistillLossConfig
 from align.modeling import build_model, load_model, write_checkpoint
 from align.tasks import make_problems, split_problems, to_sft
@@ -191,8 +192,8 @@ def test_the_vllm_built_cache_equals_the_transformers_built_one(family, checkpoi
         batch["labels"].append(labels + [IGNORE_INDEX] * pad)
     batch = {name: torch.tensor(values) for name, values in batch.items()}
     k = 8
-    built = list(distill.transformers_topk(load_model(checkpoints[family]), [batch], k))
-    served = list(distill.engine_topk(engine_for(family), [batch], k))
+    built = list(transformers_topk(load_model(checkpoints[family]), [batch], k))
+    served = list(engine_topk(engine_for(family), [batch], k))
     assert len(built) == len(served) == 3
     for (key_a, ids_a, lp_a), (key_b, ids_b, lp_b), (_, labels) in zip(
         built, served, rows, strict=True
