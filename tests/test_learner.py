@@ -226,6 +226,18 @@ def test_learning_rate_warms_up_linearly_and_resumes_where_it_was(student_dir, t
     assert rates == pytest.approx([7.5e-4, 1e-3, 1e-3])
 
 
+@pytest.mark.parametrize(("warmup", "steps"), [(0, 0), (4, 4), (0.1, 4), (0.01, 1)])
+def test_a_warmup_below_one_is_a_share_of_the_run(warmup, steps):
+    """One meaning of `warmup_steps` in every trained stage: steps, or a share of a 40-step run
+    (the trainers take a fraction themselves; RL's fleet converts it with `warmup_for`)."""
+    from align.config import ConfigError, from_dict
+
+    settings = from_dict(LearnerSettings, {"warmup_steps": warmup})
+    assert settings.warmup_for(40) == steps
+    with pytest.raises(ConfigError, match="'warmup_steps'.*whole number of steps or a fraction"):
+        from_dict(LearnerSettings, {"warmup_steps": 2.5})
+
+
 @pytest.mark.parametrize("preset", FAMILY_PRESETS.values())
 def test_the_router_loss_parts_add_up_to_transformers_load_balancing_loss(preset):
     """Split over two "ranks" (halves of the tokens), the parts' losses with the whole batch's

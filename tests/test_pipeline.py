@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,74 @@ def test_the_evaluation_block_is_the_only_source_of_held_out_settings(tmp_path, 
     sft = resolved[-1][1]
     assert sft.heldout == "runs/default/data/heldout/rl"
     assert (sft.eval.samples, sft.eval.pass_k) == (8, 2)
+
+
+def test_the_defaults_block_fills_every_place_of_its_type_and_a_stage_setting_wins(tmp_path):
+    """`defaults:` reaches nested sections that are absent (RL's `sampling`, `learner`), present
+    ones under their own keys (DPO's `pairs`), evaluation, the difficulty filter's options by
+    its keyword arguments (its engine, samples and max_new_tokens, not the length filter's),
+    and leaves optional sections that a stage leaves out (DPO's `pairs` when `data` is set)."""
+    from align.config import load_config
+    from pipelines import pipeline
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "defaults:\n"
+        "  engine: {dtype: bfloat16, tensor_parallel_size: 2}\n"
+        "  generation: {samples: 6, max_new_tokens: 99}\n"
+        "  optim: {precision: bf16, learning_rate: 0.5}\n"
+        "evaluation: {heldout: h, settings: {pass_k: 2}}\n"
+        "stages:\n"
+        "  - name: filter\n    command: filter\n    config:\n      data: d\n      filters:\n"
+        "        - {name: length, options: {max_tokens: 50}}\n"
+        "        - {name: difficulty, options: {model: m, samples: 4, engine: {kv_cache_gib: 2}}}\n"
+        "  - {name: rl, command: rl, config: {model: m, data: d, engine: {dtype: float16}}}\n"
+        "  - {name: dpo, command: dpo, config: {model: m, pairs: {prompts: p, max_new_tokens: 7}}}\n"
+        "  - {name: dpo-data, command: dpo, config: {model: m, data: d, train: {epochs: 1.0}}}\n"
+    )
+    stages = dict(
+        (entry.name, config)
+        for entry, config in pipeline.resolve_stages(load_config(pipeline.Config, path), str(path))
+    )
+    length, difficulty = stages["filter"].filters
+    assert "engine" not in length.options and "samples" not in length.options
+    assert difficulty.options["samples"] == 4 and difficulty.options["max_new_tokens"] == 99
+    assert difficulty.options["engine"] == {
+        "dtype": "bfloat16",
+        "tensor_parallel_size": 2,
+        "kv_cache_gib": 2,
+    }
+    rl = stages["rl"]
+    assert (rl.engine.dtype, rl.engine.tensor_parallel_size) == ("float16", 2)
+    assert (rl.sampling.samples, rl.sampling.max_new_tokens) == (6, 99)
+    assert (rl.learner.precision, rl.learner.learning_rate) == ("bf16", 0.5)
+    assert (rl.eval.samples, rl.eval.pass_k, rl.eval.engine.dtype) == (6, 2, "bfloat16")
+    dpo = stages["dpo"]
+    assert (dpo.pairs.samples, dpo.pairs.max_new_tokens) == (6, 7)
+    assert dpo.pairs.engine.tensor_parallel_size == 2 and dpo.train.learning_rate == 0.5
+    assert stages["dpo-data"].pairs is None
+    # Keys the defaults leave alone keep the stage's own defaults (DPO trains 16 pairs a batch).
+    assert stages["dpo-data"].train.batch_size == 16 and stages["dpo-data"].train.epochs == 1.0
+
+
+@pytest.mark.parametrize(
+    ("defaults", "message"),
+    [
+        ("engine: {dtype: bf16}", "'defaults.engine' in {file}: key 'dtype' must be one of"),
+        ("generation: {sample: 3}", "'defaults.generation' in {file}: unknown key 'sample'; did"),
+        ("optim: {lr: 3}", "'defaults.optim' in {file}: unknown key 'lr'; valid keys: learn"),
+        ("sampling: {samples: 3}", "unknown key 'defaults.sampling' in {file}; valid keys: eng"),
+    ],
+)
+def test_a_bad_defaults_block_is_refused_naming_the_key(tmp_path, defaults, message):
+    from align.config import ConfigError, load_config
+
+    from pipelines import pipeline
+
+    path = tmp_path / "p.yaml"
+    path.write_text(f"defaults: {{{defaults}}}\nstages:\n  - {{name: data, command: make-data}}\n")
+    with pytest.raises(ConfigError, match=re.escape(message.format(file=path))):
+        pipeline.resolve_stages(load_config(pipeline.Config, path), str(path))
 
 
 def test_gpu_pipeline_file_passes_the_dry_run(tmp_path, quick_align):
