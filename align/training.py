@@ -246,8 +246,31 @@ def budget_indices(token_counts: list[int], budget: int, seed: int) -> list[int]
     return indices
 
 
-def fit_budget(dataset, token_counts: list[int], settings: TrainSettings, what: str):
-    """Repeats or cuts `dataset` to the token budget (if set) and logs what that did."""
+def fit_budget(
+    dataset,
+    token_counts: list[int],
+    settings: TrainSettings,
+    what: str,
+    longest: list[int] | None = None,
+    note: str = "",
+):
+    """Repeats or cuts `dataset` to the token budget (if set) and logs what that did.
+
+    `token_counts` are the tokens each row trains on; `longest` its longest sequence (default:
+    the count), which `settings.max_length` truncates: how many are, is a warning (`note`
+    added to it).
+    """
+    longest = token_counts if longest is None else longest
+    too_long = sum(n > settings.max_length for n in longest)
+    if too_long:
+        log.warning(
+            "%d of %d %s are longer than train.max_length=%d tokens and are truncated%s",
+            too_long,
+            len(longest),
+            what,
+            settings.max_length,
+            note,
+        )
     total = sum(token_counts)
     if settings.token_budget is None:
         log.info(

@@ -74,18 +74,16 @@ from align.training import (
     LoraSettings,
     TrainSettings,
     finish,
-    finished_result,
     fit_budget,
     frozen_dtype,
     lora_config,
     model_dtype,
     refuse_changed_rerun,
-    resume_point,
     token_count,
     trainer_arguments,
     watch,
 )
-from pipelines import evaluate
+from pipelines import evaluate, frame
 
 log = logging.getLogger(__name__)
 
@@ -255,50 +253,21 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
     evaluate.check_heldout(config.heldout)
     out = Path(config.runs_dir) / config.name
     refuse_changed_rerun(out, config)
-    with Run(out, config) as run_dir:
-        model_dir = out / "model"
-        result = finished_result(model_dir)
-        if result is None:
-            # 2. Data, fitted to the token budget.
-            tokenizer = AutoTokenizer.from_pretrained(config.student)
-            counts = [token_count(tokenizer, row["prompt"], row["completion"]) for row in dataset]
-            too_long = sum(n > config.train.max_length for n in counts)
-            if too_long:
-                log.warning(
-                    "%d of %d rows are longer than train.max_length=%d tokens and are truncated",
-                    too_long,
-                    len(counts),
-                    config.train.max_length,
-                )
-            dataset, tokens = fit_budget(
-                dataset.select_columns(["prompt", "completion"]), counts, config.train, "rows"
-            )
 
-            # 3-5. Training here or on config.placement's processes (see `fit`); an interrupted
-            # run continues from its newest checkpoint.
-            result = launch.train(
-                fit,
-                config,
-                dataset,
-                run_dir,
-                resume_point(out / "checkpoints"),
-                callbacks,
-                # An engine of this process cannot reach the ranks; there rank 0 starts one.
-                llm=llm if config.placement.processes == 1 else None,
-                facts={
-                    "data": data_report,
-                    "budget_tokens": tokens,
-                    "teacher": config.teacher.model,
-                },
-            )
+    def prepare(run_dir: Run):
+        # 2. Data, fitted to the token budget.
+        tokenizer = AutoTokenizer.from_pretrained(config.student)
+        counts = [token_count(tokenizer, row["prompt"], row["completion"]) for row in dataset]
+        rows, tokens = fit_budget(
+            dataset.select_columns(["prompt", "completion"]), counts, config.train, "rows"
+        )
+        return rows, {"data": data_report, "budget_tokens": tokens, "teacher": config.teacher.model}
 
-        # 6. Held-out evaluation.
-        if config.heldout is not None:
-            result["eval"] = evaluate.evaluate_checkpoint(
-                config.eval, str(model_dir), config.heldout, f"{config.name}/eval", config.runs_dir
-            )
-        run_dir.write_json("result.json", result)
-    return result
+    # 3-6. Training here or on config.placement's processes (see `fit`), resuming an interrupted
+    # run; then held-out evaluation (pipelines/frame.py). An engine of this process cannot reach
+    # the ranks; there rank 0 starts one.
+    llm = llm if config.placement.processes == 1 else None
+    return frame.train_and_evaluate(config, prepare, fit, callbacks, llm=llm)
 
 
 def fit(

@@ -49,17 +49,15 @@ from align.training import (
     LoraSettings,
     TrainSettings,
     finish,
-    finished_result,
     fit_budget,
     lora_config,
     model_dtype,
     refuse_changed_rerun,
-    resume_point,
     token_count,
     trainer_arguments,
     watch,
 )
-from pipelines import evaluate
+from pipelines import evaluate, frame
 
 log = logging.getLogger(__name__)
 
@@ -205,66 +203,41 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
         )
     else:
         rows, rows_report = load_dataset_file(config.data, "dpo", config.on_error)
-    with Run(out, config) as run_dir:
-        model_dir = out / "model"
-        result = finished_result(model_dir)
-        if result is None:
-            tokenizer = AutoTokenizer.from_pretrained(config.model)
-            # 2. Pairs: the rows read, or built from the model's rollouts on the prompts (kept
-            # for a resumed run).
-            if config.pairs is not None:
-                dataset, data_report = rollout_pairs(
-                    config, tokenizer, rows, rows_report, out, run_dir, llm
-                )
-            else:
-                dataset, data_report = rows, rows_report
 
-            # 3. Fitted to the token budget (chosen and rejected sequences both count).
-            lengths = [
-                (
-                    token_count(tokenizer, row["prompt"], row["chosen"]),
-                    token_count(tokenizer, row["prompt"], row["rejected"]),
-                )
-                for row in dataset
-            ]
-            too_long = sum(max(pair) > config.train.max_length for pair in lengths)
-            if too_long:
-                log.warning(
-                    "%d of %d pairs are longer than train.max_length=%d tokens and are truncated "
-                    "(TRL drops pairs whose prompt alone fills it)",
-                    too_long,
-                    len(lengths),
-                    config.train.max_length,
-                )
-            counts = [chosen + rejected for chosen, rejected in lengths]
-            columns = ["prompt", "chosen", "rejected"]
-            dataset, tokens = fit_budget(
-                dataset.select_columns(columns), counts, config.train, "pairs"
+    def prepare(run_dir: Run):
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        # 2. Pairs: the rows read, or built from the model's rollouts on the prompts (kept for
+        # a resumed run).
+        if config.pairs is not None:
+            dataset, data_report = rollout_pairs(
+                config, tokenizer, rows, rows_report, out, run_dir, llm
             )
-            # An in-memory copy: TRL caches the precomputed reference log-probs next to the
-            # dataset's files, keyed without the loss settings (format mask, SimPO margin); an
-            # in-memory dataset's cache lives in a per-process temporary directory instead.
-            dataset = Dataset.from_list(list(dataset))
+        else:
+            dataset, data_report = rows, rows_report
+        # 3. Fitted to the token budget (chosen and rejected sequences both count).
+        lengths = [
+            (
+                token_count(tokenizer, row["prompt"], row["chosen"]),
+                token_count(tokenizer, row["prompt"], row["rejected"]),
+            )
+            for row in dataset
+        ]
+        dataset, tokens = fit_budget(
+            dataset.select_columns(["prompt", "chosen", "rejected"]),
+            [chosen + rejected for chosen, rejected in lengths],
+            config.train,
+            "pairs",
+            longest=[max(pair) for pair in lengths],
+            note=" (TRL drops pairs whose prompt alone fills it)",
+        )
+        # An in-memory copy: TRL caches the precomputed reference log-probs next to the
+        # dataset's files, keyed without the loss settings (format mask, SimPO margin); an
+        # in-memory dataset's cache lives in a per-process temporary directory instead.
+        return Dataset.from_list(list(dataset)), {"data": data_report, "budget_tokens": tokens}
 
-            # 4-5. Training here or on config.placement's processes (see `fit`); an interrupted
-            # run continues from its newest checkpoint.
-            result = launch.train(
-                fit,
-                config,
-                dataset,
-                run_dir,
-                resume_point(out / "checkpoints"),
-                callbacks,
-                facts={"data": data_report, "budget_tokens": tokens},
-            )
-
-        # 6. Held-out evaluation.
-        if config.heldout is not None:
-            result["eval"] = evaluate.evaluate_checkpoint(
-                config.eval, str(model_dir), config.heldout, f"{config.name}/eval", config.runs_dir
-            )
-        run_dir.write_json("result.json", result)
-    return result
+    # 4-6. Training here or on config.placement's processes (see `fit`), resuming an interrupted
+    # run; then held-out evaluation (pipelines/frame.py).
+    return frame.train_and_evaluate(config, prepare, fit, callbacks)
 
 
 def fit(

@@ -35,17 +35,15 @@ from align.training import (
     LoraSettings,
     TrainSettings,
     finish,
-    finished_result,
     fit_budget,
     lora_config,
     model_dtype,
     refuse_changed_rerun,
-    resume_point,
     token_count,
     trainer_arguments,
     watch,
 )
-from pipelines import evaluate
+from pipelines import evaluate, frame
 from pipelines import filter as filter_stage
 
 log = logging.getLogger(__name__)
@@ -128,49 +126,19 @@ def run(config: Config, callbacks: list | None = None) -> dict:
         schema = "sft" if config.filters else tuple(TRAIN_COLUMNS)
     dataset, data_report = load_dataset_file(data, schema, config.on_error)
     schema = data_report["schema"]
-    with Run(out, config) as run_dir:
-        model_dir = out / "model"
-        result = finished_result(model_dir)
-        if result is None:
-            # 2. Data, fitted to the token budget.
-            tokenizer = AutoTokenizer.from_pretrained(config.model)
-            columns = TRAIN_COLUMNS[schema]
-            counts = [token_count(tokenizer, *(row[c] for c in columns)) for row in dataset]
-            too_long = sum(n > config.train.max_length for n in counts)
-            if too_long:
-                log.warning(
-                    "%d of %d rows are longer than train.max_length=%d tokens and are truncated",
-                    too_long,
-                    len(counts),
-                    config.train.max_length,
-                )
-            dataset, tokens = fit_budget(
-                dataset.select_columns(columns), counts, config.train, "rows"
-            )
 
-            # 3-4. Training here or on config.placement's processes (see `fit`); an interrupted
-            # run continues from its newest checkpoint.
-            result = launch.train(
-                fit,
-                config,
-                dataset,
-                run_dir,
-                resume_point(out / "checkpoints"),
-                callbacks,
-                schema=schema,
-                facts={
-                    "data": {**data_report, "rows_after_filters": len(counts)},
-                    "budget_tokens": tokens,
-                },
-            )
+    def prepare(run_dir: Run):
+        # 2. Data, fitted to the token budget.
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        columns = TRAIN_COLUMNS[schema]
+        counts = [token_count(tokenizer, *(row[c] for c in columns)) for row in dataset]
+        rows, tokens = fit_budget(dataset.select_columns(columns), counts, config.train, "rows")
+        data = {**data_report, "rows_after_filters": len(counts)}
+        return rows, {"data": data, "budget_tokens": tokens}
 
-        # 5. Held-out evaluation.
-        if config.heldout is not None:
-            result["eval"] = evaluate.evaluate_checkpoint(
-                config.eval, str(model_dir), config.heldout, f"{config.name}/eval", config.runs_dir
-            )
-        run_dir.write_json("result.json", result)
-    return result
+    # 3-5. Training here or on config.placement's processes (see `fit`), resuming an interrupted
+    # run; then held-out evaluation (pipelines/frame.py).
+    return frame.train_and_evaluate(config, prepare, fit, callbacks, schema=schema)
 
 
 def fit(
