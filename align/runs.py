@@ -2,21 +2,30 @@
 
 Layout of `runs/<name>/`: `config.yaml` (resolved), `log.txt`, `metrics.jsonl` (one JSON object
 per logged step), `tb/` (TensorBoard events), plus whatever the stage writes (checkpoints in
-Hugging Face format, reports).
+Hugging Face format, reports). Metrics also go to the trackers a command's `report_to` names
+(`wandb/`, trackio's database), under the same names as in metrics.jsonl.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from align.config import save_config
+from align.config import check, save_config
+
+# Where metrics can go besides metrics.jsonl, and the package each one needs.
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
 def verbose() -> bool:
@@ -60,6 +69,30 @@ def atomic_directory(directory: Path) -> Iterator[Path]:
     os.replace(partial, directory)
 
 
+@dataclass(kw_only=True)
+class RunSettings:
+    """Where a command writes, shared by every command's Config."""
+
+    # Run name: everything is written under <runs_dir>/<name>/.
+    name: str = "run"
+    # Root directory of runs.
+    runs_dir: str = "runs"
+    # Where metrics go besides metrics.jsonl, under the same names: tensorboard (<run>/tb/),
+    # wandb (offline in <run>/wandb/ unless WANDB_MODE=online; project WANDB_PROJECT or
+    # moealign), trackio (its local database; project TRACKIO_PROJECT or moealign).
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(
+        default_factory=lambda: ["tensorboard"]
+    )
+
+    def validate(self) -> None:
+        for name in self.report_to:
+            check(
+                importlib.util.find_spec(REPORTERS[name]) is not None,
+                "report_to",
+                f"{name} is not installed (pip install {REPORTERS[name]})",
+            )
+
+
 class Run:
     """An open run directory. Use as a context manager so the log and writers are closed."""
 
@@ -67,24 +100,34 @@ class Run:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         save_config(config, self.dir / "config.yaml")
+        self.config = config
         self._log_handler = logging.FileHandler(self.dir / "log.txt")
         self._log_handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
         logging.getLogger().addHandler(self._log_handler)
         self._metrics = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
-        self._tb = None
+        self._reporters: list | None = None
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        """Appends one step's scalar metrics to metrics.jsonl and TensorBoard."""
+        """Appends one step's scalar metrics to metrics.jsonl and the `report_to` trackers."""
         self._metrics.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self._metrics.flush()
-        if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
+        if self._reporters is None:
+            names = getattr(self.config, "report_to", ["tensorboard"])
+            self._reporters = [_REPORTER_CLASSES[name](self) for name in names]
+        for reporter in self._reporters:
+            reporter.log(step, metrics)
 
-            self._tb = SummaryWriter(str(self.dir / "tb"))
-        for key, value in metrics.items():
-            self._tb.add_scalar(key, value, step)
+    def tracker_name(self) -> str:
+        """The run's name in a tracker: its directory and the one above (`default/sft`)."""
+        return f"{self.dir.parent.name}/{self.dir.name}"
+
+    def tracker_config(self) -> dict:
+        """The run's config as plain data, for a tracker."""
+        if dataclasses.is_dataclass(self.config) and not isinstance(self.config, type):
+            return dataclasses.asdict(self.config)
+        return {}
 
     def write_json(self, name: str, data: dict) -> Path:
         """Writes `data` to `<run>/<name>` atomically (a crash never leaves half a file)."""
@@ -96,11 +139,79 @@ class Run:
         logging.getLogger().removeHandler(self._log_handler)
         self._log_handler.close()
         self._metrics.close()
-        if self._tb is not None:
-            self._tb.close()
+        for reporter in self._reporters or []:
+            reporter.close()
 
     def __enter__(self) -> Run:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --- trackers: each started on a run's first logged metrics, closed with the run -------------
+
+
+class _TensorBoard:
+    def __init__(self, run: Run) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run.dir / "tb"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    """One wandb run per run directory: its id is kept in `<run>/wandb-id`, so a resumed run
+    (or the rank of a launch that logs the training) continues it."""
+
+    def __init__(self, run: Run) -> None:
+        import wandb
+
+        id_file = run.dir / "wandb-id"
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex[:16], encoding="utf-8")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "moealign"),
+            name=run.tracker_name(),
+            id=id_file.read_text(encoding="utf-8").strip(),
+            resume="allow",
+            dir=str(run.dir),
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            config=run.tracker_config(),
+        )
+        # The run's own step is the x axis (a resumed run logs steps it logged before).
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log({**metrics, "step": step})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _Trackio:
+    def __init__(self, run: Run) -> None:
+        import trackio
+
+        self.trackio = trackio
+        trackio.init(
+            project=os.environ.get("TRACKIO_PROJECT", "moealign"),
+            name=run.tracker_name(),
+            config=run.tracker_config(),
+            resume="allow",
+        )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.trackio.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+_REPORTER_CLASSES = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio}

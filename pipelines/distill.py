@@ -68,7 +68,7 @@ from align.distill.trainer import DistillTrainer
 from align.launch import TrainPlacement, sum_over_ranks
 from align.losses.distill import IGNORE_INDEX, DistillLossConfig
 from align.modeling import check_checkpoint, load_model
-from align.runs import Run
+from align.runs import Run, RunSettings
 from align.settings import EngineSettings
 from align.training import (
     LoraSettings,
@@ -165,9 +165,11 @@ class OnPolicySettings:
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1 ({self.max_new_tokens})")
 
 
-@dataclass
-class Config:
+@dataclass(kw_only=True)
+class Config(RunSettings):
     """Settings of `align distill`."""
+
+    name: str = "distill"
 
     # Student checkpoint to train (Hugging Face format, safetensors).
     student: str
@@ -181,10 +183,6 @@ class Config:
     # Held-out prompt/completion rows for the student's CE and KL to the teacher on the gold
     # completions, before and after training; null skips them.
     heldout_sft: str | None = None
-    # Run name: everything is written under <runs_dir>/<name>/.
-    name: str = "distill"
-    # Root directory of runs.
-    runs_dir: str = "runs"
     # The loss: divergence, temperature, per-token weighting and the alpha schedule.
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     # Optimisation (batch_size counts rows).
@@ -201,6 +199,7 @@ class Config:
     placement: TrainPlacement = field(default_factory=TrainPlacement)
 
     def validate(self) -> None:
+        super().validate()
         if self.on_policy.ratio == 0.0:
             return
         check(

@@ -43,7 +43,7 @@ from align.rewarding import (
     check_option_columns,
     check_reward_checkpoints,
 )
-from align.runs import Run
+from align.runs import Run, RunSettings
 from align.settings import EngineSettings, GenerationSettings
 from align.training import (
     LoraSettings,
@@ -119,9 +119,11 @@ class LossSettings:
         check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0 (got {self.simpo_gamma})")
 
 
-@dataclass
-class Config:
+@dataclass(kw_only=True)
+class Config(RunSettings):
     """Settings of `align dpo`."""
+
+    name: str = "dpo"
 
     # Checkpoint to train (and, except for SimPO, the frozen reference).
     model: str
@@ -131,10 +133,6 @@ class Config:
     pairs: PairSettings | None = None
     # Held-out rows (prompt, answer) to evaluate the result on; null skips evaluation.
     heldout: str | None = None
-    # Run name: everything is written under <runs_dir>/<name>/.
-    name: str = "dpo"
-    # Root directory of runs.
-    runs_dir: str = "runs"
     # The loss.
     loss: LossSettings = field(default_factory=LossSettings)
     # Optimisation (batch_size counts pairs).
@@ -151,6 +149,7 @@ class Config:
     placement: TrainPlacement = field(default_factory=TrainPlacement)
 
     def validate(self) -> None:
+        super().validate()
         check(
             (self.data is None) != (self.pairs is None),
             "data",

@@ -24,7 +24,7 @@ from align.rewarding import (
     check_option_columns,
     check_reward_checkpoints,
 )
-from align.runs import Run
+from align.runs import Run, RunSettings
 from align.settings import EngineSettings, GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -72,28 +72,32 @@ class EvalSettings(GenerationSettings):
 
 
 @dataclass(kw_only=True)
-class Config(EvalSettings):
+class Config(EvalSettings, RunSettings):
     """Settings of `align eval`."""
+
+    name: str = "eval"
 
     # Checkpoint directory to evaluate (Hugging Face format, safetensors).
     model: str
     # Held-out prompts with answers: JSONL, Parquet or a `datasets` directory (columns
     # prompt, answer; optional task, level).
     data: str
-    # Run name: everything is written under <runs_dir>/<name>/.
-    name: str = "eval"
-    # Root directory of runs.
-    runs_dir: str = "runs"
     # Bad dataset rows: "raise" stops with the file, row and field; "skip" drops and counts them.
     on_error: Literal["raise", "skip"] = "raise"
 
+    def validate(self) -> None:
+        EvalSettings.validate(self)
+        RunSettings.validate(self)
 
-def evaluate_checkpoint(
-    settings: EvalSettings, model: str, data: str, name: str, runs_dir: str
-) -> dict:
-    """Runs `align eval` on a training stage's output with the stage's evaluation settings."""
+
+def evaluate_checkpoint(settings: EvalSettings, model: str, data: str, stage: RunSettings) -> dict:
+    """Runs `align eval` on a training stage's output with the stage's evaluation settings,
+    into the stage's `eval/` and to its trackers."""
     shared = {f.name: getattr(settings, f.name) for f in fields(EvalSettings)}
-    return run(Config(model=model, data=data, name=name, runs_dir=runs_dir, **shared))
+    name, runs_dir, report_to = f"{stage.name}/eval", stage.runs_dir, stage.report_to
+    return run(
+        Config(model=model, data=data, name=name, runs_dir=runs_dir, report_to=report_to, **shared)
+    )
 
 
 def check_heldout(path: str | None) -> None:

@@ -30,7 +30,7 @@ from align.data import DataError, load_dataset_file
 from align.pruning import FILTERS, Buckets, Selection, build_filter, select
 from align.registry import Registry, RegistryError
 from align.rewarding import RewardSpec, check_option_columns
-from align.runs import Run, write_json_atomic
+from align.runs import Run, RunSettings, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +58,14 @@ class FilterStep:
             check(False, "name", str(error))
 
 
-@dataclass
-class Config:
+@dataclass(kw_only=True)
+class Config(RunSettings):
     """Settings of `align filter`."""
+
+    name: str = "filter"
 
     # Dataset to filter: JSONL, Parquet or a `datasets` directory.
     data: str
-    # Run name: everything is written under <runs_dir>/<name>/.
-    name: str = "filter"
-    # Root directory of runs.
-    runs_dir: str = "runs"
     # Schema of `data` (columns checked on load): sft, rl, dpo, chat or text.
     schema: Literal["sft", "rl", "dpo", "chat", "text"] = "sft"
     # The filters, applied in order.
@@ -78,6 +76,7 @@ class Config:
     on_error: Literal["raise", "skip"] = "raise"
 
     def validate(self) -> None:
+        super().validate()
         # Each step's name: FilterStep.validate.
         check(bool(self.filters), "filters", "list at least one filter")
 

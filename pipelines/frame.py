@@ -57,7 +57,7 @@ def train_and_evaluate(
             )
         if config.heldout is not None:
             result["eval"] = evaluate.evaluate_checkpoint(
-                config.eval, str(model_dir), config.heldout, f"{config.name}/eval", config.runs_dir
+                config.eval, str(model_dir), config.heldout, config
             )
         run_dir.write_json("result.json", result)
     return result

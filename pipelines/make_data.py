@@ -12,20 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.config import check
-from align.runs import Run
+from align.runs import Run, RunSettings
 from align.tasks import SCHEMAS, TASKS, export, make_problems, split_problems
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Config:
+@dataclass(kw_only=True)
+class Config(RunSettings):
     """Settings of `align make-data`."""
 
-    # Run name: everything is written under <runs_dir>/<name>/.
     name: str = "make-data"
-    # Root directory of runs.
-    runs_dir: str = "runs"
+
     # Task families to generate (see align.tasks.TASKS).
     tasks: list[str] = field(default_factory=lambda: ["add", "sort"])
     # Difficulty levels to generate (1 = easiest).
@@ -41,6 +39,7 @@ class Config:
     seed: int = 0
 
     def validate(self) -> None:
+        super().validate()
         unknown = [t for t in self.tasks if t not in TASKS]
         check(not unknown, "tasks", f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
         check(bool(self.tasks), "tasks", "needs at least one task")

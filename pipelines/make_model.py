@@ -12,19 +12,17 @@ from pathlib import Path
 
 from align.config import check
 from align.modeling import PRESETS, build_model, count_parameters, write_checkpoint
-from align.runs import Run
+from align.runs import Run, RunSettings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Config:
+@dataclass(kw_only=True)
+class Config(RunSettings):
     """Settings of `align make-model`."""
 
-    # Run name: everything is written under <runs_dir>/<name>/.
     name: str = "make-model"
-    # Root directory of runs.
-    runs_dir: str = "runs"
+
     # Model size preset: student, teacher (Llama 4 style), qwen3-student, qwen3-teacher (Qwen3-MoE),
     # dense-student (Qwen3 dense, no experts).
     preset: str = "teacher"
@@ -32,6 +30,7 @@ class Config:
     seed: int = 0
 
     def validate(self) -> None:
+        super().validate()
         check(
             self.preset in PRESETS,
             "preset",

@@ -32,7 +32,7 @@ from align.pruning import FILTERS
 from align.rewarding import REWARDS
 from align.rl.placement import ModelShape, Placement
 from align.rl.placement import plan as placement_plan
-from align.runs import write_json_atomic
+from align.runs import RunSettings, write_json_atomic
 from align.settings import SHARED, EngineSettings, with_defaults
 from pipelines import report, stages
 
@@ -114,14 +114,13 @@ class Defaults:
         return {name: getattr(self, name) for name in SHARED if getattr(self, name)}
 
 
-@dataclass
-class Config:
-    """A pipeline file."""
+@dataclass(kw_only=True)
+class Config(RunSettings):
+    """A pipeline file. Its `report_to` is every stage's unless a stage sets its own."""
 
     # Pipeline name: everything is written under <runs_dir>/<name>/.
     name: str = "default"
-    # Root directory of runs.
-    runs_dir: str = "runs"
+
     # The stages, run in order.
     stages: list[StageEntry] = field(default_factory=list)
     # Settings merged into every stage, under the stage's own.
@@ -130,6 +129,7 @@ class Config:
     evaluation: Evaluation = field(default_factory=Evaluation)
 
     def validate(self) -> None:
+        super().validate()
         check(bool(self.stages), "stages", "a pipeline needs at least one stage")
         names = [s.name for s in self.stages]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -148,7 +148,7 @@ def resolve_stages(config: Config, source: str = "<pipeline>") -> list[tuple[Sta
                 f"stage {entry.name!r} in {source}: 'name' and 'runs_dir' are set by the "
                 f"pipeline (outputs go to {run_dir}/{entry.name})"
             )
-        data = {**data, "name": entry.name, "runs_dir": run_dir}
+        data = {"report_to": config.report_to, **data, "name": entry.name, "runs_dir": run_dir}
         data = _with_evaluation(data, entry, command, config.evaluation, run_dir, source)
         data = with_defaults(command.Config, data, config.defaults.sections())
         earlier = [e.name for e in config.stages[:index]]

@@ -40,7 +40,7 @@ from align.rl.placement import Placement
 from align.rl.placement import plan as placement_plan
 from align.rl.pool import PoolSettings
 from align.rl.rollout import SamplingSettings
-from align.runs import Run
+from align.runs import Run, RunSettings
 from align.settings import EngineSettings
 from align.training import finished_result, refuse_changed_rerun
 from pipelines import evaluate
@@ -48,9 +48,11 @@ from pipelines import evaluate
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Config:
+@dataclass(kw_only=True)
+class Config(RunSettings):
     """Settings of `align rl`."""
+
+    name: str = "rl"
 
     # Checkpoint of the policy to train (Hugging Face format, safetensors), e.g. an SFT result.
     model: str
@@ -58,10 +60,6 @@ class Config:
     data: str
     # Held-out rows to evaluate on before and after training; null skips evaluation.
     heldout: str | None = None
-    # Run name: everything is written under <runs_dir>/<name>/.
-    name: str = "rl"
-    # Root directory of runs.
-    runs_dir: str = "runs"
     # Learner steps (policy updates) to run.
     steps: int = 40
     # Prompt groups per learner step (the batch is groups_per_step x sampling.samples). On
@@ -108,6 +106,7 @@ class Config:
     on_error: Literal["raise", "skip"] = "raise"
 
     def validate(self) -> None:
+        super().validate()
         check(self.steps >= 1, "steps", f"must be >= 1 (got {self.steps})")
         check(self.groups_per_step >= 1, "groups_per_step", "must be >= 1")
         check(self.groups_per_request >= 1, "groups_per_request", "must be >= 1")
@@ -191,7 +190,7 @@ def run(config: Config) -> dict:
             # Scored with the stage's own rewards too, unless eval.rewards names others.
             settings = replace(config.eval, rewards=config.eval.rewards or config.rewards)
             result["eval"] = evaluate.evaluate_checkpoint(
-                settings, str(model_dir), config.heldout, f"{config.name}/eval", config.runs_dir
+                settings, str(model_dir), config.heldout, config
             )
         run_dir.write_json("result.json", result)
     return result

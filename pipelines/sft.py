@@ -30,7 +30,7 @@ from align.config import check
 from align.data import load_dataset_file
 from align.launch import TrainPlacement
 from align.modeling import check_checkpoint, load_model
-from align.runs import Run
+from align.runs import Run, RunSettings
 from align.training import (
     LoraSettings,
     TrainSettings,
@@ -52,9 +52,11 @@ log = logging.getLogger(__name__)
 TRAIN_COLUMNS = {"sft": ["prompt", "completion"], "chat": ["messages"], "text": ["text"]}
 
 
-@dataclass
-class Config:
+@dataclass(kw_only=True)
+class Config(RunSettings):
     """Settings of `align sft`."""
+
+    name: str = "sft"
 
     # Checkpoint to fine-tune (Hugging Face format, safetensors).
     model: str
@@ -66,10 +68,6 @@ class Config:
     schema: Literal["auto", "sft", "chat", "text"] = "auto"
     # Held-out rows (prompt, answer) to evaluate the result on; null skips evaluation.
     heldout: str | None = None
-    # Run name: everything is written under <runs_dir>/<name>/.
-    name: str = "sft"
-    # Root directory of runs.
-    runs_dir: str = "runs"
     # Filters applied to `data` before training, as in `align filter` (e.g. difficulty with
     # keep.drop_lowest 0.5 drops the easiest half). Empty: train on all rows.
     filters: list[filter_stage.FilterStep] = field(default_factory=list)
@@ -90,6 +88,7 @@ class Config:
     placement: TrainPlacement = field(default_factory=TrainPlacement)
 
     def validate(self) -> None:
+        super().validate()
         check(
             self.schema in ("auto", "sft") or not self.filters,
             "filters",
