@@ -215,7 +215,6 @@ def test_the_defaults_block_fills_every_place_of_its_type_and_a_stage_setting_wi
 )
 def test_a_bad_defaults_block_is_refused_naming_the_key(tmp_path, defaults, message):
     from align.config import ConfigError, load_config
-
     from pipelines import pipeline
 
     path = tmp_path / "p.yaml"
