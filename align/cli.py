@@ -77,6 +77,14 @@ def build_parser(keys_of: str | None = None) -> argparse.ArgumentParser:
                 metavar="STAGE",
                 help="run STAGE and every later stage again (earlier outputs are moved aside)",
             )
+            p.add_argument(
+                "--seeds",
+                type=int,
+                metavar="K",
+                help="run the pipeline K times, every seed offset by 0..K-1 "
+                "(runs/NAME/seed-S/), and report each stage's mean with its 95%% interval "
+                "and the paired differences between stages (runs/NAME/seeds.md)",
+            )
         p.add_argument(
             "items",
             nargs="*",
@@ -138,9 +146,21 @@ def main(argv: list[str] | None = None) -> int:
         module = pipeline
     else:
         module = stages.COMMANDS[args.command]
+    seeds = getattr(args, "seeds", None)
+    if seeds is not None and seeds < 1:
+        print(f"align {args.command}: --seeds must be >= 1 (got {seeds})", file=sys.stderr)
+        return 2
     try:
         config = load_config(module.Config, config_path, overrides)
         source = config_path or COMMAND_LINE
+        if seeds is not None:
+            from pipelines import repeat
+
+            # Every repetition's stages are checked here, as one pipeline's are below.
+            plans = []
+            for repetition in repeat.seed_configs(config, seeds):
+                resolved = pipeline.resolve_stages(repetition, source=source)
+                plans.append(pipeline.plan(repetition, resolved))
         if args.command == "run":
             resolved = pipeline.resolve_stages(config, source=source)
             if args.dry_run and not args.print_config:
@@ -149,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         elif not (args.dry_run or args.print_config) and args.command in ("sft", "dpo", "distill"):
             pipeline.check_stage_placement(args.command, config, source)
         if args.dry_run and not args.print_config:
-            if args.command == "run":
+            if seeds is not None:
+                dry_run = "\n".join(plans)
+            elif args.command == "run":
                 dry_run = pipeline.plan(config, resolved)
             else:
                 dry_run = pipeline.stage_dry_run(args.command, config, source)
@@ -164,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        if args.command == "run":
+        if seeds is not None:
+            result = repeat.run(config, seeds, source, rerun_from=args.rerun_from)
+        elif args.command == "run":
             result = pipeline.run(config, resolved, rerun_from=args.rerun_from)
         else:
             result = module.run(config)

@@ -23,6 +23,7 @@ import dataclasses
 import inspect
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -154,26 +155,72 @@ def with_defaults(cls: type, data: dict, defaults: dict[str, dict]) -> dict:
     `temperature`, `max_new_tokens` the generation ones). A key set in `data` always wins.
     Optional sections (`pairs`, ...) that `data` leaves out stay out.
     """
-    data = dict(data)
-    for section, values in defaults.items():
-        if isinstance(cls, type) and issubclass(cls, SHARED[section]):
-            data = {**values, **data}
+
+    def own(kind: type, values: dict) -> dict:
+        for section, settings in defaults.items():
+            if issubclass(kind, SHARED[section]):
+                values = {**settings, **values}
+        return values
+
+    def options(parameters: dict[str, inspect.Parameter], values: dict) -> dict:
+        engine = values.get("engine")
+        if "engine" in parameters and "engine" in defaults and isinstance(engine or {}, dict):
+            values["engine"] = {**defaults["engine"], **(engine or {})}
+        for key, value in defaults.get("generation", {}).items():
+            if key in parameters:
+                values.setdefault(key, value)
+        return values
+
+    return _walk(cls, data, own, options)
+
+
+def offset_seeds(cls: type, data: dict, offset: int) -> dict:
+    """`data` (the plain config of dataclass `cls`) with `offset` added to every seed in it:
+    each `seed` field of every settings section (set or left at its default; absent sections
+    included) and the `seed` option of a filter or reward whose plug-in takes one. A pipeline
+    run with seed offsets 0, 1, 2 is three independent repetitions of the same recipe."""
+
+    def own(kind: type, values: dict) -> dict:
+        for item in dataclasses.fields(kind):
+            if item.name == "seed" and item.default is not dataclasses.MISSING:
+                values["seed"] = values.get("seed", item.default) + offset
+        return values
+
+    def options(parameters: dict[str, inspect.Parameter], values: dict) -> dict:
+        seed = parameters.get("seed")
+        if seed is not None and seed.default is not inspect.Parameter.empty:
+            values["seed"] = values.get("seed", seed.default) + offset
+        return values
+
+    return _walk(cls, data, own, options)
+
+
+def _walk(
+    cls: type,
+    data: dict,
+    own: Callable[[type, dict], dict],
+    options: Callable[[dict[str, inspect.Parameter], dict], dict],
+) -> dict:
+    """`data` of dataclass `cls` with `own(kind, values)` applied to every settings section
+    (cls included; absent non-optional sections created when `own` fills them) and
+    `options(plug-in parameters, options)` to every filter or reward entry's options."""
+    data = own(cls, dict(data))
     hints = typing.get_type_hints(cls)
     for item in dataclasses.fields(cls):
         kind, optional = _unwrap(hints[item.name])
         value = data.get(item.name)
         if dataclasses.is_dataclass(kind):
             if isinstance(value, dict):
-                data[item.name] = with_defaults(kind, value, defaults)
+                data[item.name] = _walk(kind, value, own, options)
             elif item.name not in data and not optional:
-                filled = with_defaults(kind, {}, defaults)
+                filled = _walk(kind, {}, own, options)
                 if filled:
                     data[item.name] = filled
         elif typing.get_origin(kind) is list and isinstance(value, list):
             (entry_type,) = typing.get_args(kind) or (Any,)
             if dataclasses.is_dataclass(entry_type):
                 data[item.name] = [
-                    _entry_with_defaults(entry_type, entry, defaults)
+                    _walk_entry(entry_type, entry, own, options)
                     if isinstance(entry, dict)
                     else entry
                     for entry in value
@@ -181,37 +228,27 @@ def with_defaults(cls: type, data: dict, defaults: dict[str, dict]) -> dict:
     return data
 
 
-def _entry_with_defaults(entry_type: type, entry: dict, defaults: dict[str, dict]) -> dict:
+def _walk_entry(entry_type: type, entry: dict, own, options) -> dict:
     """A filter or reward entry: its typed keys as any settings, its `options` by the plug-in's
     keyword arguments."""
-    entry = with_defaults(entry_type, entry, defaults)
-    options = entry.get("options")
+    entry = _walk(entry_type, entry, own, options)
+    values = entry.get("options")
     parameters = _plugin_parameters(entry_type, entry.get("name"))
-    if not parameters or not (options is None or isinstance(options, dict)):
+    if not parameters or not (values is None or isinstance(values, dict)):
         return entry
-    options = dict(options or {})
-    if "engine" in parameters and "engine" in defaults:
-        own = options.get("engine")
-        if own is None or isinstance(own, dict):
-            options["engine"] = {**defaults["engine"], **(own or {})}
-    for key, value in defaults.get("generation", {}).items():
-        if key in parameters:
-            options.setdefault(key, value)
-    return {**entry, "options": options}
+    return {**entry, "options": options(parameters, dict(values or {}))}
 
 
-def _plugin_parameters(entry_type: type, name: Any) -> set[str]:
+def _plugin_parameters(entry_type: type, name: Any) -> dict[str, inspect.Parameter]:
     """Keyword arguments of the plug-in a filter or reward entry names; none where the entry
     is not one or the name cannot be resolved (the stage's own check reports that)."""
     registry = getattr(entry_type, "registry", None)
     if registry is None or not isinstance(name, str):
-        return set()
+        return {}
     try:
-        plugin = registry().get(name)
-        signature = inspect.signature(plugin)
+        return dict(inspect.signature(registry().get(name)).parameters)
     except (Exception, SystemExit):
-        return set()
-    return set(signature.parameters)
+        return {}
 
 
 def _unwrap(tp: Any) -> tuple[Any, bool]:

@@ -33,7 +33,7 @@ from align.rewarding import REWARDS
 from align.rl.placement import ModelShape, Placement
 from align.rl.placement import plan as placement_plan
 from align.runs import RunSettings, write_json_atomic
-from align.settings import SHARED, EngineSettings, with_defaults
+from align.settings import SHARED, EngineSettings, offset_seeds, with_defaults
 from pipelines import report, stages
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,13 @@ class Config(RunSettings):
     stages: list[StageEntry] = field(default_factory=list)
     # Settings merged into every stage, under the stage's own.
     defaults: Defaults = field(default_factory=Defaults)
+    # Added to every seed of every stage (data, initialisation, data order, sampling, engines):
+    # one pipeline file run with seeds 0, 1, 2 is three independent repetitions of it. `align
+    # run FILE --seeds K` runs seeds seed .. seed + K - 1 and reports mean and interval.
+    seed: int = 0
+    # Pairs of stages [a, b] whose held-out figures `--seeds` compares seed by seed (b - a);
+    # empty: each stage against the stage whose model it starts from.
+    compare: list[list[str]] = field(default_factory=list)
     # Evaluation shared by every stage.
     evaluation: Evaluation = field(default_factory=Evaluation)
 
@@ -134,6 +141,13 @@ class Config(RunSettings):
         names = [s.name for s in self.stages]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         check(not duplicates, "stages", f"stage names must be unique; repeated: {duplicates}")
+        for i, pair in enumerate(self.compare):
+            unknown = [name for name in pair if name not in names]
+            check(
+                len(pair) == 2 and not unknown,
+                f"compare[{i}]",
+                f"must name two stages of the pipeline (got {pair}; stages: {', '.join(names)})",
+            )
 
 
 def resolve_stages(config: Config, source: str = "<pipeline>") -> list[tuple[StageEntry, Any]]:
@@ -151,6 +165,8 @@ def resolve_stages(config: Config, source: str = "<pipeline>") -> list[tuple[Sta
         data = {"report_to": config.report_to, **data, "name": entry.name, "runs_dir": run_dir}
         data = _with_evaluation(data, entry, command, config.evaluation, run_dir, source)
         data = with_defaults(command.Config, data, config.defaults.sections())
+        if config.seed:
+            data = offset_seeds(command.Config, data, config.seed)
         earlier = [e.name for e in config.stages[:index]]
         all_names = {e.name for e in config.stages}
         for path in _run_paths(entry.config):

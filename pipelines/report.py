@@ -258,7 +258,7 @@ def plot_accuracy(report: dict, path: Path) -> list[str]:
     evaluated = [r for r in report["stages"] if r["heldout"]]
     if not evaluated:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     levels = levels_of(report)
     names = [r["stage"] for r in evaluated]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
@@ -308,7 +308,7 @@ def plot_rl(stage_dir: Path, path: Path) -> list[str]:
     curve = result.get("curve") or []
     if not trained:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     fig, (reward, difficulty, heldout) = plt.subplots(1, 3, figsize=(15, 4))
     reward.plot([m["step"] for m in trained], [m["train/reward_mean"] for m in trained])
     reward.set_title("training reward (mean over the step's samples)")
@@ -346,7 +346,7 @@ def plot_distill(stage_dir: Path, path: Path) -> list[str]:
     logged = [m for m in read_metrics(stage_dir) if "train/soft_loss" in m]
     if not logged:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     steps = [m["step"] for m in logged]
     fig, (losses, weights) = plt.subplots(1, 2, figsize=(12, 4))
     losses.plot(steps, [m["train/soft_loss"] for m in logged], label="soft loss (teacher)")
@@ -368,7 +368,7 @@ def plot_distill(stage_dir: Path, path: Path) -> list[str]:
     return [path.name]
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")

@@ -74,7 +74,7 @@ def test_every_tracker_gets_each_step_under_the_names_of_metrics_jsonl(tmp_path)
     # files hold every metric of every step (wandb 0.31 ships no reader for them).
     runs = sorted((directory / "wandb").glob("offline-run-*"))
     run_id = (directory / "wandb-id").read_text().strip()
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    assert len(runs) == 2 and all(f"-{run_id}" in r.name for r in runs)
     records = b"".join(f.read_bytes() for r in runs for f in r.glob("run-*.wandb"))
     for name in METRICS[0]:
         assert records.count(name.encode()) >= len(METRICS)

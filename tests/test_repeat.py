@@ -1,0 +1,143 @@
+"""`align run FILE --seeds K`: seeds offset everywhere, intervals and paired differences."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align.config import load_config
+from pipelines import pipeline, repeat
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolved(path: Path, seed: int) -> dict:
+    config = load_config(pipeline.Config, path, [f"seed={seed}"])
+    return {e.name: c for e, c in pipeline.resolve_stages(config, str(path))}
+
+
+def test_a_seed_offset_reaches_every_seed_of_every_stage():
+    """Seed 3 of the default pipeline: every seed in every stage (set or left at its default,
+    in nested sections, engines and a filter's options) is seed 1's plus 2."""
+    path = REPO_ROOT / "pipelines" / "default.yaml"
+    base, offset = resolved(path, 1), resolved(path, 3)
+
+    def seeds(value, where=""):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from seeds(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                yield from seeds(item, f"{where}[{i}]")
+        elif where.endswith(".seed"):
+            yield where, value
+
+    from align.config import to_dict
+
+    found = 0
+    for name in base:
+        before, after = to_dict(base[name]), to_dict(offset[name])
+        pairs = dict(seeds(before)), dict(seeds(after))
+        assert pairs[0].keys() == pairs[1].keys(), name
+        assert all(pairs[1][k] == pairs[0][k] + 2 for k in pairs[0]), (name, pairs)
+        found += len(pairs[0])
+    assert found >= 20
+    # The difficulty filter's sampling seed is an option of its plug-in.
+    assert offset["filter"].filters[1].options["seed"] == 3
+    assert offset["rl"].engine.seed == 3 and offset["rl"].eval.engine.seed == 3
+
+
+def test_the_default_comparisons_pair_each_trained_stage_with_where_it_started():
+    config = load_config(pipeline.Config, REPO_ROOT / "pipelines" / "default.yaml")
+    assert repeat.comparisons(config) == [
+        ("eval-student", "reference"),
+        ("eval-teacher", "sft"),
+        ("sft", "rl"),
+        ("rl", "dpo"),
+        ("eval-student", "distill"),
+    ]
+
+
+def _report(greedy: dict[str, float], reward: dict[str, float]) -> dict:
+    return {
+        "stages": [
+            {
+                "stage": stage,
+                "heldout": {
+                    "n": 100,
+                    "greedy_accuracy": greedy[stage],
+                    "mean_reward": reward[stage],
+                    "pass@k": reward[stage] + 0.1,
+                    "pass_k": 4,
+                },
+            }
+            for stage in greedy
+        ]
+    }
+
+
+def test_intervals_and_paired_differences_from_the_seeds_reports():
+    config = pipeline.Config(
+        stages=[
+            pipeline.StageEntry("a", "eval", {"model": "x"}),
+            pipeline.StageEntry("b", "sft", {"model": "x"}),
+        ],
+        compare=[["a", "b"]],
+    )
+    a, b = [0.30, 0.34, 0.32], [0.40, 0.41, 0.45]
+    reports = {s: _report({"a": a[s], "b": b[s]}, {"a": 0.2, "b": 0.2}) for s in range(3)}
+    summary = repeat.summarize(config, reports)
+    first = summary["stages"][0]
+    assert first["greedy_accuracy"]["mean"] == pytest.approx(0.32)
+    assert first["greedy_accuracy"]["ci95"] == pytest.approx(4.303 * 0.02 / math.sqrt(3))
+    assert first["heldout_se"] == pytest.approx(math.sqrt(0.32 * 0.68 / 100))
+    (pair,) = summary["pairs"]
+    differences = [y - x for x, y in zip(a, b, strict=True)]  # paired: 0.10, 0.07, 0.13
+    assert pair["greedy_accuracy"]["mean"] == pytest.approx(0.1)
+    assert pair["greedy_accuracy"]["ci95"] == pytest.approx(
+        4.303 * statistics.stdev(differences) / math.sqrt(3)
+    )
+    assert repeat._verdict(pair["greedy_accuracy"]) == "b higher"
+    # Equal sample accuracy on every seed: a difference of 0 with no spread is not "higher".
+    assert repeat._verdict(pair["mean_reward"]) == "no difference shown"
+    table = repeat.markdown_tables(summary)
+    assert "| b - a | +0.100 ± 0.075 | +0.000 ± 0.000 |" in table
+
+
+def test_t_quantiles():
+    assert repeat.t95(2) == 4.303 and repeat.t95(30) == 2.042
+    assert repeat.t95(60) == pytest.approx(2.000, abs=2e-3)
+    assert repeat.t95(10_000) == pytest.approx(1.960, abs=1e-3)
+
+
+def test_seeds_run_every_repetition_into_its_own_directory(tmp_path, quick_align):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "p",
+                "runs_dir": str(tmp_path / "runs"),
+                "stages": [
+                    {
+                        "name": "data",
+                        "command": "make-data",
+                        "config": {"tasks": ["add"], "levels": [1], "per_level": 6},
+                    }
+                ],
+            }
+        )
+    )
+    out = quick_align("run", str(path), "--seeds", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    root = tmp_path / "runs" / "p"
+    rows = [(root / f"seed-{s}" / "data" / "train" / "problems.jsonl").read_text() for s in (0, 1)]
+    assert rows[0] != rows[1]
+    assert (root / "seeds.md").is_file()
+    assert json.loads((root / "seeds.json").read_text())["seeds"] == [0, 1]
+    out = quick_align("run", str(path), "--seeds", "0")
+    assert out.returncode == 2 and "--seeds must be >= 1" in out.stderr
