@@ -66,7 +66,7 @@ from align.distill.teachers import (
 )
 from align.distill.trainer import DistillTrainer
 from align.launch import TrainPlacement, sum_over_ranks
-from align.losses.distill import IGNORE_INDEX, DistillLossConfig
+from align.losses.distill import IGNORE_INDEX, DistillLossSettings
 from align.modeling import check_checkpoint, load_model
 from align.runs import Run, RunSettings
 from align.settings import EngineSettings
@@ -184,7 +184,7 @@ class Config(RunSettings):
     # completions, before and after training; null skips them.
     heldout_sft: str | None = None
     # The loss: divergence, temperature, per-token weighting and the alpha schedule.
-    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    loss: DistillLossSettings = field(default_factory=DistillLossSettings)
     # Optimisation (batch_size counts rows).
     train: TrainSettings = field(default_factory=TrainSettings)
     # LoRA on the student instead of full fine-tuning.

@@ -18,7 +18,7 @@ from align.losses.distill import (
     CONFIDENCE_EPS,
     DIVERGENCES,
     AlphaSchedule,
-    DistillLossConfig,
+    DistillLossSettings,
     TeacherLogits,
     alpha_at,
     distillation_loss,
@@ -41,9 +41,9 @@ def _logits(*rows: list[float], dtype=torch.float64) -> torch.Tensor:
     return torch.tensor([rows], dtype=dtype).log()
 
 
-def _config(**kwargs) -> DistillLossConfig:
+def _config(**kwargs) -> DistillLossSettings:
     alpha = kwargs.pop("alpha", {"kind": "constant", "alpha_start": 0.5})
-    return from_dict(DistillLossConfig, {**kwargs, "alpha": alpha})
+    return from_dict(DistillLossSettings, {**kwargs, "alpha": alpha})
 
 
 # --- hand-worked divergences -------------------------------------------------------------------
@@ -818,18 +818,18 @@ def test_teacher_logits_takes_exactly_one_form():
 )
 def test_config_validate_refuses_impossible_values(data, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
-        from_dict(DistillLossConfig, data)
+        from_dict(DistillLossSettings, data)
 
 
 def test_config_defaults_are_valid_and_loss_revalidates_direct_construction():
-    assert from_dict(DistillLossConfig, {}) == DistillLossConfig()
+    assert from_dict(DistillLossSettings, {}) == DistillLossSettings()
     student_btv = torch.randn(1, 2, 3)
     with pytest.raises(ConfigError, match="temperature"):
         distillation_loss(
             student_btv,
             torch.zeros(1, 2, dtype=torch.long),
             teacher=TeacherLogits.dense(student_btv),
-            config=DistillLossConfig(temperature=0.0),
+            config=DistillLossSettings(temperature=0.0),
             step=0,
             total_steps=1,
         )

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from align.distill.teachers import engine_topk, transformers_topk
-from align.losses.distill import IGNORE_INDEX, AlphaSchedule, DistillLossConfig
+from align.losses.distill import IGNORE_INDEX, AlphaSchedule, DistillLossSettings
 from align.modeling import build_model, load_model, write_checkpoint
 from align.tasks import make_problems, split_problems, to_sft
 from align.tokenizer import build_tokenizer
@@ -62,7 +62,7 @@ def config(tmp_path, models, files, name, **teacher) -> distill.Config:
         teacher=distill.TeacherSettings(model=str(models["teacher"]), **teacher),
         name=name,
         runs_dir=str(tmp_path / "runs"),
-        loss=DistillLossConfig(alpha=AlphaSchedule(kind="constant", alpha_start=0.5)),
+        loss=DistillLossSettings(alpha=AlphaSchedule(kind="constant", alpha_start=0.5)),
         train=TrainSettings(
             batch_size=16, epochs=1.0, learning_rate=3e-3, logging_steps=1, save_steps=2
         ),

@@ -15,7 +15,7 @@ from dataclasses import replace
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 from trl import SFTTrainer
 
-from align.losses.distill import AlphaSchedule, DistillLossConfig, distillation_loss
+from align.losses.distill import AlphaSchedule, DistillLossSettings, distillation_loss
 
 # The per-step values of `DistillOutput` that go to metrics.jsonl / TensorBoard (as train/<name>).
 LOGGED = ("soft_loss", "hard_loss", "effective_alpha", "teacher_kl")
@@ -32,7 +32,7 @@ class DistillTrainer(SFTTrainer):
     """
 
     def __init__(
-        self, *args, teacher, loss_config: DistillLossConfig, sampler=None, **kwargs
+        self, *args, teacher, loss_config: DistillLossSettings, sampler=None, **kwargs
     ) -> None:
         self.teacher, self.loss_config, self.sampler = teacher, loss_config, sampler
         # On-policy batches: divergence only, alpha 1 throughout.

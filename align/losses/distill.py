@@ -120,7 +120,7 @@ class AlphaSchedule:
 
 
 @dataclass
-class DistillLossConfig:
+class DistillLossSettings:
     """The distillation loss; the module docstring gives the formula and conventions."""
 
     # D, the divergence between teacher and student at temperature T.
@@ -609,7 +609,7 @@ def distillation_loss(
     labels_bt: Tensor,
     *,
     teacher: TeacherLogits,
-    config: DistillLossConfig,
+    config: DistillLossSettings,
     step: int,
     total_steps: int,
 ) -> DistillOutput:
