@@ -177,6 +177,8 @@ def trainer_arguments(
         num_train_epochs=1.0 if settings.token_budget else settings.epochs,
         max_grad_norm=settings.max_grad_norm,
         logging_steps=settings.logging_steps,
+        # Pinned host memory only helps copies to a GPU (on CPU torch warns on every stage).
+        dataloader_pin_memory=torch.cuda.is_available(),
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=settings.save_total_limit,
