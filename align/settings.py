@@ -14,7 +14,8 @@
 A pipeline's `defaults:` block (pipelines/pipeline.py) gives partial values for each of the
 three, merged into every place of every stage that has one, under what the stage sets itself:
 so a GPU pipeline states its engines' dtype and tensor parallelism once. `with_defaults` is
-that merge.
+that merge; `offset_seeds` walks a config the same way to shift every seed in it (`align run
+FILE --seeds K`).
 """
 
 from __future__ import annotations
