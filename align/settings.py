@@ -234,13 +234,13 @@ def _walk_entry(entry_type: type, entry: dict, own, options) -> dict:
     keyword arguments."""
     entry = _walk(entry_type, entry, own, options)
     values = entry.get("options")
-    parameters = _plugin_parameters(entry_type, entry.get("name"))
+    parameters = plugin_parameters(entry_type, entry.get("name"))
     if not parameters or not (values is None or isinstance(values, dict)):
         return entry
     return {**entry, "options": options(parameters, dict(values or {}))}
 
 
-def _plugin_parameters(entry_type: type, name: Any) -> dict[str, inspect.Parameter]:
+def plugin_parameters(entry_type: type, name: Any) -> dict[str, inspect.Parameter]:
     """Keyword arguments of the plug-in a filter or reward entry names; none where the entry
     is not one or the name cannot be resolved (the stage's own check reports that)."""
     registry = getattr(entry_type, "registry", None)

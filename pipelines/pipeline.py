@@ -9,14 +9,14 @@ pipeline resumes at the stage it stopped in (and that stage resumes from its own
 
 A `defaults:` block states settings once for every stage (align/settings.py): `engine` for every
 vLLM engine any stage starts, `generation` for everything that samples, `optim` for every
-trained stage's optimiser; what a stage sets itself wins. An `evaluation:` block makes every stage that produces a model score it on the same held-out
-rows with the same settings; the run ends with `report.md`, `report.json` and plots
-(see pipelines/report.py) and prints the report's table.
+trained stage's optimiser; what a stage sets itself wins. An `evaluation:` block makes every
+stage that produces a model score it on the same held-out rows with the same settings; the run
+ends with `report.md`, `report.json` and plots (see pipelines/report.py) and prints the
+report's table.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import tempfile
@@ -28,12 +28,10 @@ from typing import Any
 from align.config import ConfigError, changed_settings, check, from_dict, name_problem, to_dict
 from align.launch import TrainPlacement
 from align.launch import plan as train_plan
-from align.pruning import FILTERS
-from align.rewarding import REWARDS
 from align.rl.placement import ModelShape, Placement
 from align.rl.placement import plan as placement_plan
 from align.runs import RunSettings, write_json_atomic
-from align.settings import SHARED, EngineSettings, offset_seeds, with_defaults
+from align.settings import SHARED, EngineSettings, offset_seeds, plugin_parameters, with_defaults
 from pipelines import report, stages
 
 log = logging.getLogger(__name__)
@@ -405,14 +403,9 @@ def _starts_engine(entry: Any) -> bool:
     """Whether a filter or reward entry's plug-in takes an `engine` option (it serves a model
     with vLLM: the difficulty filters, the LLM judge)."""
     options = getattr(entry, "options", None)
-    if not isinstance(options, dict) or not isinstance(getattr(entry, "name", None), str):
+    if not isinstance(options, dict):
         return False
-    registry = FILTERS if hasattr(entry, "keep") else REWARDS
-    try:
-        plugin = registry.get(entry.name)
-    except ConfigError:
-        return False
-    return "engine" in inspect.signature(plugin).parameters
+    return "engine" in plugin_parameters(type(entry), getattr(entry, "name", None))
 
 
 def check_stage_placement(command: str, stage_config: Any, source: str) -> None:
