@@ -153,26 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(module.Config, config_path, overrides)
         source = config_path or COMMAND_LINE
-        if seeds is not None:
+        if args.command == "run":
             from pipelines import repeat
 
-            # Every repetition's stages are checked here, as one pipeline's are below.
-            plans = []
-            for repetition in repeat.seed_configs(config, seeds):
-                resolved = pipeline.resolve_stages(repetition, source=source)
-                plans.append(pipeline.plan(repetition, resolved))
-        if args.command == "run":
-            resolved = pipeline.resolve_stages(config, source=source)
+            # The pipeline, or with --seeds each of its repetitions, with its stages resolved.
+            runs = [config] if seeds is None else repeat.seed_configs(config, seeds)
+            resolved = [(run, pipeline.resolve_stages(run, source=source)) for run in runs]
             if args.dry_run and not args.print_config:
                 # `align run` checks them in pipeline.run, before its first stage.
-                pipeline.check_inputs(config, resolved, source=source)
+                for run, stages_of_run in resolved:
+                    pipeline.check_inputs(run, stages_of_run, source=source)
         elif not (args.dry_run or args.print_config) and args.command in ("sft", "dpo", "distill"):
             pipeline.check_stage_placement(args.command, config, source)
         if args.dry_run and not args.print_config:
-            if seeds is not None:
-                dry_run = "\n".join(plans)
-            elif args.command == "run":
-                dry_run = pipeline.plan(config, resolved)
+            if args.command == "run":
+                dry_run = "\n".join(
+                    pipeline.plan(run, stages_of_run) for run, stages_of_run in resolved
+                )
             else:
                 dry_run = pipeline.stage_dry_run(args.command, config, source)
     except ConfigError as error:
@@ -187,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if seeds is not None:
-            result = repeat.run(config, seeds, source, rerun_from=args.rerun_from)
+            result = repeat.run(config, resolved, source, rerun_from=args.rerun_from)
         elif args.command == "run":
-            result = pipeline.run(config, resolved, rerun_from=args.rerun_from)
+            result = pipeline.run(config, resolved[0][1], rerun_from=args.rerun_from)
         else:
             result = module.run(config)
     except DataError as error:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from align.config import check, save_config
+from align.config import check, save_config, to_dict
 
 # Where metrics can go besides metrics.jsonl, and the package each one needs.
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
@@ -126,7 +126,7 @@ class Run:
     def tracker_config(self) -> dict:
         """The run's config as plain data, for a tracker."""
         if dataclasses.is_dataclass(self.config) and not isinstance(self.config, type):
-            return dataclasses.asdict(self.config)
+            return to_dict(self.config)
         return {}
 
     def write_json(self, name: str, data: dict) -> Path:

@@ -59,10 +59,15 @@ def seed_configs(config: pipeline.Config, seeds: int) -> list[pipeline.Config]:
     ]
 
 
-def run(config: pipeline.Config, seeds: int, source: str, rerun_from: str | None = None) -> dict:
-    """Runs the K repetitions (every one's stages checked before the first runs) and writes
-    the summary; returns it."""
-    repetitions = [(c, pipeline.resolve_stages(c, source)) for c in seed_configs(config, seeds)]
+def run(
+    config: pipeline.Config,
+    repetitions: list[tuple[pipeline.Config, list]],
+    source: str,
+    rerun_from: str | None = None,
+) -> dict:
+    """Runs the repetitions (`seed_configs` with their stages resolved; every one's inputs
+    checked before the first runs) and writes the summary; returns it."""
+    seeds = len(repetitions)
     for repetition, resolved in repetitions:
         pipeline.check_inputs(repetition, resolved, source=source)
     for number, (repetition, resolved) in enumerate(repetitions, start=1):
