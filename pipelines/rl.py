@@ -42,8 +42,8 @@ from align.rl.pool import PoolSettings
 from align.rl.rollout import SamplingSettings
 from align.runs import Run, RunSettings
 from align.settings import EngineSettings
-from align.training import finished_result, refuse_changed_rerun
-from pipelines import evaluate
+from align.training import refuse_changed_rerun
+from pipelines import evaluate, frame
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +180,12 @@ def run(config: Config) -> dict:
             row=0,
             field="prompt",
         )
-    with Run(out, config) as run_dir:
-        model_dir = out / "model"
-        result = finished_result(model_dir)
-        if result is None:
-            rows = [dict(row) for row in dataset]
-            result = Controller(config, run_dir, rows, data_report, RayFleet).train()
-        if config.heldout is not None:
-            # Scored with the stage's own rewards too, unless eval.rewards names others.
-            settings = replace(config.eval, rewards=config.eval.rewards or config.rewards)
-            result["eval"] = evaluate.evaluate_checkpoint(
-                settings, str(model_dir), config.heldout, config
-            )
-        run_dir.write_json("result.json", result)
-    return result
+
+    def train(run_dir: Run) -> dict:
+        rows = [dict(row) for row in dataset]
+        return Controller(config, run_dir, rows, data_report, RayFleet).train()
+
+    # Training (resumed from the newest checkpoint), then held-out evaluation scored with the
+    # stage's own rewards too, unless eval.rewards names others (pipelines/frame.py).
+    settings = replace(config.eval, rewards=config.eval.rewards or config.rewards)
+    return frame.run_stage(config, train, settings)
