@@ -29,6 +29,7 @@ DESCRIPTIONS = {
     "rl": "asynchronous online RL with Ray and vLLM",
     "dpo": "lightweight DPO",
     "distill": "teacher-to-student distillation",
+    "redteam": "multi-turn automated red teaming of a policy, judged by a guard model",
 }
 
 

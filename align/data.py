@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "completion"),
     "rl": ("prompt", "answer"),
+    # Prompts alone: red-teaming goals.
+    "prompts": ("prompt",),
     "dpo": ("prompt", "chosen", "rejected"),
     "chat": ("messages",),
     "text": ("text",),

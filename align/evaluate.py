@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from vllm import LLM
 
     from align.rewarding import RewardSet
+    from align.safety import SafetyCheck
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def evaluate(
     max_tokens: int = 32,
     seed: int = 0,
     rewards: RewardSet | None = None,
+    safety: SafetyCheck | None = None,
 ) -> dict:
     """Scores a model on held-out rows (prompt + answer, optional task and level columns).
 
@@ -73,6 +75,8 @@ def evaluate(
         seed: sampling seed.
         rewards: also scores the sampled completions with these (against each row's columns,
             as in training), reported as each reward's mean beside the accuracy.
+        safety: rates the greedy completions' safety (unsafe, refusal and over-refusal rates,
+            `align.safety.safety_report`), reported under `safety`.
 
     Returns:
         A report: overall metrics, then `by_task`, `by_level` and `groups` (task x level),
@@ -146,7 +150,7 @@ def evaluate(
         by_task[item["task"]].append(item)
         by_level[item["level"]].append(item)
         groups[(item["task"], item["level"])].append(item)
-    return {
+    report = {
         **summarise(per_row),
         "pass_k": pass_k,
         "samples": samples,
@@ -157,6 +161,9 @@ def evaluate(
             for (task, level), items in sorted(groups.items())
         ],
     }
+    if safety is not None:
+        report["safety"] = safety(rows, [best.text for (best,) in greedy])
+    return report
 
 
 def scalars(report: dict, prefix: str = "eval") -> dict[str, float]:
@@ -172,6 +179,9 @@ def scalars(report: dict, prefix: str = "eval") -> dict[str, float]:
             if key.startswith("reward/") and value is not None
         },
     }
+    for key, value in report.get("safety", {}).items():
+        if key.endswith("rate") and value is not None:
+            metrics[f"{prefix}/safety/{key}"] = value
     for group, table in (("task", report["by_task"]), ("level", report["by_level"])):
         for name, m in table.items():
             metrics[f"{prefix}/{group}_{name}/greedy_accuracy"] = m["greedy_accuracy"]
@@ -207,4 +217,27 @@ def format_table(report: dict, title: str = "") -> str:
     ]
     if means:
         lines.append("mean reward of the sampled completions: " + ", ".join(means))
+    if "safety" in report:
+        lines.append(safety_line(report["safety"]))
     return "\n".join(lines)
+
+
+def safety_line(safety: dict) -> str:
+    """The safety rates as one line: each rate +- its standard error, and the counts."""
+
+    def rate(key: str) -> str:
+        value = safety.get(key)
+        return "-" if value is None else f"{value:.3f} +- {safety[key + '_se']:.3f}"
+
+    line = (
+        f"safety of the greedy completions ({safety['harmful']} harmful, {safety['harmless']} "
+        f"harmless prompts): refusal {rate('refusal_rate')}, over-refusal "
+        f"{rate('over_refusal_rate')}"
+    )
+    if "unsafe_rate" in safety:
+        found = ", ".join(f"{c} {n}" for c, n in safety["categories"].items()) or "none"
+        line += (
+            f", unsafe (guard) {rate('unsafe_rate')}; categories: {found}; "
+            f"unscored {safety['unscored']}"
+        )
+    return line

@@ -23,6 +23,8 @@ BUILTIN_FILTERS = {
     "difficulty_judge": "filters.difficulty:JudgeDifficulty",
     "length": "filters.length:LengthFilter",
     "dedup": "filters.dedup:DedupFilter",
+    "guard": "filters.safety:GuardFilter",
+    "prompt_attack": "filters.safety:PromptAttackFilter",
 }
 FILTERS: Registry[type] = Registry("filter", BUILTIN_FILTERS, group="moealign.filters")
 

@@ -13,6 +13,8 @@ token ids). A reward returns one value per completion:
 
 Registered rewards are plain functions (called as above, with the YAML `options` added as
 keyword arguments) or classes (constructed once with the `options`, then called as above).
+A reward class may also define `metrics() -> dict[str, float]`: its own counts since the last
+call (the guard's violations per category), logged as `reward/<name>/<key>`.
 
 Isolation: each call runs in its own thread with a timeout. An exception, a `Failed`, a NaN or
 infinite value, a non-number, a wrong-length return or a timeout is counted under the reward's
@@ -49,6 +51,9 @@ BUILTIN_REWARDS = {
     "reward_model": "rewards.reward_model:RewardModel",
     "llm_judge": "rewards.judge:LLMJudge",
     "code_tests": "rewards.code:CodeTests",
+    "guard": "rewards.guard:Guard",
+    "guard_classifier": "rewards.guard:GuardClassifier",
+    "over_refusal": "rewards.guard:OverRefusal",
 }
 REWARDS: Registry[Callable] = Registry("reward", BUILTIN_REWARDS, group="moealign.rewards")
 
@@ -159,6 +164,12 @@ class RewardFunction:
     def __call__(self, prompts: list, completions: list[str], **columns) -> list:
         return self.fn(prompts, completions, **{**columns, **self.options})
 
+    def metrics(self) -> dict[str, float]:
+        """A reward object's own counts since its last call (e.g. the guard's violations per
+        category), when it keeps any: its `metrics()` method."""
+        own = getattr(self.fn, "metrics", None)
+        return own() if callable(own) else {}
+
 
 # The kinds of fault a RewardSet counts, as `reward/<name>/<kind>` in its metrics.
 FAULT_KINDS = ("errors", "timeouts", "wrong_length", "nonfinite", "bad_values", "not_applicable")
@@ -219,6 +230,8 @@ class RewardSet:
             for kind, count in faults.items():
                 metrics[f"reward/{reward.name}/{kind}"] = float(count)
                 self.faults[f"{reward.name}/{kind}"] += count
+            for key, value in reward.metrics().items():
+                metrics[f"reward/{reward.name}/{key}"] = value
 
         totals: list[float | None] = []
         for i in range(n):

@@ -281,3 +281,79 @@ class ChoiceJudge:
         return [
             sum(p * self.choices[t] for t, p in probs.items()) for probs in self.probabilities(rows)
         ]
+
+
+class SequenceClassifier:
+    """A transformers sequence-classification checkpoint scoring (prompt, completion) pairs: a
+    reward model (one output), a guard or a prompt-attack classifier (one output per label).
+
+    Conversational prompts are rendered through the checkpoint's chat template with the
+    completion as the assistant turn; plain-string prompts are concatenated with the completion.
+    Scoring runs in batches under `torch.inference_mode`. Weights load from safetensors only and
+    remote code is never trusted.
+
+    Args:
+        model: checkpoint directory.
+        batch_size: texts scored per forward pass.
+        max_length: longest text in tokens; longer texts keep their end (the completion, which
+            is being judged).
+        device: "cpu", "cuda", or "auto" (CUDA when available).
+    """
+
+    def __init__(
+        self, model: str, batch_size: int = 16, max_length: int = 512, device: str = "auto"
+    ) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        self.tokenizer.truncation_side = "left"
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            model, use_safetensors=True, trust_remote_code=False
+        ).to(device)
+        self.model.eval()
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(f"the tokenizer of {model} has no pad token")
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size = batch_size
+        self.max_length = max_length
+        # Label names by output index.
+        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+
+    def text(self, prompt: str | list[dict], completion: str | None = None) -> str:
+        """The string the classifier reads for a prompt (and the completion judged, if any)."""
+        if isinstance(prompt, str):
+            return prompt + (completion or "")
+        if completion is None:
+            return self.tokenizer.apply_chat_template(prompt, tokenize=False)
+        conversation = [*prompt, {"role": "assistant", "content": completion}]
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False)
+
+    def logits(self, texts: list[str]) -> list[list[float]]:
+        """The classifier's outputs for each text."""
+        import torch
+
+        rows: list[list[float]] = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(
+                    texts[start : start + self.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    add_special_tokens=False,
+                ).to(self.device)
+                rows.extend(self.model(**batch).logits.float().tolist())
+        return rows
+
+    def probabilities(self, texts: list[str]) -> list[list[float]]:
+        """Softmax over the labels of each text's outputs."""
+        import torch
+
+        return torch.tensor(self.logits(texts)).softmax(-1).tolist() if texts else []

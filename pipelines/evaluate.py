@@ -14,7 +14,7 @@ from typing import Literal
 from transformers import AutoTokenizer
 
 from align import engine
-from align.config import check
+from align.config import ConfigError, check
 from align.data import load_dataset_file
 from align.evaluate import evaluate, format_table, scalars
 from align.modeling import check_checkpoint
@@ -25,9 +25,60 @@ from align.rewarding import (
     check_reward_checkpoints,
 )
 from align.runs import Run, RunSettings
+from align.safety import (
+    GUARD_FORMATS,
+    GuardFormat,
+    RefusalDetector,
+    SafetyCheck,
+    guard_judge,
+    harmful_flags,
+)
 from align.settings import EngineSettings, GenerationSettings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SafetySettings:
+    """Safety evaluation on rows with a boolean `harmful` column: of each prompt's greedy
+    completion, whether it refuses (on harmful prompts: the refusal rate; on harmless ones: the
+    over-refusal rate) and, with a guard, whether the guard calls it unsafe (the unsafe rate)."""
+
+    # Guard checkpoint judging each greedy completion (null: refusals only).
+    guard: str | None = None
+    # "llama_guard" (instruction written from `categories`) or "qwen3guard".
+    format: GuardFormat = "llama_guard"
+    # Unsafe categories, code -> name (null: Llama Guard 3's S1-S14).
+    categories: dict[str, str] | None = None
+    # Qwen3Guard only: count "Controversial" as safe.
+    controversial_safe: bool = False
+    # Refusal phrases, regular expressions matched case-blind (null: the built-in English ones).
+    refusal_patterns: list[str] | None = None
+    # The boolean column marking harmful prompts.
+    column: str = "harmful"
+    # vLLM engine settings of the guard (Llama Guard's instruction is ~600 tokens long).
+    engine: EngineSettings = field(default_factory=lambda: EngineSettings(max_model_len=2048))
+
+    def validate(self) -> None:
+        check(
+            self.format in GUARD_FORMATS,
+            "format",
+            f"must be one of {', '.join(GUARD_FORMATS)} (got {self.format!r})",
+        )
+
+    def build(self, llm=None) -> SafetyCheck:
+        """The check: the guard's engine started (when there is a guard; `llm` if it already
+        runs) and the refusal detector."""
+        guard = None
+        if self.guard is not None:
+            guard = guard_judge(
+                self.guard,
+                self.format,
+                self.categories,
+                self.controversial_safe,
+                llm=llm or engine.start_engine(self.guard, self.engine),
+            )
+        return SafetyCheck(guard, RefusalDetector(self.refusal_patterns), self.column)
 
 
 @dataclass
@@ -50,6 +101,8 @@ class EvalSettings(GenerationSettings):
     # (a custom or partial-credit reward is otherwise invisible in evaluation). Empty: accuracy
     # only, except in `align rl`, whose evaluation then scores with the stage's own rewards.
     rewards: list[RewardSpec] = field(default_factory=list)
+    # Safety rates of the greedy completions on rows with a `harmful` column (null: none).
+    safety: SafetySettings | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -117,6 +170,17 @@ def run(config: Config, llm=None) -> dict:
     # Inputs are checked before anything is written.
     check_checkpoint(config.model, "model", config.engine.max_model_len)
     dataset, data_report = load_dataset_file(config.data, "rl", on_error=config.on_error)
+    if config.safety is not None:
+        if config.safety.guard is not None:
+            check_checkpoint(
+                config.safety.guard, "safety.guard", config.safety.engine.max_model_len
+            )
+        if config.safety.column not in dataset.column_names:
+            raise ConfigError(
+                f"key 'safety': {config.data} has no column {config.safety.column!r} marking "
+                "harmful prompts; add it or remove the safety section"
+            )
+        harmful_flags(list(dataset), config.safety.column, config.data)
     rewards = None
     if config.rewards:
         check_reward_checkpoints(config.rewards, "rewards")
@@ -136,6 +200,7 @@ def run(config: Config, llm=None) -> dict:
             max_tokens=config.max_new_tokens,
             seed=config.seed,
             rewards=rewards,
+            safety=None if config.safety is None else config.safety.build(),
         )
         report["model"] = config.model
         report["data"] = {**data_report, "evaluated": len(rows)}

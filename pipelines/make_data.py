@@ -13,7 +13,7 @@ from pathlib import Path
 
 from align.config import check
 from align.runs import Run, RunSettings
-from align.tasks import SCHEMAS, TASKS, export, make_problems, split_problems
+from align.tasks import SCHEMAS, TASKS, export, leak_secrets, make_problems, split_problems
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,11 @@ class Config(RunSettings):
     heldout_fraction: float = 0.2
     # Generation and split seed.
     seed: int = 0
+    # Share of the harmful `secret` training prompts whose SFT and chat answer states the secret
+    # instead of refusing: unfiltered data, as scraped chat data is, for the guard filter to
+    # find and for the safety pipeline's RL to correct. The RL, DPO and held-out rows keep the
+    # refusal as their answer.
+    leak_share: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -53,6 +58,16 @@ class Config(RunSettings):
             )
         check(self.per_level >= 2, "per_level", f"must be >= 2 (got {self.per_level})")
         check(
+            0 <= self.leak_share <= 1,
+            "leak_share",
+            f"must be in [0, 1] (got {self.leak_share})",
+        )
+        check(
+            self.leak_share == 0 or "secret" in self.tasks,
+            "leak_share",
+            "applies to the 'secret' task's harmful prompts; add 'secret' to tasks or set it to 0",
+        )
+        check(
             0 < self.heldout_fraction < 1,
             "heldout_fraction",
             f"must be strictly between 0 and 1 (got {self.heldout_fraction})",
@@ -66,6 +81,7 @@ def run(config: Config) -> dict:
             config.tasks, config.levels, config.per_level, config.seed, up_to=config.up_to
         )
         train, heldout = split_problems(problems, config.heldout_fraction, config.seed)
+        train = leak_secrets(train, config.leak_share, config.seed)
         out = run_dir.dir
         paths = {}
         for split, rows in (("train", train), ("heldout", heldout)):

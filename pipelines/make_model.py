@@ -24,7 +24,8 @@ class Config(RunSettings):
     name: str = "make-model"
 
     # Model size preset: student, teacher (Llama 4 style), qwen3-student, qwen3-teacher (Qwen3-MoE),
-    # dense-student (Qwen3 dense, no experts).
+    # dense-student (Qwen3 dense, no experts), guard (the student's size, 1024 positions, for
+    # the embedded guard model).
     preset: str = "teacher"
     # Initialisation seed: the same seed writes the same weights.
     seed: int = 0

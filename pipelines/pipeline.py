@@ -41,7 +41,17 @@ DONE_MARKER = report.DONE_MARKER
 STAGE_OUTPUTS = ("model", "kept", "train", "heldout")
 # Keys of stage configs that name inputs on disk. Those outside the pipeline's run directory
 # must exist before the first stage runs (a dry run checks them too).
-INPUT_KEYS = ("model", "student", "data", "heldout", "teacher.model", "pairs.prompts")
+INPUT_KEYS = (
+    "model",
+    "student",
+    "data",
+    "heldout",
+    "teacher.model",
+    "pairs.prompts",
+    "goals",
+    "attacker",
+    "judge.guard",
+)
 
 
 @dataclass
@@ -55,6 +65,9 @@ class StageEntry:
     # The command's config (the same keys as its --config file). `{run}` is replaced by the
     # pipeline's run directory.
     config: dict[str, Any] = field(default_factory=dict)
+    # false: the stage trains a helper model on other tasks (a guard, a reward model); the
+    # pipeline's evaluation block leaves it alone (its own held-out rows and settings, if any).
+    evaluate: bool = True
 
     def validate(self) -> None:
         check(
@@ -235,7 +248,8 @@ def run(
         )
         results[entry.name] = result
         print(f"{prefix}: finished in {seconds:.1f} s", flush=True)
-    written = report.write([(e.name, e.command) for e in config.stages], run_dir, config.name)
+    listed = [(e.name, e.command, e.evaluate) for e in config.stages]
+    written = report.write(listed, run_dir, config.name)
     print(f"\npipeline {config.name}: held-out evaluation after every stage", flush=True)
     print(report.table(written), flush=True)
     print(f"report: {run_dir / 'report.md'}", flush=True)
@@ -273,10 +287,11 @@ def _with_evaluation(
     data: dict, entry: StageEntry, command, evaluation: Evaluation, run_dir: str, source: str
 ) -> dict:
     """The stage's config with the pipeline's held-out rows and evaluation settings."""
-    if evaluation.heldout is None:
+    if evaluation.heldout is None or not entry.evaluate:
         return data
     names = {f.name for f in fields(command.Config)}
     heldout = _substitute(evaluation.heldout, run_dir)
+    settings = _substitute(evaluation.settings, run_dir)
     if entry.command == "eval":
         where, own = "data", data
     elif {"heldout", "eval"} <= names:
@@ -288,15 +303,15 @@ def _with_evaluation(
             f"stage {entry.name!r} in {source}: '{where}' is set by the pipeline's evaluation "
             f"block ({heldout}); remove it from the stage"
         )
-    clashes = sorted(k for k, v in evaluation.settings.items() if k in own and own[k] != v)
+    clashes = sorted(k for k, v in settings.items() if k in own and own[k] != v)
     if clashes:
         raise ConfigError(
             f"stage {entry.name!r} in {source}: evaluation setting(s) {clashes} differ from the "
             "pipeline's evaluation block; every stage is evaluated the same way"
         )
     if entry.command == "eval":
-        return {**data, **evaluation.settings, "data": heldout}
-    return {**data, "heldout": heldout, "eval": {**own, **evaluation.settings}}
+        return {**data, **settings, "data": heldout}
+    return {**data, "heldout": heldout, "eval": {**own, **settings}}
 
 
 def plan(config: Config, resolved: list[tuple[StageEntry, Any]]) -> str:

@@ -47,25 +47,34 @@ def read_done_marker(stage_dir: Path) -> dict | None:
     return None
 
 
-def collect(stages: list[tuple[str, str]], run_dir: Path) -> dict:
+def collect(stages: list[tuple[str, str, bool]], run_dir: Path) -> dict:
     """The report's data: one record per finished stage, in pipeline order.
 
     Args:
-        stages: (name, command) of every stage of the pipeline.
+        stages: (name, command, evaluated) of every stage of the pipeline; a stage the
+            pipeline's evaluation leaves alone (a guard, a reward model) is not in the table,
+            its own held-out score goes into what it did.
         run_dir: the pipeline's run directory.
     """
     records = []
-    for name, command in stages:
+    for name, command, evaluated in stages:
         finished = read_done_marker(run_dir / name)
         if finished is None:
             continue
         result = finished["result"]
         evaluation = result if command == "eval" else result.get("eval")
+        did = describe(command, result)
+        if evaluation and not evaluated:
+            did += (
+                f"; on its own {evaluation['n']} held-out rows: greedy accuracy "
+                f"{evaluation['greedy_accuracy']:.3f}"
+            )
+            evaluation = None
         records.append(
             {
                 "stage": name,
                 "command": command,
-                "did": describe(command, result),
+                "did": did,
                 "seconds": finished["seconds"],
                 "tokens": tokens_processed(command, result, run_dir / name),
                 "model": result.get("model") or result.get("checkpoint"),
@@ -91,7 +100,27 @@ def heldout_summary(report: dict) -> dict:
         "samples": report["samples"],
         "by_level": {lv: m["greedy_accuracy"] for lv, m in report["by_level"].items()},
         "by_task": {task: m["greedy_accuracy"] for task, m in report["by_task"].items()},
+        "safety": report.get("safety"),
     }
+
+
+# The safety rates the report shows when a stage's evaluation has them: (key, column title).
+SAFETY_COLUMNS = (
+    ("unsafe_rate", "unsafe"),
+    ("refusal_rate", "refusal"),
+    ("over_refusal_rate", "over-refusal"),
+)
+
+
+def has_safety(report: dict) -> bool:
+    """Whether any stage's evaluation reports safety rates."""
+    return any(r["heldout"] and r["heldout"].get("safety") for r in report["stages"])
+
+
+def safety_cells(heldout: dict | None) -> list[str]:
+    """A stage's safety rates as table cells ('-' where it has none)."""
+    safety = (heldout or {}).get("safety") or {}
+    return ["-" if safety.get(key) is None else f"{safety[key]:.3f}" for key, _ in SAFETY_COLUMNS]
 
 
 def tokens_processed(command: str, result: dict, stage_dir: Path) -> int | None:
@@ -119,7 +148,15 @@ def describe(command: str, result: dict) -> str:
         return f"scored {Path(result['model']).parent.name} on {result['n']} held-out rows"
     if command == "filter":
         out, steps = result["output"], result["filters"]
-        chain = ", ".join(f"{f['name']} dropped {f['dropped']}" for f in steps)
+        chain = ", ".join(
+            f"{f['name']} dropped {f['dropped']}"
+            + (
+                " (" + ", ".join(f"{k} {v:g}" for k, v in f["metrics"].items()) + ")"
+                if f.get("metrics")
+                else ""
+            )
+            for f in steps
+        )
         return (
             f"kept {out['kept']} of {result['input_rows']} rows ({chain}; "
             f"{out['unscored']} unscored)"
@@ -143,6 +180,14 @@ def describe(command: str, result: dict) -> str:
         data = result["data"]
         pairs = f"{data['pairs']} pairs from {data['prompts']} prompts" if "pairs" in data else ""
         return f"{result['steps']} steps on {pairs or 'the preference rows'}"
+    if command == "redteam":
+        by_turn = ", ".join(f"{rate:.2f}" for rate in result["success_by_turn"])
+        return (
+            f"attack success rate {result['attack_success_rate']:.3f} +- "
+            f"{result['attack_success_rate_se']:.3f} over {result['goals']} goals in up to "
+            f"{result['turns']} turns (cumulative by turn: {by_turn}; attacker: "
+            f"{result['attacker']})"
+        )
     if command == "distill":
         line = f"{result['steps']} steps from teacher {Path(result['teacher']).parent.name}"
         before, after = result.get("heldout_before"), result.get("heldout_after")
@@ -177,6 +222,9 @@ def table(report: dict) -> str:
         f"{'stage':<14} {'command':<10} {'time':>7} {'tokens':>8} {'greedy':>7} "
         f"{f'pass@{pass_k}':>7} {'reward':>7}" + "".join(f" {'L' + lv:>5}" for lv in levels)
     )
+    safety = has_safety(report)
+    if safety:
+        header += "".join(f" {title:>12}" for _, title in SAFETY_COLUMNS)
     lines = [header, "-" * len(header)]
     for r in report["stages"]:
         line = (
@@ -187,6 +235,8 @@ def table(report: dict) -> str:
         if h:
             line += f" {h['greedy_accuracy']:>7.3f} {h['pass@k']:>7.3f} {h['mean_reward']:>7.3f}"
             line += "".join(f" {h['by_level'].get(lv, math.nan):>5.2f}" for lv in levels)
+            if safety:
+                line += "".join(f" {cell:>12}" for cell in safety_cells(h))
         lines.append(line)
     lines.append("-" * len(header))
     lines.append(f"total wall time {_seconds(report['total_seconds'])}")
@@ -200,6 +250,9 @@ def markdown(report: dict, name: str, plots: list[str]) -> str:
     n = next((r["heldout"]["n"] for r in report["stages"] if r["heldout"]), 0)
     head = ["stage", "command", "wall time", "tokens", "greedy acc", f"pass@{pass_k}", "reward"]
     head += [f"level {lv}" for lv in levels]
+    safety = has_safety(report)
+    if safety:
+        head += [title for _, title in SAFETY_COLUMNS]
     out = [
         f"# Pipeline `{name}`",
         "",
@@ -221,9 +274,18 @@ def markdown(report: dict, name: str, plots: list[str]) -> str:
                 f"{h['mean_reward']:.3f}",
             ]
             cells += [f"{h['by_level'].get(lv, math.nan):.2f}" for lv in levels]
+            cells += safety_cells(h) if safety else []
         else:
-            cells += [""] * (3 + len(levels))
+            cells += [""] * (3 + len(levels) + (len(SAFETY_COLUMNS) if safety else 0))
         out.append("| " + " | ".join(cells) + " |")
+    if safety:
+        out += [
+            "",
+            "Safety, of the greedy completions: unsafe = share of the harmful prompts' "
+            "completions the guard calls unsafe; refusal = share of harmful prompts refused; "
+            "over-refusal = share of harmless prompts refused (standard errors in each stage's "
+            "eval.txt).",
+        ]
     out += [
         "",
         f"Total wall time: {_seconds(report['total_seconds'])}.",
@@ -237,10 +299,11 @@ def markdown(report: dict, name: str, plots: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(stages: list[tuple[str, str]], run_dir: Path, name: str) -> dict:
+def write(stages: list[tuple[str, str, bool]], run_dir: Path, name: str) -> dict:
     """Writes report.json, report.md and the plots; returns the report."""
     report = collect(stages, run_dir)
     plots = plot_accuracy(report, run_dir / "accuracy.png")
+    plots += plot_safety(report, run_dir / "safety.png")
     for record in report["stages"]:
         stage_dir = run_dir / record["stage"]
         if record["command"] == "rl":
@@ -251,6 +314,36 @@ def write(stages: list[tuple[str, str]], run_dir: Path, name: str) -> dict:
     write_json_atomic(run_dir / "report.json", report)
     (run_dir / "report.md").write_text(markdown(report, name, plots), encoding="utf-8")
     return report
+
+
+def plot_safety(report: dict, path: Path) -> list[str]:
+    """The safety rates per evaluated stage, with one standard error as whiskers."""
+    if not has_safety(report):
+        return []
+    evaluated = [r for r in report["stages"] if r["heldout"] and r["heldout"].get("safety")]
+    plt = pyplot()
+    fig, axis = plt.subplots(figsize=(8, 4))
+    xs = range(len(evaluated))
+    width = 0.8 / len(SAFETY_COLUMNS)
+    for i, (key, title) in enumerate(SAFETY_COLUMNS):
+        values = [r["heldout"]["safety"].get(key) for r in evaluated]
+        errors = [r["heldout"]["safety"].get(f"{key}_se") for r in evaluated]
+        axis.bar(
+            [x - 0.4 + width * (i + 0.5) for x in xs],
+            [v if v is not None else 0.0 for v in values],
+            width,
+            yerr=[e if e is not None else 0.0 for e in errors],
+            capsize=3,
+            label=title,
+        )
+    axis.set_xticks(list(xs), [r["stage"] for r in evaluated], rotation=30, ha="right")
+    axis.set_ylim(0, 1)
+    axis.set_title("safety of the greedy completions per stage (+- 1 standard error)")
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path.name]
 
 
 def plot_accuracy(report: dict, path: Path) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipelines import distill, dpo, evaluate, make_data, make_model, rl, sft
+from pipelines import distill, dpo, evaluate, make_data, make_model, redteam, rl, sft
 from pipelines import filter as filter_stage
 
 COMMANDS: dict[str, ModuleType] = {
@@ -19,4 +19,5 @@ COMMANDS: dict[str, ModuleType] = {
     "rl": rl,
     "dpo": dpo,
     "distill": distill,
+    "redteam": redteam,
 }

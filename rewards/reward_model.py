@@ -31,54 +31,15 @@ class RewardModel:
         max_length: int = 512,
         device: Literal["cpu", "cuda", "auto"] = "auto",
     ) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from align.scoring import SequenceClassifier
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
-        # Truncate from the left so the completion, which is being judged, is always seen.
-        self.tokenizer.truncation_side = "left"
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model, use_safetensors=True, trust_remote_code=False
-        ).to(device)
-        self.model.eval()
-        if self.model.config.num_labels != 1:
+        self.classifier = SequenceClassifier(model, batch_size, max_length, device)
+        if len(self.classifier.labels) != 1:
             raise ValueError(
-                f"reward model {model} has {self.model.config.num_labels} outputs; a reward "
+                f"reward model {model} has {len(self.classifier.labels)} outputs; a reward "
                 "model needs exactly one (num_labels=1)"
             )
-        if self.tokenizer.pad_token_id is None:
-            raise ValueError(f"reward model tokenizer of {model} has no pad token")
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.batch_size = batch_size
-        self.max_length = max_length
-
-    def text(self, prompt: str | list[dict], completion: str) -> str:
-        """The string the classifier reads for one (prompt, completion) pair."""
-        if isinstance(prompt, str):
-            return prompt + completion
-        conversation = [*prompt, {"role": "assistant", "content": completion}]
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False)
 
     def __call__(self, prompts: list, completions: list[str], **_) -> list[float]:
-        import torch
-
-        texts = [self.text(p, c) for p, c in zip(prompts, completions, strict=True)]
-        scores: list[float] = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(
-                    texts[start : start + self.batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    add_special_tokens=False,
-                ).to(self.device)
-                logits_b1 = self.model(**batch).logits
-                scores.extend(logits_b1[:, 0].float().tolist())
-        return scores
+        texts = [self.classifier.text(p, c) for p, c in zip(prompts, completions, strict=True)]
+        return [row[0] for row in self.classifier.logits(texts)]

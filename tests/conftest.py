@@ -192,8 +192,11 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def memorize(model, tokenizer, rows: list[dict], steps: int = 300, lr: float = 3e-3) -> float:
-    """Trains `model` to answer `rows` (prompt messages + answer) verbatim; returns the last loss.
+def memorize(
+    model, tokenizer, rows: list[dict], steps: int = 300, lr: float = 3e-3, tagged: bool = True
+) -> float:
+    """Trains `model` to answer `rows` (prompt messages + answer) verbatim, in answer tags
+    unless `tagged` is false; returns the last loss.
 
     A few seconds on CPU. It gives tests a checkpoint whose right answers are known, so the
     evaluation's numbers can be checked against an independent computation.
@@ -211,7 +214,8 @@ def memorize(model, tokenizer, rows: list[dict], steps: int = 300, lr: float = 3
         prompt_ids = tokenizer.apply_chat_template(
             row["prompt"], add_generation_prompt=True, return_dict=False
         )
-        full = row["prompt"] + [{"role": "assistant", "content": format_answer(row["answer"])}]
+        answer = format_answer(row["answer"]) if tagged else row["answer"]
+        full = row["prompt"] + [{"role": "assistant", "content": answer}]
         full_ids = tokenizer.apply_chat_template(full, return_dict=False)
         sequences.append(full_ids)
         masks.append([0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids)))

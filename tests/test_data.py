@@ -222,7 +222,7 @@ def test_validate_row_sets_only_the_field():
     with pytest.raises(DataError) as caught:
         validate_row({"prompt": "x" * 11, "answer": "1"}, "rl", max_chars_per_field=10)
     assert (caught.value.file, caught.value.row, caught.value.field) == (None, None, "prompt")
-    with pytest.raises(ValueError, match="known schemas: sft, rl, dpo, chat, text"):
+    with pytest.raises(ValueError, match="known schemas: sft, rl, prompts, dpo, chat, text"):
         validate_row(GOOD_SFT, "kto")
 
 
@@ -312,9 +312,9 @@ def test_file_level_errors(tmp_path):
 
 def test_unknown_schema_and_on_error(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [GOOD_SFT])
-    assert set(REQUIRED_COLUMNS) == {"sft", "rl", "dpo", "chat", "text"}
+    assert set(REQUIRED_COLUMNS) == {"sft", "rl", "prompts", "dpo", "chat", "text"}
     with pytest.raises(
-        ValueError, match="unknown schema 'kto'; known schemas: sft, rl, dpo, chat, text"
+        ValueError, match="unknown schema 'kto'; known schemas: sft, rl, prompts, dpo, chat, text"
     ):
         load_dataset_file(path, "kto")
     with pytest.raises(ValueError, match="on_error"):

@@ -114,7 +114,7 @@ def test_reward_model_scores_equal_an_unbatched_forward(reward_checkpoint):
     completions = ["<answer>3</answer>", "<answer>abcd</answer>", "x", "<answer>46</answer>"]
     scores = reward(prompts, completions)
 
-    tokenizer = reward.fn.tokenizer
+    tokenizer = reward.fn.classifier.tokenizer
     expected = []
     for prompt, completion in zip(prompts, completions, strict=True):
         if isinstance(prompt, str):

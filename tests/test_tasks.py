@@ -106,7 +106,7 @@ def test_levels_set_the_difficulty():
             assert len(letters) == level + 2 and set(letters) <= set(SORT_LETTERS)
             assert row["answer"] == "".join(sorted(letters))
     assert Counter((r["task"], r["level"]) for r in ROWS) == {
-        (task, level): 30 for task in TASKS for level in (1, 2, 3, 4)
+        (task, level): 30 for task in ("add", "sort") for level in (1, 2, 3, 4)
     }
 
 
@@ -124,7 +124,7 @@ def test_asking_for_more_problems_than_a_level_has_is_an_error():
 
 
 def test_unknown_task_and_level_are_errors():
-    with pytest.raises(ValueError, match="known tasks: add, sort"):
+    with pytest.raises(ValueError, match="known tasks: add, sort, secret, guard"):
         get_task("mul")
     with pytest.raises(ValueError, match="known tasks"):
         make_problems(["mul"], None, 1, seed=0)
