@@ -127,22 +127,6 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             intermediate_size_mlp=512,
         ),
     ),
-    # A guard model for the embedded safety rule (`align.tasks.GuardTask`): the student's size
-    # with room for Llama Guard's instruction (about 600 characters, one token each).
-    "guard": (
-        "llama4",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            num_local_experts=4,
-            intermediate_size=128,
-            intermediate_size_mlp=256,
-            max_position_embeddings=1024,
-            attention_chunk_size=1024,
-        ),
-    ),
     "qwen3-student": (
         "qwen3_moe",
         dict(
@@ -180,6 +164,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
 }
+# A guard model for the embedded safety rule (`align.tasks.GuardTask`): the student's size
+# with room for Llama Guard's instruction (about 600 characters, one token each).
+PRESETS["guard"] = (
+    "llama4",
+    {**PRESETS["student"][1], "max_position_embeddings": 1024, "attention_chunk_size": 1024},
+)
 
 
 def model_config(preset: str) -> PretrainedConfig:
