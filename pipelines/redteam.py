@@ -141,9 +141,9 @@ def _goal_text(prompt: str | list[dict]) -> str:
     return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
 
 
-def run(config: Config, llm=None, guard_llm=None) -> dict:
+def run(config: Config, llm=None, guard_llm=None, attacker_llm=None) -> dict:
     """Attacks `config.model` on every goal; returns the report. Started engines serving the
-    policy and the guard may be passed as `llm` and `guard_llm`."""
+    policy, the guard and the attacker may be passed as `llm`, `guard_llm`, `attacker_llm`."""
     check_checkpoint(config.model, "model", config.engine.max_model_len)
     check_checkpoint(
         config.judge.guard,
@@ -170,7 +170,7 @@ def run(config: Config, llm=None, guard_llm=None) -> dict:
         attacker = None
         if config.attacker is not None:
             attacker = (
-                engine.start_engine(config.attacker, config.engine),
+                attacker_llm or engine.start_engine(config.attacker, config.engine),
                 AutoTokenizer.from_pretrained(config.attacker),
             )
         judge = config.judge.build(guard_llm)

@@ -472,3 +472,54 @@ def test_guard_classifier_reward_is_the_probability_of_the_safe_label(classifier
                 )
             ]
         )
+
+
+def test_redteam_with_an_attacker_model_sends_what_the_attacker_writes(guard, tmp_path):
+    from align import engine
+    from align.tokenizer import encode_prompts
+    from pipelines import redteam
+
+    # Any checkpoint can attack: the memorised guard writes the rewrites here.
+    goals = [t[0]["content"] for t in guard["turns"][:4]]
+    data = write_jsonl(tmp_path / "goals.jsonl", [{"prompt": g} for g in goals])
+    config = redteam.Config(
+        model=str(guard["path"]),
+        goals=data,
+        turns=2,
+        attacker=str(guard["path"]),
+        judge=SafetySettings(
+            guard=str(guard["path"]),
+            format="qwen3guard",
+            engine=EngineSettings(max_model_len=1024),
+        ),
+        runs_dir=str(tmp_path),
+        engine=EngineSettings(max_model_len=1024),
+    )
+    redteam.run(config, llm=guard["llm"], guard_llm=guard["llm"], attacker_llm=guard["llm"])
+    transcripts = [json.loads(line) for line in (tmp_path / "redteam/transcripts.jsonl").open()]
+    second = [t for t in transcripts if len(t["turns"]) == 4]
+    assert second, "every attack succeeded at the first turn; nothing reached the attacker"
+    technique = redteam.DEFAULT_TECHNIQUES[0]
+    questions = [
+        [
+            {
+                "role": "user",
+                "content": redteam.ATTACKER_PROMPT.format(
+                    goal=t["goal"],
+                    response=t["turns"][1]["content"],
+                    technique=technique.description,
+                ),
+            }
+        ]
+        for t in second
+    ]
+    written = engine.generate(
+        guard["llm"],
+        encode_prompts(build_tokenizer(), questions),
+        n=1,
+        temperature=0.0,
+        max_tokens=64,
+    )
+    for t, (answer,) in zip(second, written, strict=True):
+        expected = answer.text.strip() or technique.template.format(goal=t["goal"])
+        assert t["turns"][2] == {"role": "user", "content": expected}
