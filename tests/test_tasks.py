@@ -13,7 +13,6 @@ from align.tasks import (
     SCHEMAS,
     SORT_LETTERS,
     TASK_ALPHABET,
-    TASKS,
     export,
     extract_answer,
     format_answer,
