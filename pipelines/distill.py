@@ -249,7 +249,7 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
     dataset, data_report = load_dataset_file(config.data, "sft", config.on_error)
     if config.heldout_sft is not None:
         load_dataset_file(config.heldout_sft, "sft", config.on_error)
-    evaluate.check_heldout(config.heldout)
+    evaluate.check_heldout(config.heldout, config.eval)
     out = Path(config.runs_dir) / config.name
     refuse_changed_rerun(out, config)
 

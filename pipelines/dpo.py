@@ -193,7 +193,7 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
         length = config.pairs.engine.max_model_len
         check_checkpoint(config.model, "model", length, "pairs.engine.max_model_len")
         check_reward_checkpoints(config.pairs.rewards, "pairs.rewards")
-    evaluate.check_heldout(config.heldout)
+    evaluate.check_heldout(config.heldout, config.eval)
     refuse_changed_rerun(out, config)
     if config.pairs is not None:
         rows, rows_report = load_dataset_file(config.pairs.prompts, "rl", config.on_error)

@@ -66,6 +66,23 @@ class SafetySettings:
             f"must be one of {', '.join(GUARD_FORMATS)} (got {self.format!r})",
         )
 
+    def check_inputs(self, dataset, source: str) -> None:
+        """Refuses, before anything runs, a guard that is not a usable checkpoint and rows
+        without a true/false `column` (naming the file, row and column)."""
+        if self.guard is not None:
+            check_checkpoint(
+                self.guard,
+                "safety.guard",
+                self.engine.max_model_len,
+                length_key="safety.engine.max_model_len",
+            )
+        if self.column not in dataset.column_names:
+            raise ConfigError(
+                f"key 'safety': {source} has no column {self.column!r} marking harmful "
+                "prompts; add it or remove the safety section"
+            )
+        harmful_flags(list(dataset), self.column, source)
+
     def build(self, llm=None) -> SafetyCheck:
         """The check: the guard's engine started (when there is a guard; `llm` if it already
         runs) and the refusal detector."""
@@ -153,16 +170,20 @@ def evaluate_checkpoint(settings: EvalSettings, model: str, data: str, stage: Ru
     )
 
 
-def check_heldout(path: str | None) -> None:
-    """Reads the held-out rows a training stage evaluates on when it ends, before it starts.
+def check_heldout(path: str | None, settings: EvalSettings) -> None:
+    """Reads the held-out rows a training stage evaluates on when it ends, before it starts,
+    with what its evaluation settings need of them (the safety section's guard and column).
 
     So a bad held-out file is refused before any training rather than after it.
 
     Raises:
         DataError: naming the file, row and field, as `align eval` would at the end.
+        ConfigError: naming the key, for a bad guard checkpoint or a missing column.
     """
     if path is not None:
-        load_dataset_file(path, "rl")
+        dataset, _ = load_dataset_file(path, "rl")
+        if settings.safety is not None:
+            settings.safety.check_inputs(dataset, path)
 
 
 def run(config: Config, llm=None) -> dict:
@@ -171,16 +192,7 @@ def run(config: Config, llm=None) -> dict:
     check_checkpoint(config.model, "model", config.engine.max_model_len)
     dataset, data_report = load_dataset_file(config.data, "rl", on_error=config.on_error)
     if config.safety is not None:
-        if config.safety.guard is not None:
-            check_checkpoint(
-                config.safety.guard, "safety.guard", config.safety.engine.max_model_len
-            )
-        if config.safety.column not in dataset.column_names:
-            raise ConfigError(
-                f"key 'safety': {config.data} has no column {config.safety.column!r} marking "
-                "harmful prompts; add it or remove the safety section"
-            )
-        harmful_flags(list(dataset), config.safety.column, config.data)
+        config.safety.check_inputs(dataset, config.data)
     rewards = None
     if config.rewards:
         check_reward_checkpoints(config.rewards, "rewards")

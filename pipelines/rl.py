@@ -167,7 +167,7 @@ def run(config: Config) -> dict:
         _, problem = placement_plan(config, Path(config.model))
         if problem is not None:
             raise ConfigError(f"key 'placement.cluster': {problem}")
-    evaluate.check_heldout(config.heldout)
+    evaluate.check_heldout(config.heldout, config.eval)
     refuse_changed_rerun(out, config)
     dataset, data_report = load_dataset_file(config.data, "rl", config.on_error)
     check_option_columns(config.rewards, dataset.column_names, "rewards", config.data)

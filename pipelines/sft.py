@@ -103,7 +103,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
     # 1. Inputs, checked before anything is written. With `filters`, the filter stage reads the
     # data (its scores are cached) and the rows it keeps are the training data.
     check_checkpoint(config.model, "model")
-    evaluate.check_heldout(config.heldout)
+    evaluate.check_heldout(config.heldout, config.eval)
     refuse_changed_rerun(out, config)
     data = config.data
     if config.filters:
