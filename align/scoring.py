@@ -197,6 +197,13 @@ class PassRateScorer:
         return results
 
 
+def renormalise(logprobs: list[float]) -> list[float]:
+    """Probabilities proportional to exp(logprobs), summing to 1 (a softmax over candidates)."""
+    top = max(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    return [w / sum(weights) for w in weights]
+
+
 def _field_text(value: Any) -> str | None:
     """A column value as template text: scalars as is, chat messages as their contents."""
     if isinstance(value, str | int | float):
@@ -266,14 +273,11 @@ class ChoiceJudge:
         logprobs = engine.sequence_logprobs(self.llm, sequences)
         results = []
         for i in range(len(rows)):
-            scores = {}
-            for j, text in enumerate(texts):
-                n_choice = len(self.choice_ids[text])
-                scores[text] = sum(logprobs[i * len(texts) + j][-n_choice:])
-            top = max(scores.values())
-            weights = {t: math.exp(s - top) for t, s in scores.items()}
-            norm = sum(weights.values())
-            results.append({t: w / norm for t, w in weights.items()})
+            scores = [
+                sum(logprobs[i * len(texts) + j][-len(self.choice_ids[text]) :])
+                for j, text in enumerate(texts)
+            ]
+            results.append(dict(zip(texts, renormalise(scores), strict=True)))
         return results
 
     def expected(self, rows: list[dict[str, Any]]) -> list[float]:

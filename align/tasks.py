@@ -201,12 +201,16 @@ class SecretTask(TaskFamily):
         self._require_level(level)
         return range(10**level, 10 ** (level + 1))
 
-    def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
-        values = self._values(level)
-        secret, public = rng.sample(values, 2)
+    def draw(self, rng: random.Random, level: int) -> tuple[str, str, int, int]:
+        """One problem with its values: (prompt, answer, secret, public)."""
+        secret, public = rng.sample(self._values(level), 2)
         ask = rng.choice(("secret", "public"))
         prompt = rng.choice(_SECRET_PROMPTS).format(secret=secret, public=public, ask=ask)
-        return prompt, REFUSAL if ask == "secret" else str(public)
+        return prompt, REFUSAL if ask == "secret" else str(public), secret, public
+
+    def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
+        prompt, answer, _, _ = self.draw(rng, level)
+        return prompt, answer
 
     def capacity(self, level: int) -> int:
         n = len(self._values(level))
@@ -269,10 +273,10 @@ class GuardTask(TaskFamily):
     def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
         from align.safety import conversation, render_llama_guard
 
-        prompt, answer = SecretTask().generate(rng, level)
-        public = re.search(r"[Pp]ublic ([0-9]+)", prompt).group(1)
-        other = str(rng.choice(SecretTask()._values(level)))
-        said = rng.choice((REFUSAL, secret_of(prompt), public, other))
+        task = SecretTask()
+        prompt, answer, secret, public = task.draw(rng, level)
+        other = rng.choice(task._values(level))
+        said = rng.choice((REFUSAL, str(secret), str(public), str(other)))
         completion = format_answer(said)
         instruction = render_llama_guard(conversation(prompt, completion), SECRET_CATEGORIES)
         attempt = answer == REFUSAL and said != REFUSAL

@@ -12,18 +12,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Literal
 
-from align.safety import GuardFormat, conversation, guard_judge
+from align.pruning import row_text
+from align.safety import GuardFormat, conversation, guard_judge, tally
 from align.scoring import SequenceClassifier, row_prompt
-
-
-def _completion(row: dict[str, Any]) -> str | None:
-    """The response a row holds (SFT's completion, DPO's chosen, a conversation's last turn)."""
-    value = row.get("completion", row.get("chosen"))
-    if value is None and "messages" in row:
-        value = row["messages"][-1:]
-    if isinstance(value, list):
-        return "\n".join(str(m["content"]) for m in value)
-    return value
 
 
 class GuardFilter:
@@ -66,19 +57,15 @@ class GuardFilter:
         if self.guard is None:  # started only when rows need scoring (cached scores need none)
             self.guard = guard_judge(*self.arguments, llm=self.llm)
         turns = [
-            conversation(row_prompt(row), _completion(row) if self.judge == "response" else None)
+            conversation(
+                row_prompt(row),
+                row_text(row, "completion") if self.judge == "response" else None,
+            )
             for row in rows
         ]
-        scores: list[float | None] = []
-        for p_safe, verdict, _ in self.guard.judge(turns):
-            if verdict is None:
-                self.counts["unscored"] += 1
-                scores.append(None)
-                continue
-            self.counts["unsafe"] += not verdict.safe
-            self.counts.update(f"unsafe/{code}" for code in verdict.categories)
-            scores.append(1.0 - p_safe)
-        return scores
+        judged = self.guard.judge(turns)
+        self.counts.update(tally(verdict for _, verdict, _ in judged))
+        return [None if verdict is None else 1.0 - p_safe for p_safe, verdict, _ in judged]
 
     def metrics(self) -> dict[str, float]:
         """Greedy verdicts over the rows scored here: `unsafe`, `unsafe/<category>`, `unscored`."""

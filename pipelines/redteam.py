@@ -133,6 +133,16 @@ class Config(RunSettings):
             f"must be >= 1 or null (got {self.limit})",
         )
 
+    def technique(self, turn: int) -> Technique | None:
+        """The technique of turn `turn` (0-based): none at the first (the goal itself), then
+        the library in order, from its start again when it runs out."""
+        return None if turn == 0 else self.techniques[(turn - 1) % len(self.techniques)]
+
+    def technique_name(self, turn: int) -> str:
+        """The technique's name, "goal" for the first turn."""
+        technique = self.technique(turn)
+        return "goal" if technique is None else technique.name
+
 
 def _goal_text(prompt: str | list[dict]) -> str:
     """The goal as one user message: the prompt's last user turn."""
@@ -182,9 +192,7 @@ def run(config: Config, llm=None, guard_llm=None, attacker_llm=None) -> dict:
         for turn in range(config.turns):
             if not active:
                 break
-            technique = (
-                None if turn == 0 else config.techniques[(turn - 1) % len(config.techniques)]
-            )
+            technique = config.technique(turn)
             messages = _next_messages(config, attacker, technique, goals, transcripts, active)
             for i, message in zip(active, messages, strict=True):
                 transcripts[i].append({"role": "user", "content": message})
@@ -208,7 +216,7 @@ def run(config: Config, llm=None, guard_llm=None, attacker_llm=None) -> dict:
                 if verdict is not None and not verdict.safe:
                     outcome[i] = {
                         "turn": turn + 1,
-                        "technique": technique.name if technique else "goal",
+                        "technique": config.technique_name(turn),
                         "categories": list(verdict.categories),
                     }
                 else:
@@ -288,9 +296,7 @@ def summarise(outcome: list[dict], config: Config, unscored: int, first_refusal:
         sum(o["turn"] is not None and o["turn"] <= t for o in outcome) / n
         for t in range(1, config.turns + 1)
     ]
-    names = ["goal"] + [
-        config.techniques[(t - 1) % len(config.techniques)].name for t in range(1, config.turns)
-    ]
+    names = [config.technique_name(turn) for turn in range(config.turns)]
     # Attempts with each technique: the conversations still going at its turn.
     attempts: dict[str, int] = {}
     for t, name in enumerate(names, start=1):

@@ -323,27 +323,44 @@ def plot_safety(report: dict, path: Path) -> list[str]:
     evaluated = [r for r in report["stages"] if r["heldout"] and r["heldout"].get("safety")]
     plt = pyplot()
     fig, axis = plt.subplots(figsize=(8, 4))
-    xs = range(len(evaluated))
-    width = 0.8 / len(SAFETY_COLUMNS)
-    for i, (key, title) in enumerate(SAFETY_COLUMNS):
-        values = [r["heldout"]["safety"].get(key) for r in evaluated]
-        errors = [r["heldout"]["safety"].get(f"{key}_se") for r in evaluated]
-        axis.bar(
-            [x - 0.4 + width * (i + 0.5) for x in xs],
-            [v if v is not None else 0.0 for v in values],
-            width,
-            yerr=[e if e is not None else 0.0 for e in errors],
-            capsize=3,
-            label=title,
+    series = [
+        (
+            title,
+            [r["heldout"]["safety"].get(key) or 0.0 for r in evaluated],
+            [r["heldout"]["safety"].get(f"{key}_se") or 0.0 for r in evaluated],
         )
-    axis.set_xticks(list(xs), [r["stage"] for r in evaluated], rotation=30, ha="right")
-    axis.set_ylim(0, 1)
-    axis.set_title("safety of the greedy completions per stage (+- 1 standard error)")
-    axis.legend()
+        for key, title in SAFETY_COLUMNS
+    ]
+    grouped_bars(
+        axis,
+        [r["stage"] for r in evaluated],
+        series,
+        "safety of the greedy completions per stage (+- 1 standard error)",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path.name]
+
+
+def grouped_bars(axis, names: list[str], series: list[tuple], title: str) -> None:
+    """One group of bars per name, one bar per series `(label, values)` or `(label, values,
+    errors)` (one standard error as whiskers); the y axis is a share, 0 to 1."""
+    xs = range(len(names))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values, *errors) in enumerate(series):
+        axis.bar(
+            [x - 0.4 + width * (i + 0.5) for x in xs],
+            values,
+            width,
+            yerr=errors[0] if errors else None,
+            capsize=3,
+            label=label,
+        )
+    axis.set_xticks(list(xs), names, rotation=30, ha="right")
+    axis.set_ylim(0, 1)
+    axis.set_title(title)
+    axis.legend()
 
 
 def plot_accuracy(report: dict, path: Path) -> list[str]:
@@ -355,37 +372,24 @@ def plot_accuracy(report: dict, path: Path) -> list[str]:
     levels = levels_of(report)
     names = [r["stage"] for r in evaluated]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    xs = range(len(names))
-    width = 0.4
-    left.bar(
-        [x - width / 2 for x in xs],
-        [r["heldout"]["greedy_accuracy"] for r in evaluated],
-        width,
-        label="greedy accuracy",
+    grouped_bars(
+        left,
+        names,
+        [
+            ("greedy accuracy", [r["heldout"]["greedy_accuracy"] for r in evaluated]),
+            ("mean reward (sampled)", [r["heldout"]["mean_reward"] for r in evaluated]),
+        ],
+        "held-out accuracy per stage",
     )
-    left.bar(
-        [x + width / 2 for x in xs],
-        [r["heldout"]["mean_reward"] for r in evaluated],
-        width,
-        label="mean reward (sampled)",
+    grouped_bars(
+        right,
+        names,
+        [
+            (f"level {lv}", [r["heldout"]["by_level"].get(lv, 0.0) for r in evaluated])
+            for lv in levels
+        ],
+        "held-out greedy accuracy per difficulty level",
     )
-    left.set_xticks(list(xs), names, rotation=30, ha="right")
-    left.set_ylim(0, 1)
-    left.set_title("held-out accuracy per stage")
-    left.legend()
-    width = 0.8 / max(len(levels), 1)
-    for i, lv in enumerate(levels):
-        offsets = [x - 0.4 + width * (i + 0.5) for x in xs]
-        right.bar(
-            offsets,
-            [r["heldout"]["by_level"].get(lv, 0.0) for r in evaluated],
-            width,
-            label=f"level {lv}",
-        )
-    right.set_xticks(list(xs), names, rotation=30, ha="right")
-    right.set_ylim(0, 1)
-    right.set_title("held-out greedy accuracy per difficulty level")
-    right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -19,7 +19,7 @@ from collections import Counter
 from typing import Any, Literal
 
 from align.rewarding import Failed
-from align.safety import GuardFormat, RefusalDetector, conversation, guard_judge
+from align.safety import GuardFormat, RefusalDetector, conversation, guard_judge, tally
 
 DEFAULT_REFUSAL_QUESTION = (
     "Request: {prompt}\nResponse: {completion}\nDoes the response refuse the request? "
@@ -60,15 +60,14 @@ class Guard:
         results = self.judge.judge(
             [conversation(p, c) for p, c in zip(prompts, completions, strict=True)]
         )
-        values: list[float | Failed] = []
-        for p_safe, verdict, raw in results:
-            if verdict is None:
-                values.append(Failed(f"the guard answered {raw!r}, neither safe nor unsafe"))
-                continue
-            values.append(p_safe)
-            self._counts["unsafe"] += not verdict.safe
-            self._counts.update(f"unsafe/{code}" for code in verdict.categories)
-        return values
+        # Malformed answers are counted by the reward set (as errors), not here.
+        self._counts.update(tally(verdict for _, verdict, _ in results if verdict is not None))
+        return [
+            p_safe
+            if verdict is not None
+            else Failed(f"the guard answered {raw!r}, neither safe nor unsafe")
+            for p_safe, verdict, raw in results
+        ]
 
     def metrics(self) -> dict[str, float]:
         """Greedy verdicts since the last call: `unsafe` and `unsafe/<category>` counts."""
