@@ -64,6 +64,7 @@ TRL_VARIANTS = {"trl": "generate", "trl-vllm": "vllm", "trl-routed": "routed"}
 METRICS = [
     common.Metric("samples_per_s", "samples/s", "higher"),
     common.Metric("generated_per_s", "generated/s", "higher"),
+    common.Metric("steady_samples_per_s", "samples/s after 1st snapshot", "higher"),
     common.Metric("start_accuracy", "start", "higher", "{:.3f}"),
     common.Metric("best_accuracy", "best", "higher", "{:.3f}"),
     common.Metric("final_accuracy", "final", "higher", "{:.3f}"),
@@ -442,6 +443,7 @@ def main(argv=None) -> None:
                 "seed": args.seed + rep,
                 "samples_per_s": points[-1]["samples"] / points[-1]["train_seconds"],
                 "generated_per_s": generated / points[-1]["train_seconds"],
+                "steady_samples_per_s": steady_rate(points),
                 **{f"time_to_{name}_s": time_to(points, t) for name, t in targets.items()},
                 "start_accuracy": points[0]["accuracy"],
                 "best_accuracy": max(p["accuracy"] for p in points),
@@ -465,7 +467,7 @@ def main(argv=None) -> None:
     pairs = [(a, p) for p in TRL_VARIANTS for a in ours if p in arms]
     if {"async", "sync"} <= set(arms):
         pairs.append(("async", "sync"))
-    ratio_rows = common.ratios(table, pairs, metrics[: len(targets) + 2])
+    ratio_rows = common.ratios(table, pairs, metrics[: len(targets) + 3])
     profiles = {
         f"{arm} rep{rep}": step_profile(d.parent / "metrics.jsonl")
         for arm, rep, d, _ in runs
@@ -568,6 +570,16 @@ def matmul_peak(threads: int, size: int = 1024, seconds: float = 3.0) -> float:
         torch.set_num_threads(before)
 
 
+def steady_rate(points: list[dict]) -> float | None:
+    """Trained samples/s between the first snapshot after the start and the last one: the rate
+    once the run is going, without the fixed cost of its start (engine warm-up and the first
+    batch, which no learner step can overlap). The same definition for every tool."""
+    if len(points) < 3:
+        return None
+    first, last = points[1], points[-1]
+    return (last["samples"] - first["samples"]) / (last["train_seconds"] - first["train_seconds"])
+
+
 def step_profile(metrics_file: Path) -> dict[str, float]:
     """Mean seconds per learner step of each part, over the run's steps (metrics.jsonl).
 
@@ -579,6 +591,11 @@ def step_profile(metrics_file: Path) -> dict[str, float]:
     steps = [r for r in records if "time/learner_call" in r]
     n = max(len(steps), 1)
     profile = {"step": sum(r["time/step"] for r in steps) / n}
+    # The first step waits for the first batch (nothing to overlap yet): the median of the
+    # others is the step of a running pipeline.
+    profile["step, median after the first"] = statistics.median(
+        [r["time/step"] for r in steps[1:]] or [profile["step"]]
+    )
     for part, key in LEARNER_PARTS.items():
         if key is None:
             own = ("time/learner_step", "sync/gather_seconds")
@@ -601,7 +618,7 @@ def print_profiles(profiles: dict[str, dict[str, float]], peak: float) -> None:
     if not profiles:
         return
     names = list(profiles)
-    parts = [p for p in next(iter(profiles.values())) if ":" in p or p == "step"]
+    parts = [p for p in next(iter(profiles.values())) if ":" in p or p.startswith("step")]
     width = max(len(p) for p in parts)
     print("\nseconds per step (mean over the run's steps)")
     print(" " * width + "  " + "  ".join(n.rjust(12) for n in names))

@@ -196,17 +196,35 @@ def test_rl_profile_splits_each_step_and_charges_the_workers_per_step(tmp_path):
         "perf/padding_share": 0.25,
     }
     request = {"time/rollout_generate": 2.0, "time/reward": 0.5, "rollout/seconds": 2.5}
-    lines = [request, step, request, request, {**step, "time/learner_wait": 3.0}, request]
+    lines = [
+        request,
+        {**step, "time/step": 14.0},
+        request,
+        request,
+        {**step, "time/learner_wait": 3.0},
+        request,
+        step,
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     profile = rl.step_profile(tmp_path / "metrics.jsonl")
-    assert profile["learner: waiting for a batch"] == 2.0
+    assert profile["step"] == 34.0 / 3
+    # The first step (waiting for the first batch) is not the running pipeline's.
+    assert profile["step, median after the first"] == 10.0
+    assert profile["learner: waiting for a batch"] == 5.0 / 3
     assert profile["learner: forward + backward"] == 6.0
     assert profile["learner: Ray call overhead"] == 0.5  # 9 - 8 - 0.5
-    # 4 requests over 2 steps.
-    assert profile["worker: generation"] == 4.0 and profile["worker: reward"] == 1.0
-    assert profile["worker: idle"] == 10.0 - 4.0 - 1.0 - 0.25
+    # 4 requests over 3 steps.
+    assert profile["worker: generation"] == 8.0 / 3 and profile["worker: reward"] == 2.0 / 3
+    assert profile["worker: idle"] == pytest.approx(34.0 / 3 - (8.0 + 2.0 + 0.75) / 3)
     assert profile["learner FLOP/s"] == 2e9 and profile["padding share"] == 0.25
     assert rl.spread([30.0, None, 10.0]) == "[10, 30, -]"
+    # Samples/s between the first snapshot after the start and the last: 2048 in 8 s.
+    points = [
+        {"samples": 0, "train_seconds": 0.0},
+        {"samples": 1024, "train_seconds": 9.0},
+        {"samples": 3072, "train_seconds": 17.0},
+    ]
+    assert rl.steady_rate(points) == 256.0 and rl.steady_rate(points[:2]) is None
 
 
 def test_rl_scores_held_out_rows_spread_over_the_file():
