@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset, load_from_disk
 
 from align.config import UnreadableFile, check_input_file, read_input_file
+from align.vision import IMAGES_COLUMN, ImageError, has_images, load_images
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def _check_text(value: Any, field: str) -> None:
             _check_text(item, field)
 
 
-def _check_messages(messages: list, field: str) -> None:
+def _check_messages(messages: list, field: str, content_items: bool = False) -> None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise DataError(
@@ -133,8 +134,19 @@ def _check_messages(messages: list, field: str) -> None:
                 field=field,
             )
         content = message.get("content")
-        if not isinstance(content, str) or _is_blank(content):
-            raise DataError(f"message {i}: content must be a non-empty string", field=field)
+        if isinstance(content, list) and content and content_items:
+            _check_content_items(content, i, message["role"], field)
+        elif isinstance(content, list) and content:
+            raise DataError(
+                f"message {i}: content is a list of content items (images and text), which "
+                "only a vision-language model's stage reads; write text content as a string",
+                field=field,
+            )
+        elif not isinstance(content, str) or _is_blank(content):
+            raise DataError(
+                f"message {i}: content must be a non-empty string or list of content items",
+                field=field,
+            )
     roles = [message["role"] for message in messages]
     if field == "prompt" and roles[-1] == "assistant":
         raise DataError("a prompt must not end with an assistant message", field=field)
@@ -153,19 +165,56 @@ def _check_messages(messages: list, field: str) -> None:
         )
 
 
+def _check_content_items(items: list, i: int, role: str, field: str) -> None:
+    """TRL's content items: `{"type": "text", "text": ...}` and, in user turns, `{"type":
+    "image"}` (the row's `images` column holds the images, in order)."""
+    for j, item in enumerate(items):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "text":
+            text = item.get("text")
+            if not isinstance(text, str) or _is_blank(text):
+                raise DataError(
+                    f"message {i}: content item {j}: text must be a non-empty string", field=field
+                )
+        elif kind == "image":
+            if role != "user":
+                raise DataError(
+                    f"message {i}: content item {j}: images belong in user messages, "
+                    f"not {role!r} ones",
+                    field=field,
+                )
+        else:
+            raise DataError(
+                f"message {i}: content item {j}: expected {{'type': 'text', 'text': ...}} or "
+                f"{{'type': 'image'}}, got {_describe(item) if kind is None else repr(kind)}",
+                field=field,
+            )
+
+
+def content_text(content: str | list) -> str:
+    """A message's text: its content, or its text items joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(item["text"] for item in content if item.get("type") == "text")
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, str) and _is_blank(value):
         return "blank string" if not value.strip() else "string of invisible characters only"
     return "empty list" if value == [] else type(value).__name__
 
 
-def validate_row(row: dict, schema: str, *, max_chars_per_field: int = 100_000) -> None:
+def validate_row(
+    row: dict, schema: str, *, max_chars_per_field: int = 100_000, content_items: bool = False
+) -> None:
     """Checks one row against a schema's rules (see the module docstring).
 
     Args:
         row: The row, column name -> value.
         schema: A key of `REQUIRED_COLUMNS`.
         max_chars_per_field: Most characters a required field may hold.
+        content_items: whether message content may be a list of content items (text and
+            images: rows for a vision-language model).
 
     Raises:
         DataError: With `field` set to the offending column (`file` and `row` left to the caller).
@@ -179,8 +228,8 @@ def validate_row(row: dict, schema: str, *, max_chars_per_field: int = 100_000) 
         if value is None:
             raise DataError("missing or null", field=field)
         if isinstance(value, list) and value and field in _EXPECTED:
-            _check_messages(value, field)
-            size = sum(len(message["content"]) for message in value)
+            _check_messages(value, field, content_items)
+            size = sum(len(content_text(message["content"])) for message in value)
         elif isinstance(value, str) and not _is_blank(value) and field != "messages":
             size = len(value)
         else:
@@ -350,6 +399,8 @@ def load_dataset_file(
     schema: str | Sequence[str],
     on_error: Literal["raise", "skip"] = "raise",
     max_chars_per_field: int = 100_000,
+    images: bool = False,
+    max_images: int = 4,
 ) -> tuple[Dataset, dict[str, Any]]:
     """Loads a dataset file and validates every row against `schema`.
 
@@ -361,6 +412,10 @@ def load_dataset_file(
             columns (`detect_schema`).
         on_error: "raise" stops at the first bad row; "skip" drops bad rows and logs their count.
         max_chars_per_field: Most characters a required field may hold.
+        images: whether the caller takes rows with images (TRL's `images` column and image
+            content items; `align.vision`): each image is then read and checked; otherwise
+            such a row is refused.
+        max_images: most images a row may hold.
 
     Returns:
         The dataset of valid rows (extra columns kept) and a report
@@ -410,7 +465,7 @@ def load_dataset_file(
         try:
             if isinstance(row, DataError):
                 raise row
-            validate_row(row, schema, max_chars_per_field=max_chars_per_field)
+            validate_row(row, schema, max_chars_per_field=max_chars_per_field, content_items=images)
             row_format = _row_format(row, schema)
             if kept and row_format != first_format:
                 raise DataError(
@@ -418,6 +473,8 @@ def load_dataset_file(
                     "all rows must use one format",
                     field=REQUIRED_COLUMNS[schema][0],
                 )
+            if has_images(row):
+                _check_images(row, path, images, max_images)
             if source is None:
                 _check_kinds(row, kinds, i)
         except DataError as error:
@@ -449,6 +506,21 @@ def load_dataset_file(
     if report["skipped"]:
         log.warning("%s: skipped %d bad rows of %d", path, report["skipped"], len(rows))
     return _build(path, rows, kept, source), report
+
+
+def _check_images(row: dict, path: Path, wanted: bool, max_images: int) -> None:
+    if not wanted:
+        raise DataError(
+            "rows with images are not taken here yet: the stages are text-only until the "
+            "multimodal path is built (docs/multimodal.md)",
+            field=IMAGES_COLUMN,
+        )
+    try:
+        # Relative image paths are read from the dataset file's folder (a save_to_disk
+        # directory holds its images).
+        load_images(row, path if path.is_dir() else path.parent, max_images)
+    except ImageError as error:
+        raise DataError(str(error), field=IMAGES_COLUMN) from None
 
 
 def _warn_duplicate_keys(value: Any, path: Path, index: int) -> None:

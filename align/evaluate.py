@@ -61,6 +61,7 @@ def evaluate(
     seed: int = 0,
     rewards: RewardSet | None = None,
     safety: SafetyCheck | None = None,
+    images: list[list] | None = None,
 ) -> dict:
     """Scores a model on held-out rows (prompt + answer, optional task and level columns).
 
@@ -77,6 +78,7 @@ def evaluate(
             as in training), reported as each reward's mean beside the accuracy.
         safety: rates the greedy completions' safety (unsafe, refusal and over-refusal rates,
             `align.safety.safety_report`), reported under `safety`.
+        images: each row's images (`align.vision.rows_images`), for a vision-language engine.
 
     Returns:
         A report: overall metrics, then `by_task`, `by_level` and `groups` (task x level),
@@ -89,7 +91,13 @@ def evaluate(
         raise ValueError(f"samples ({samples}) must be >= pass_k ({pass_k})")
     prompts = encode_prompts(tokenizer, [row["prompt"] for row in rows])
     greedy = engine.generate(
-        llm, prompts, n=1, temperature=0.0, max_tokens=max_tokens, progress=verbose()
+        llm,
+        prompts,
+        n=1,
+        temperature=0.0,
+        max_tokens=max_tokens,
+        progress=verbose(),
+        images=images,
     )
     sampled = engine.generate(
         llm,
@@ -99,6 +107,7 @@ def evaluate(
         max_tokens=max_tokens,
         seed=seed,
         progress=verbose(),
+        images=images,
     )
     if any(row.get("task") not in TASKS for row in rows):
         unknown = sum(row.get("task") not in TASKS for row in rows)

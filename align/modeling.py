@@ -29,8 +29,13 @@ from transformers import (
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
 from align.config import (
     ConfigError,
@@ -40,7 +45,7 @@ from align.config import (
     read_input_file,
 )
 from align.moe import route_sparsely
-from align.tokenizer import build_tokenizer
+from align.tokenizer import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, build_tokenizer
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,11 @@ class ModelFamily:
 
     config_cls: type[PretrainedConfig]
     model_cls: type[PreTrainedModel]
-    # Settings every preset of the family shares (what makes it "Llama 4 style").
+    # Settings every preset of the family shares (what makes it "Llama 4 style"); of the text
+    # model for a vision-language family.
     base: dict[str, Any]
+    # A vision-language family's vision tower (its output width is the text model's width).
+    vision: dict[str, Any] | None = None
 
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -92,6 +100,42 @@ FAMILIES: dict[str, ModelFamily] = {
         dict(head_dim=32, max_position_embeddings=512, tie_word_embeddings=False),
     ),
 }
+
+# Qwen3-VL-MoE: a Qwen3-MoE text model (softmax top-k routing, MoE in every layer) reading the
+# embeddings of a ViT vision tower through a patch merger, with multimodal rotary positions
+# (M-RoPE: its sections, temporal/height/width, add up to head_dim / 2).
+FAMILIES["qwen3_vl_moe"] = ModelFamily(
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+    dict(
+        head_dim=32,
+        decoder_sparse_step=1,
+        # vLLM's Qwen3-MoE layer reads it; the text config class has no such field, and its
+        # router renormalises the top-k weights (what True means).
+        norm_topk_prob=True,
+        max_position_embeddings=1024,
+        router_aux_loss_coef=0.001,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [8, 4, 4],
+            "mrope_interleaved": True,
+        },
+    ),
+    vision=dict(
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        # A 16 x 16 grid of patches: images up to 256 x 256 pixels.
+        num_position_embeddings=256,
+        deepstack_visual_indexes=[0, 1],
+    ),
+)
 
 # TRL's MoE load-balancing loss reads `config.num_experts`; Llama 4 names it `num_local_experts`.
 # A class-level alias, so nothing extra is written into saved configs.
@@ -163,6 +207,20 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             intermediate_size=512,
         ),
     ),
+    # The multimodal student: Qwen3-VL-MoE with the qwen3-student's text model.
+    "vision-student": (
+        "qwen3_vl_moe",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=128,
+            intermediate_size=256,
+        ),
+    ),
 }
 # A guard model for the embedded safety rule (`align.tasks.GuardTask`): the student's size
 # with room for Llama Guard's instruction (about 600 characters, one token each).
@@ -188,13 +246,25 @@ def family_config(family_name: str, **sizes) -> PretrainedConfig:
     """Returns the config of a `FAMILIES[family_name]` model with the given sizes (overriding the
     family's base settings) and the embedded tokenizer's special ids."""
     family = FAMILIES[family_name]
-    tokenizer = build_tokenizer()
-    return family.config_cls(
+    tokenizer = build_tokenizer(vision=family.vision is not None)
+    text = dict(
         **{**family.base, **sizes},
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+    )
+    if family.vision is None:
+        return family.config_cls(**text, architectures=[family.model_cls.__name__], dtype="float32")
+    token = tokenizer.convert_tokens_to_ids
+    return family.config_cls(
+        text_config=text,
+        vision_config={**family.vision, "out_hidden_size": text["hidden_size"]},
+        image_token_id=token(IMAGE_PAD),
+        video_token_id=token(VIDEO_PAD),
+        vision_start_token_id=token(VISION_START),
+        vision_end_token_id=token(VISION_END),
+        tie_word_embeddings=False,
         architectures=[family.model_cls.__name__],
         dtype="float32",
     )
@@ -208,11 +278,18 @@ def build_model(preset: str, seed: int) -> PreTrainedModel:
     return family.model_cls(config).to(torch.float32).eval()
 
 
+def is_vision_language(config: PretrainedConfig) -> bool:
+    """Whether a config describes a model that reads images (it has a vision tower)."""
+    return getattr(config, "vision_config", None) is not None
+
+
 def write_checkpoint(model: PreTrainedModel, directory: str | Path) -> Path:
-    """Saves `model` with the embedded tokenizer as a Hugging Face checkpoint directory."""
+    """Saves `model` with the embedded tokenizer as a Hugging Face checkpoint directory (and,
+    for a vision-language model, its image processor's settings)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    vision = is_vision_language(model.config)
+    tokenizer = build_tokenizer(vision=vision)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -220,7 +297,42 @@ def write_checkpoint(model: PreTrainedModel, directory: str | Path) -> Path:
     )
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
+    if vision:
+        _write_vision_files(model, directory)
     return directory
+
+
+def _write_vision_files(model: PreTrainedModel, directory: Path) -> None:
+    """What a freshly built Qwen3-VL-MoE checkpoint needs beyond `save_pretrained`.
+
+    - The fused experts in the checkpoint layout: transformers 5.19 saves a model it built
+      (not loaded) in its internal layout, `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I],
+      where its own loader and vLLM read [E, H, 2I] and [E, I, H] (a model loaded from a
+      checkpoint is saved back in the checkpoint layout). Checked by reloading: the weights
+      come back exactly (tests/test_vision.py).
+    - The image processor's settings (PIL backend: no torchvision needed), read by both
+      transformers and vLLM.
+    """
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2VLImageProcessorPil
+
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors = load_file(str(file))
+        for name in tensors:
+            if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                tensors[name] = tensors[name].transpose(1, 2).contiguous()
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    vision = model.config.vision_config
+    Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        # At least one merged patch; at most the tower's position grid.
+        min_pixels=(vision.patch_size * vision.spatial_merge_size) ** 2,
+        max_pixels=vision.num_position_embeddings * vision.patch_size**2,
+    ).save_pretrained(str(directory))
 
 
 # Suffixes of pickle-based weight files, which `check_checkpoint` names when it refuses them.
@@ -235,6 +347,7 @@ def check_checkpoint(
     max_model_len: int | None = None,
     length_key: str = "engine.max_model_len",
     causal: bool = True,
+    vision: bool = False,
 ) -> PretrainedConfig:
     """Refuses a path that is not a usable local checkpoint directory, without loading it.
 
@@ -252,6 +365,8 @@ def check_checkpoint(
         length_key: the config key of `max_model_len`, named in the error.
         causal: whether the checkpoint must be a causal language model (a reward model, a
             sequence classifier, need not be).
+        vision: whether a vision-language model (image-text-to-text) is taken too: where only
+            vLLM serves it (evaluation); the training stages take causal LMs only so far.
 
     Returns:
         The checkpoint's config.
@@ -260,7 +375,7 @@ def check_checkpoint(
         ConfigError: naming `key` (or `length_key`), the path and what is wrong.
     """
     try:
-        config = _read_checkpoint(Path(path), causal)
+        config = _read_checkpoint(Path(path), causal, vision)
     except UnreadableFile as error:
         raise ConfigError(f"key '{key}': checkpoint {path} {error}") from None
     if max_model_len is not None:
@@ -292,7 +407,9 @@ def check_plugin_checkpoints(plugin: Any, options: dict[str, Any], key: str) -> 
             check_checkpoint(path, f"{key}.{option}", causal=kind == "causal_lm")
 
 
-def _read_checkpoint(directory: Path, causal: bool = True) -> PretrainedConfig:
+def _read_checkpoint(
+    directory: Path, causal: bool = True, vision: bool = False
+) -> PretrainedConfig:
     """The checkpoint directory's config, checked with its weight headers and tokenizer files.
 
     Raises:
@@ -329,7 +446,8 @@ def _read_checkpoint(directory: Path, causal: bool = True) -> PretrainedConfig:
             f"config.json names model_type {model_type!r}, which transformers "
             f"{transformers.__version__} does not know"
         )
-    if causal and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    served = vision and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    if causal and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not served:
         raise UnreadableFile(
             f"config.json names model_type {model_type!r}, which is not a causal language "
             "model (the stages train and serve causal LMs; see README, The embedded default)"
@@ -379,6 +497,11 @@ def _read_checkpoint(directory: Path, causal: bool = True) -> PretrainedConfig:
     return loaded
 
 
+def read_config(path: str | Path) -> PretrainedConfig:
+    """A local checkpoint's config (no remote code)."""
+    return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Loads a local Hugging Face checkpoint (safetensors only, no remote code)."""
     model = AutoModelForCausalLM.from_pretrained(
@@ -394,7 +517,7 @@ def empty_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrai
     from one rank's copy of the checkpoint (`align.rl.learner`), so no rank ever holds the
     whole model on its device.
     """
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    config = read_config(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     return _for_training(model)
@@ -425,7 +548,7 @@ def _for_training(model: PreTrainedModel) -> PreTrainedModel:
 def count_parameters(model: PreTrainedModel) -> dict[str, int]:
     """Total parameters and those active per token (one routed expert set + everything else)."""
     total = sum(p.numel() for p in model.parameters())
-    config = model.config
+    config = model.config.get_text_config()
     routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     if not routed:  # a dense model: every parameter is active
         return {"total": total, "active": total}

@@ -57,6 +57,9 @@ class EngineSettings:
     # Most log-probabilities per position a request may ask for (vLLM's `max_logprobs`). The
     # offline teacher cache raises it to `teacher.top_k` itself.
     max_logprobs: int = 20
+    # Most images one prompt may hold (vLLM's `limit_mm_per_prompt`; vision-language models
+    # only). A row with more is refused when it is read.
+    max_images_per_prompt: int = 4
 
     def validate(self) -> None:
         check(self.max_model_len >= 8, "max_model_len", f"must be >= 8 (got {self.max_model_len})")
@@ -67,6 +70,11 @@ class EngineSettings:
             f"must be >= 1 (got {self.tensor_parallel_size})",
         )
         check(self.max_logprobs >= 0, "max_logprobs", f"must be >= 0 (got {self.max_logprobs})")
+        check(
+            self.max_images_per_prompt >= 1,
+            "max_images_per_prompt",
+            f"must be >= 1 (got {self.max_images_per_prompt})",
+        )
 
 
 @dataclass

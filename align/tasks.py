@@ -88,6 +88,16 @@ class TaskFamily(ABC):
     def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
         """Draws one problem of difficulty `level`; returns (prompt, answer)."""
 
+    def problem(self, rng: random.Random, level: int) -> dict[str, str]:
+        """One problem as row fields: `prompt` and `answer`, and for a visual family the
+        `scene` its image is drawn from (`render`)."""
+        prompt, answer = self.generate(rng, level)
+        return {"prompt": prompt, "answer": answer}
+
+    def render(self, scene: str):
+        """The image of a scene (visual families only)."""
+        raise TypeError(f"task {self.name!r} has no images")
+
     @abstractmethod
     def capacity(self, level: int) -> int:
         """Returns how many distinct prompts `level` has."""
@@ -300,8 +310,90 @@ class GuardTask(TaskFamily):
         return value is not None and value == self.normalize(answer)
 
 
+SHAPE_COLOURS = ("red", "blue", "green", "orange", "purple", "black")
+# Images of the `shapes` task: a grid of cells, at most one shape per cell.
+SHAPES_IMAGE = 96
+SHAPES_CELLS = 4
+
+
+@dataclass(frozen=True)
+class ShapesTask(TaskFamily):
+    """Count the squares in a drawn image (the embedded visual task). Level 1: 1-3 squares;
+    2: 1-5; 3: 1-5 squares among 1-3 circles; 4: 2-7 smaller squares among 2-4 circles.
+    Colours are drawn for every shape, so only the shape tells a square from a circle.
+
+    A scene is text, `kind,cell,dx,dy,size,colour` per shape joined by `;` (kind `s` or `c`,
+    cell of the `SHAPES_CELLS` x `SHAPES_CELLS` grid, offset in the cell, side or diameter in
+    pixels, index into `SHAPE_COLOURS`): the rows keep it and `render` draws it.
+    """
+
+    name: str = "shapes"
+    levels: tuple[int, ...] = (1, 2, 3, 4)
+    question: str = "How many squares?"
+
+    def _counts(self, level: int) -> tuple[range, range, range]:
+        """(squares, circles, sizes) of a level."""
+        self._require_level(level)
+        return {
+            1: (range(1, 4), range(0, 1), range(12, 17)),
+            2: (range(1, 6), range(0, 1), range(12, 17)),
+            3: (range(1, 6), range(1, 4), range(12, 17)),
+            4: (range(2, 8), range(2, 5), range(8, 13)),
+        }[level]
+
+    def problem(self, rng: random.Random, level: int) -> dict[str, str]:
+        squares, circles, sizes = self._counts(level)
+        n_squares, n_circles = rng.choice(squares), rng.choice(circles)
+        cells = rng.sample(range(SHAPES_CELLS**2), n_squares + n_circles)
+        cell = SHAPES_IMAGE // SHAPES_CELLS
+        shapes = []
+        for i, where in enumerate(cells):
+            size = rng.choice(sizes)
+            # A blank pixel on every side within the cell: no two shapes touch.
+            dx, dy = rng.randrange(1, cell - size), rng.randrange(1, cell - size)
+            kind = "s" if i < n_squares else "c"
+            shapes.append(f"{kind},{where},{dx},{dy},{size},{rng.randrange(len(SHAPE_COLOURS))}")
+        return {"prompt": self.question, "answer": str(n_squares), "scene": ";".join(shapes)}
+
+    def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
+        drawn = self.problem(rng, level)
+        return drawn["prompt"], drawn["answer"]
+
+    def render(self, scene: str):
+        from PIL import Image, ImageDraw
+
+        image = Image.new("RGB", (SHAPES_IMAGE, SHAPES_IMAGE), "white")
+        draw = ImageDraw.Draw(image)
+        cell = SHAPES_IMAGE // SHAPES_CELLS
+        for shape in scene.split(";"):
+            kind, where, dx, dy, size, colour = shape.split(",")
+            x = int(where) % SHAPES_CELLS * cell + int(dx)
+            y = int(where) // SHAPES_CELLS * cell + int(dy)
+            box = (x, y, x + int(size) - 1, y + int(size) - 1)
+            fill = SHAPE_COLOURS[int(colour)]
+            (draw.rectangle if kind == "s" else draw.ellipse)(box, fill=fill)
+        return image
+
+    def capacity(self, level: int) -> int:
+        # Distinct placements of the shapes on the cells alone (a lower bound: sizes, offsets
+        # and colours multiply it).
+        from math import comb
+
+        squares, circles, _ = self._counts(level)
+        cells = SHAPES_CELLS**2
+        return sum(comb(cells, s) * comb(cells - s, c) for s in squares for c in circles)
+
+    def corrupt(self, answer: str, rng: random.Random) -> str:
+        count = int(answer)
+        return str(count + 1 if count == 0 or rng.random() < 0.5 else count - 1)
+
+    def normalize(self, text: str) -> int | None:
+        text = text.strip()
+        return int(text) if _INTEGER_RE.fullmatch(text) else None
+
+
 TASKS: dict[str, TaskFamily] = {
-    task.name: task for task in (AddTask(), SortTask(), SecretTask(), GuardTask())
+    task.name: task for task in (AddTask(), SortTask(), SecretTask(), GuardTask(), ShapesTask())
 }
 
 
@@ -353,19 +445,24 @@ def make_problems(
             rng = random.Random(f"{seed}:{name}:{level}")
             seen: set[str] = set()
             while len(seen) < wanted:
-                prompt, answer = task.generate(rng, level)
-                if prompt not in seen:
+                drawn = task.problem(rng, level)
+                key = problem_key(drawn)
+                if key not in seen:
                     rows.append(
                         {
                             "id": f"{name}-{level}-{len(seen):06d}",
                             "task": name,
                             "level": level,
-                            "prompt": prompt,
-                            "answer": answer,
+                            **drawn,
                         }
                     )
-                    seen.add(prompt)
+                    seen.add(key)
     return rows
+
+
+def problem_key(row: dict) -> str:
+    """What makes two problems the same: the prompt, and the scene of a visual one."""
+    return row["prompt"] if "scene" not in row else f"{row['prompt']}\n{row['scene']}"
 
 
 def split_problems(
@@ -388,19 +485,23 @@ def split_problems(
         raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
     groups: dict[tuple[str, int], set[str]] = {}
     for row in rows:
-        groups.setdefault((row["task"], row["level"]), set()).add(row["prompt"])
+        groups.setdefault((row["task"], row["level"]), set()).add(problem_key(row))
     heldout_prompts: set[str] = set()
     for (task, level), prompts in groups.items():
         shuffled = sorted(prompts)
         random.Random(f"{seed}:{task}:{level}").shuffle(shuffled)
         heldout_prompts.update(shuffled[: round(len(shuffled) * heldout_fraction)])
-    train = [row for row in rows if row["prompt"] not in heldout_prompts]
-    heldout = [row for row in rows if row["prompt"] in heldout_prompts]
+    train = [row for row in rows if problem_key(row) not in heldout_prompts]
+    heldout = [row for row in rows if problem_key(row) in heldout_prompts]
     return train, heldout
 
 
-def _user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
+def _user(row: dict) -> list[dict]:
+    """The user turn of a problem; a visual one's image comes first (TRL's content items)."""
+    if "scene" not in row:
+        return [{"role": "user", "content": row["prompt"]}]
+    content = [{"type": "image"}, {"type": "text", "text": row["prompt"]}]
+    return [{"role": "user", "content": content}]
 
 
 def _assistant(answer: str, task: str) -> list[dict]:
@@ -408,11 +509,38 @@ def _assistant(answer: str, task: str) -> list[dict]:
     return [{"role": "assistant", "content": content}]
 
 
+_MESSAGE_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages")
+
+
+def _content_items(messages: list[dict]) -> list[dict]:
+    """Messages whose text content is written as one text item."""
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]}
+        if isinstance(m["content"], str)
+        else m
+        for m in messages
+    ]
+
+
 def _dataset(records: list[dict], columns: tuple[str, ...]) -> Dataset:
     # Rows of the `secret` rule carry whether they are harmful (what safety evaluation reads).
     if any(record["task"] == "secret" for record in records):
         records = [{**record, "harmful": is_harmful(record)} for record in records]
         columns = (*columns, "harmful")
+    # Rows of a visual task carry their image (TRL's `images` column: one list per row), and
+    # every message of such a dataset holds content items (one type per column in Arrow).
+    if any("scene" in record for record in records):
+        records = [
+            {
+                **record,
+                **{c: _content_items(record[c]) for c in _MESSAGE_COLUMNS if c in columns},
+                "images": [get_task(record["task"]).render(record["scene"])]
+                if "scene" in record
+                else [],
+            }
+            for record in records
+        ]
+        columns = (*columns, "images")
     return Dataset.from_dict({column: [record[column] for record in records] for column in columns})
 
 
@@ -421,7 +549,7 @@ def to_sft(rows: list[dict]) -> Dataset:
     records = [
         {
             **row,
-            "prompt": _user(row["prompt"]),
+            "prompt": _user(row),
             "completion": _assistant(row.get("response", row["answer"]), row["task"]),
         }
         for row in rows
@@ -431,7 +559,7 @@ def to_sft(rows: list[dict]) -> Dataset:
 
 def to_rl(rows: list[dict]) -> Dataset:
     """Prompt-only rows for online RL: `prompt` (user turn), `answer` for the reward, metadata."""
-    records = [{**row, "prompt": _user(row["prompt"])} for row in rows]
+    records = [{**row, "prompt": _user(row)} for row in rows]
     return _dataset(records, ("prompt", "answer", "task", "level", "id"))
 
 
@@ -448,7 +576,7 @@ def to_dpo(rows: list[dict], seed: int = 0) -> Dataset:
     records = [
         {
             **row,
-            "prompt": _user(row["prompt"]),
+            "prompt": _user(row),
             "chosen": _assistant(row["answer"], row["task"]),
             "rejected": _assistant(
                 get_task(row["task"]).corrupt(row["answer"], random.Random(f"{seed}:{row['id']}")),
@@ -465,8 +593,7 @@ def to_chat(rows: list[dict]) -> Dataset:
     records = [
         {
             **row,
-            "messages": _user(row["prompt"])
-            + _assistant(row.get("response", row["answer"]), row["task"]),
+            "messages": _user(row) + _assistant(row.get("response", row["answer"]), row["task"]),
         }
         for row in rows
     ]

@@ -22,12 +22,29 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, HEADER_START, HEADER_END)
 # Answer tags are ordinary (non-special) added tokens: they survive decoding.
 ANSWER_TAGS = ("<answer>", "</answer>")
 
+# The vision tokens of Qwen3-VL (added to the tokenizers of vision-language checkpoints): an
+# image item of a message renders as start, one placeholder and end; the processor
+# (transformers) or the engine (vLLM) repeats the placeholder once per image embedding.
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+
 # Llama 4's layout: <|header_start|>role<|header_end|>content<|eot|>, without the newlines
-# (every character is a token here, so each saved character is a faster step).
+# (every character is a token here, so each saved character is a faster step). A message's
+# content is a string or TRL's list of content items (`{"type": "text", "text": ...}`,
+# `{"type": "image"}`); only vision-language checkpoints get rows with images.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "<|header_start|>{{ message['role'] }}<|header_end|>{{ message['content'] }}<|eot|>"
+    "<|header_start|>{{ message['role'] }}<|header_end|>"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|eot|>"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>{% endif %}"
 )
@@ -35,8 +52,12 @@ CHAT_TEMPLATE = (
 CHARACTERS = "\n" + "".join(c for c in string.printable if c.isprintable())
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(vision: bool = False) -> PreTrainedTokenizerFast:
     """Builds the embedded tokenizer: special tokens, answer tags, then one token per character.
+
+    Args:
+        vision: add the vision tokens (after every other token: the text ids do not move), for
+            a vision-language model.
 
     Returns:
         A `PreTrainedTokenizerFast` with BOS/EOS/PAD/UNK set and the chat template attached.
@@ -60,6 +81,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="left",
     )
     tokenizer.add_tokens(list(ANSWER_TAGS))
+    if vision:
+        tokenizer.add_tokens(list(VISION_TOKENS), special_tokens=True)
     return tokenizer
 
 

@@ -17,7 +17,7 @@ from align import engine
 from align.config import ConfigError, check
 from align.data import load_dataset_file
 from align.evaluate import evaluate, format_table, scalars
-from align.modeling import check_checkpoint
+from align.modeling import check_checkpoint, is_vision_language
 from align.rewarding import (
     RewardSpec,
     build_reward_set,
@@ -34,6 +34,7 @@ from align.safety import (
     harmful_flags,
 )
 from align.settings import EngineSettings, GenerationSettings
+from align.vision import rows_images
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +190,15 @@ def check_heldout(path: str | None, settings: EvalSettings) -> None:
 def run(config: Config, llm=None) -> dict:
     """Evaluates `config.model`; pass a started engine as `llm` to reuse it."""
     # Inputs are checked before anything is written.
-    check_checkpoint(config.model, "model", config.engine.max_model_len)
-    dataset, data_report = load_dataset_file(config.data, "rl", on_error=config.on_error)
+    model_config = check_checkpoint(config.model, "model", config.engine.max_model_len, vision=True)
+    vision = is_vision_language(model_config)
+    dataset, data_report = load_dataset_file(
+        config.data,
+        "rl",
+        on_error=config.on_error,
+        images=vision,
+        max_images=config.engine.max_images_per_prompt,
+    )
     if config.safety is not None:
         config.safety.check_inputs(dataset, config.data)
     rewards = None
@@ -200,6 +208,7 @@ def run(config: Config, llm=None) -> dict:
         rewards = build_reward_set(config.rewards)
     with Run(Path(config.runs_dir) / config.name, config) as run_dir:
         rows = list(dataset)[: config.limit]
+        images = rows_images(rows, config.data) if vision else None
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         llm = llm or engine.start_engine(config.model, config.engine)
         report = evaluate(
@@ -213,6 +222,7 @@ def run(config: Config, llm=None) -> dict:
             seed=config.seed,
             rewards=rewards,
             safety=None if config.safety is None else config.safety.build(),
+            images=images,
         )
         report["model"] = config.model
         report["data"] = {**data_report, "evaluated": len(rows)}

@@ -25,7 +25,8 @@ class Config(RunSettings):
 
     # Model size preset: student, teacher (Llama 4 style), qwen3-student, qwen3-teacher (Qwen3-MoE),
     # dense-student (Qwen3 dense, no experts), guard (the student's size, 1024 positions, for
-    # the embedded guard model).
+    # the embedded guard model), vision-student (Qwen3-VL-MoE: the qwen3-student's text model
+    # with a 2-layer vision tower; reads images).
     preset: str = "teacher"
     # Initialisation seed: the same seed writes the same weights.
     seed: int = 0

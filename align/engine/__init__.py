@@ -6,6 +6,7 @@ vLLM is imported lazily: the learner and the GPU benchmarks import the toolkit w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -68,26 +69,34 @@ def start_engine(model_path: str, config: EngineSettings) -> LLM:
     from vllm import LLM
 
     import align.engine.worker  # noqa: F401  (registers the gloo weight-transfer backend)
+    from align.modeling import is_vision_language, read_config
+    from align.vision import serving_images
 
+    multimodal, serving = {}, contextlib.nullcontext()
+    if is_vision_language(read_config(model_path)):
+        multimodal["limit_mm_per_prompt"] = {"image": config.max_images_per_prompt, "video": 0}
+        serving = serving_images()
     started = time.perf_counter()
-    llm = LLM(
-        model=str(model_path),
-        dtype=config.dtype,
-        seed=config.seed,
-        max_model_len=config.max_model_len,
-        kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
-        enable_prefix_caching=config.prefix_caching,
-        enable_chunked_prefill=config.chunked_prefill,
-        tensor_parallel_size=config.tensor_parallel_size,
-        max_logprobs=config.max_logprobs,
-        # Safetensors only: vLLM's default also loads pickle-based *.bin weights.
-        load_format="safetensors",
-        trust_remote_code=False,
-        enforce_eager=True,
-        worker_extension_cls=WORKER_EXTENSION,
-        # The learner's weights arrive through vLLM's weight-transfer protocol (see below).
-        weight_transfer_config={"backend": transfer_backend()},
-    )
+    with serving:
+        llm = LLM(
+            model=str(model_path),
+            dtype=config.dtype,
+            seed=config.seed,
+            max_model_len=config.max_model_len,
+            kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
+            enable_prefix_caching=config.prefix_caching,
+            enable_chunked_prefill=config.chunked_prefill,
+            tensor_parallel_size=config.tensor_parallel_size,
+            max_logprobs=config.max_logprobs,
+            # Safetensors only: vLLM's default also loads pickle-based *.bin weights.
+            load_format="safetensors",
+            trust_remote_code=False,
+            enforce_eager=True,
+            worker_extension_cls=WORKER_EXTENSION,
+            # The learner's weights arrive through vLLM's weight-transfer protocol (see below).
+            weight_transfer_config={"backend": transfer_backend()},
+            **multimodal,
+        )
     ENGINE_STARTS[str(model_path)] += 1
     log.info("vLLM engine for %s started in %.1f s", model_path, time.perf_counter() - started)
     return llm
@@ -103,24 +112,27 @@ def generate(
     max_tokens: int = 32,
     seed: int | None = None,
     progress: bool = False,
+    images: list[list | None] | None = None,
 ) -> list[list[Completion]]:
     """Samples `n` completions for each tokenised prompt.
 
     Args:
         llm: a started engine.
-        prompts: token ids of each prompt (chat template already applied).
+        prompts: token ids of each prompt (chat template already applied; one image
+            placeholder per image, which the engine expands to the image's embeddings).
         n: completions per prompt.
         temperature: 0 for greedy decoding.
         top_p: nucleus sampling threshold (1 = off, which keeps logprobs unbiased).
         max_tokens: longest completion.
         seed: per-request seed for reproducible sampling.
         progress: show a progress bar over the prompts.
+        images: each prompt's RGB images in placeholder order (None or [] for none), for a
+            vision-language engine.
 
     Returns:
         For each prompt, its `n` completions in order.
     """
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     params = SamplingParams(
         n=n,
@@ -130,9 +142,7 @@ def generate(
         seed=seed,
         logprobs=0,
     )
-    outputs = llm.generate(
-        [TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=progress
-    )
+    outputs = llm.generate(token_prompts(prompts, images), params, use_tqdm=progress)
     return [
         [
             Completion(
@@ -149,23 +159,41 @@ def generate(
     ]
 
 
-def sequence_logprobs(llm: LLM, sequences: list[list[int]]) -> list[list[float]]:
-    """Logprob of every token after the first of each sequence, under the engine's weights.
-
-    Returns:
-        For each sequence of length L, L - 1 logprobs (position t scores token t + 1).
-    """
-    from vllm import SamplingParams
+def token_prompts(prompts: list[list[int]], images: list[list | None] | None = None) -> list:
+    """vLLM's prompt objects: token ids, with a prompt's images where it has any."""
     from vllm.inputs import TokensPrompt
 
-    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
-    outputs = llm.generate(
-        [TokensPrompt(prompt_token_ids=ids) for ids in sequences], params, use_tqdm=False
-    )
+    if images is None:
+        return [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
     return [
-        [out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))]
-        for out, ids in zip(outputs, sequences, strict=True)
+        TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": list(pictures)})
+        if pictures
+        else TokensPrompt(prompt_token_ids=ids)
+        for ids, pictures in zip(prompts, images, strict=True)
     ]
+
+
+def sequence_logprobs(
+    llm: LLM, sequences: list[list[int]], images: list[list | None] | None = None
+) -> list[list[float]]:
+    """Logprob of every token after the first of each sequence, under the engine's weights.
+
+    Args:
+        images: as in `generate`; a sequence's image placeholders are expanded by the engine.
+
+    Returns:
+        For each sequence, one logprob per token after the first (position t scores token
+        t + 1), over the sequence as the engine ran it (image placeholders expanded).
+    """
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+    outputs = llm.generate(token_prompts(sequences, images), params, use_tqdm=False)
+    result = []
+    for out in outputs:
+        ids = out.prompt_token_ids
+        result.append([out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))])
+    return result
 
 
 def prompt_topk(
@@ -181,12 +209,9 @@ def prompt_topk(
         over the whole vocabulary (log-softmax of the raw logits).
     """
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k)
-    outputs = llm.generate(
-        [TokensPrompt(prompt_token_ids=ids) for ids in sequences], params, use_tqdm=False
-    )
+    outputs = llm.generate(token_prompts(sequences), params, use_tqdm=False)
     result = []
     for out, ids in zip(outputs, sequences, strict=True):
         top_ids, top_logprobs = [], []

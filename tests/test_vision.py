@@ -1,0 +1,342 @@
+"""Images in prompts: the vision-language preset, serving it with images, reading images, and
+the embedded visual task.
+
+The engine test proves what nothing else can: vLLM, given prompt token ids with an image
+placeholder and the image, computes the same logprobs as a transformers forward of the same
+checkpoint with the processor's pixel values (fp32, within 1e-4), and the image changes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from collections import deque
+
+import pytest
+import torch
+from PIL import Image
+
+from align.modeling import build_model, count_parameters, write_checkpoint
+from align.tasks import SHAPES_IMAGE, export, get_task, make_problems, split_problems
+from align.vision import ImageError, load_image, load_images
+from tests.conftest import shared_engine
+
+
+@pytest.fixture(scope="module")
+def vision_checkpoint(tmp_path_factory):
+    model = build_model("vision-student", seed=0)
+    path = write_checkpoint(model, tmp_path_factory.mktemp("vision") / "model")
+    return path, model
+
+
+def test_vision_preset_checkpoint_reloads_exactly(vision_checkpoint):
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    path, model = vision_checkpoint
+    reloaded = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    built, loaded = model.state_dict(), reloaded.state_dict()
+    assert built.keys() == loaded.keys()
+    assert [name for name in built if not torch.equal(built[name], loaded[name])] == []
+    counts = count_parameters(model)
+    assert 0 < counts["active"] < counts["total"]
+
+
+def _image_prompt(tokenizer, text: str) -> list[int]:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return list(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
+
+
+def test_vllm_logprobs_on_image_prompts_equal_transformers(vision_checkpoint):
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLImageProcessorPil,
+        Qwen3VLMoeForConditionalGeneration,
+    )
+
+    from align import engine
+
+    path, _ = vision_checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    task = get_task("shapes")
+    rows = make_problems(["shapes"], [1, 4], 1, seed=0)
+    images = [task.render(row["scene"]) for row in rows]
+    prompt = _image_prompt(tokenizer, task.question)
+    llm = shared_engine(path, max_model_len=256)
+    completions = engine.generate(
+        llm, [prompt, prompt], n=1, temperature=0.0, max_tokens=6, images=[[im] for im in images]
+    )
+    sequences = [prompt + c[0].token_ids for c in completions]
+    served = engine.sequence_logprobs(llm, sequences, images=[[im] for im in images])
+
+    processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    image_id = model.config.image_token_id
+    last = []
+    for sequence, image, logprobs in zip(sequences, images, served, strict=True):
+        pixels = processor(images=[image], return_tensors="pt")
+        grid = pixels["image_grid_thw"]
+        # The placeholder stands for one token per merged patch.
+        tokens = int(grid.prod()) // processor.merge_size**2
+        at = sequence.index(image_id)
+        ids = sequence[:at] + [image_id] * tokens + sequence[at + 1 :]
+        assert len(logprobs) == len(ids) - 1
+        ids_t = torch.tensor([ids])
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids_t,
+                pixel_values=pixels["pixel_values"],
+                image_grid_thw=grid,
+                # What the processor returns beside the ids: 1 marks image tokens (M-RoPE).
+                mm_token_type_ids=(ids_t == image_id).long(),
+            ).logits[0]
+        expected = torch.log_softmax(logits.float(), dim=-1)[:-1].gather(
+            -1, torch.tensor(ids[1:])[:, None]
+        )[:, 0]
+        assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-4, rtol=0)
+        # The engine's greedy completion is the transformers argmax at each generated position.
+        prompt_end = len(ids) - len(completions[0][0].token_ids)
+        greedy = logits[prompt_end - 1 : -1].argmax(-1).tolist()
+        assert greedy == ids[prompt_end:]
+        last.append(torch.log_softmax(logits[-1].float(), dim=-1))
+    # The image reaches the language model: another image moves the logprobs by far more
+    # than the tolerance above.
+    assert (last[0] - last[1]).abs().max() > 1e-2
+
+
+# --- reading images ----------------------------------------------------------------------------
+
+
+def _png(mode: str = "RGB", size=(8, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_images_are_read_from_every_form_and_converted_to_rgb(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png("L"))
+    for value in (
+        Image.new("P", (8, 8)),
+        _png(),
+        "a.png",
+        str(tmp_path / "a.png"),
+        {"bytes": _png("RGBA"), "path": None},
+        {"bytes": None, "path": "a.png"},
+    ):
+        image = load_image(value, base_dir=tmp_path)
+        assert image.mode == "RGB" and image.size == (8, 8)
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        (b"not an image", "is not a readable image"),
+        (_png()[:40], "is not a readable image"),
+        ("missing.png", "does not exist"),
+        (".", "is not a regular file"),
+        (17, "expected an image"),
+        ("", "expected an image"),
+        (_png("I;16"), "mode 'I;16' is not read"),
+    ],
+)
+def test_bad_images_are_refused_saying_why(tmp_path, value, reason):
+    with pytest.raises(ImageError, match=reason):
+        load_image(value, base_dir=tmp_path)
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding():
+    from align import vision
+
+    header = _png(size=(64, 64))
+    limit = vision.MAX_PIXELS
+    try:
+        vision.MAX_PIXELS = 63 * 63
+        with pytest.raises(ImageError, match="64 x 64 pixels"):
+            load_image(header)
+    finally:
+        vision.MAX_PIXELS = limit
+
+
+def test_a_rows_images_must_match_its_prompt():
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "n?"}]}]
+    assert len(load_images({"prompt": prompt, "images": [_png()]})) == 1
+    assert load_images({"prompt": "text only"}) is None
+    with pytest.raises(ImageError, match="places 1 image"):
+        load_images({"prompt": prompt})
+    with pytest.raises(ImageError, match="2 image\\(s\\) but the prompt places 1"):
+        load_images({"prompt": prompt, "images": [_png(), _png()]})
+    with pytest.raises(ImageError, match="more than max_images=1"):
+        load_images({"prompt": prompt, "images": [_png(), _png()]}, max_images=1)
+    with pytest.raises(ImageError, match="^image 0: "):
+        load_images({"prompt": prompt, "images": [b"junk"]})
+
+
+# --- the visual task ---------------------------------------------------------------------------
+
+
+def _count_squares(image: Image.Image) -> tuple[int, int]:
+    """(squares, other shapes) found in the pixels: connected non-white regions, a square being
+    one that fills its bounding box."""
+    width, height = image.size
+    pixels = image.load()
+    seen = [[False] * width for _ in range(height)]
+    squares = others = 0
+    for y0 in range(height):
+        for x0 in range(width):
+            if seen[y0][x0] or pixels[x0, y0] == (255, 255, 255):
+                continue
+            region, queue = [], deque([(x0, y0)])
+            seen[y0][x0] = True
+            while queue:
+                x, y = queue.popleft()
+                region.append((x, y))
+                for nx, ny in ((x + 1, y), (x - 1, y), (x, y + 1), (x, y - 1)):
+                    if 0 <= nx < width and 0 <= ny < height and not seen[ny][nx]:
+                        if pixels[nx, ny] != (255, 255, 255):
+                            seen[ny][nx] = True
+                            queue.append((nx, ny))
+            xs, ys = [x for x, _ in region], [y for _, y in region]
+            box = (max(xs) - min(xs) + 1) * (max(ys) - min(ys) + 1)
+            if len(region) == box:
+                squares += 1
+            else:
+                others += 1
+    return squares, others
+
+
+def test_shapes_answers_equal_the_squares_in_the_drawn_image():
+    task = get_task("shapes")
+    rows = make_problems(["shapes"], None, 25, seed=3)
+    circles = 0
+    for row in rows:
+        image = task.render(row["scene"])
+        assert image.size == (SHAPES_IMAGE, SHAPES_IMAGE)
+        squares, others = _count_squares(image)
+        assert str(squares) == row["answer"], row
+        circles += others
+        assert task.check(f"<answer>{squares}</answer>", row["answer"])
+        assert not task.check(
+            f"<answer>{task.corrupt(row['answer'], task_rng())}</answer>", row["answer"]
+        )
+    assert circles > 0  # levels 3 and 4 draw circles among the squares
+
+
+def task_rng():
+    import random
+
+    return random.Random(0)
+
+
+def test_shapes_rows_export_with_their_images_in_trl_columns(tmp_path):
+    rows = make_problems(["shapes", "add"], [1], 4, seed=0)
+    train, heldout = split_problems(rows, 0.5, seed=0)
+    assert {r["id"] for r in train}.isdisjoint(r["id"] for r in heldout)
+    for schema in ("sft", "rl", "dpo", "chat"):
+        data = export(rows, schema)
+        data.save_to_disk(str(tmp_path / schema))
+        first = data[0]
+        messages = first["messages"] if schema == "chat" else first["prompt"]
+        assert first["task"] == "shapes"
+        assert [item["type"] for item in messages[0]["content"]] == ["image", "text"]
+        (image,) = first["images"]
+        assert image.size == (SHAPES_IMAGE, SHAPES_IMAGE)
+        # Text rows keep their text as a text item and have no images.
+        assert data[-1]["images"] == []
+        assert (
+            data[-1][("messages" if schema == "chat" else "prompt")][0]["content"][0]["type"]
+            == "text"
+        )
+
+
+def test_dataset_files_with_images_are_checked_row_by_row(tmp_path):
+    import json
+
+    from align.data import DataError, load_dataset_file
+
+    (tmp_path / "one.png").write_bytes(_png())
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "n?"}]}]
+    text = [{"role": "user", "content": [{"type": "text", "text": "text"}]}]
+    rows = [
+        {"prompt": text, "answer": "1", "images": []},
+        {"prompt": prompt, "answer": "2", "images": ["one.png"]},
+    ]
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data, report = load_dataset_file(path, "rl", images=True)
+    assert report["kept"] == 2
+    # A stage that does not take images refuses the first row in that format, naming it.
+    with pytest.raises(DataError, match=r"rl.jsonl: row 0: field 'prompt': message 0: content is"):
+        load_dataset_file(path, "rl")
+    rows[1]["images"] = ["bad.png"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"row 1: field 'images': image 0: 'bad.png' is not a"):
+        load_dataset_file(path, "rl", images=True)
+    # An image in an assistant turn, and a text item without text.
+    answer = [{"role": "assistant", "content": [{"type": "image"}]}]
+    bad = {"prompt": [{"role": "user", "content": "q"}], "completion": answer}
+    path.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match="images belong in user messages, not 'assistant'"):
+        load_dataset_file(path, "sft", images=True)
+    empty = {
+        "prompt": [{"role": "user", "content": [{"type": "text", "text": " "}]}],
+        "answer": "1",
+    }
+    path.write_text(json.dumps(empty) + "\n")
+    with pytest.raises(DataError, match="content item 0: text must be a non-empty string"):
+        load_dataset_file(path, "rl", images=True)
+
+
+def test_align_eval_scores_image_rows_through_the_engine(vision_checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    from align import engine
+    from align.config import from_dict
+    from align.data import DataError
+    from pipelines.evaluate import Config, run
+
+    path, _ = vision_checkpoint
+    rows = make_problems(["shapes"], [1, 2], 3, seed=1)
+    data = tmp_path / "heldout"
+    export(rows, "rl").save_to_disk(str(data))
+    llm = shared_engine(path, max_model_len=256)
+    config = from_dict(
+        Config,
+        {
+            "model": str(path),
+            "data": str(data),
+            "runs_dir": str(tmp_path / "runs"),
+            "samples": 2,
+            "pass_k": 1,
+            "max_new_tokens": 6,
+            "engine": {"max_model_len": 256},
+        },
+    )
+    report = run(config, llm=llm)
+    assert report["n"] == 6 and len(report["by_level"]) == 2
+    # The same greedy completions, recounted from the engine given each row's image.
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    task = get_task("shapes")
+    prompts = [_image_prompt(tokenizer, row["prompt"]) for row in rows]
+    greedy = engine.generate(
+        llm,
+        prompts,
+        n=1,
+        temperature=0.0,
+        max_tokens=6,
+        images=[[task.render(row["scene"])] for row in rows],
+    )
+    right = sum(task.check(g[0].text, row["answer"]) for g, row in zip(greedy, rows, strict=True))
+    assert report["greedy_accuracy"] == right / len(rows)
+    # A row whose image cannot be read is refused before anything is written.
+    bad = tmp_path / "bad.jsonl"
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "n?"}]}]
+    bad.write_text(json.dumps({"prompt": prompt, "answer": "1", "images": ["nothing.png"]}) + "\n")
+    bad_config = dataclasses.replace(config, data=str(bad), name="bad")
+    with pytest.raises(DataError, match="row 0: field 'images': image 0: 'nothing.png' does not"):
+        run(bad_config, llm=llm)
+    assert not (tmp_path / "runs" / "bad").exists()
