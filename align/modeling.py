@@ -20,6 +20,7 @@ from transformers import (
     CONFIG_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     GenerationConfig,
     Llama4ForCausalLM,
     Llama4TextConfig,
@@ -303,25 +304,11 @@ def write_checkpoint(model: PreTrainedModel, directory: str | Path) -> Path:
 
 
 def _write_vision_files(model: PreTrainedModel, directory: Path) -> None:
-    """What a freshly built Qwen3-VL-MoE checkpoint needs beyond `save_pretrained`.
-
-    - The fused experts in the checkpoint layout: transformers 5.19 saves a model it built
-      (not loaded) in its internal layout, `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I],
-      where its own loader and vLLM read [E, H, 2I] and [E, I, H] (a model loaded from a
-      checkpoint is saved back in the checkpoint layout). Checked by reloading: the weights
-      come back exactly (tests/test_vision.py).
-    - The image processor's settings (PIL backend: no torchvision needed), read by both
-      transformers and vLLM.
-    """
-    from safetensors.torch import load_file, save_file
+    """The image processor's settings (PIL backend: no torchvision needed), read by both
+    transformers and vLLM, and the experts in the checkpoint layout (`fix_expert_layout`)."""
     from transformers import Qwen2VLImageProcessorPil
 
-    for file in sorted(directory.glob("*.safetensors")):
-        tensors = load_file(str(file))
-        for name in tensors:
-            if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
-                tensors[name] = tensors[name].transpose(1, 2).contiguous()
-        save_file(tensors, str(file), metadata={"format": "pt"})
+    fix_expert_layout(model, directory)
     vision = model.config.vision_config
     Qwen2VLImageProcessorPil(
         patch_size=vision.patch_size,
@@ -333,6 +320,37 @@ def _write_vision_files(model: PreTrainedModel, directory: Path) -> None:
         min_pixels=(vision.patch_size * vision.spatial_merge_size) ** 2,
         max_pixels=vision.num_position_embeddings * vision.patch_size**2,
     ).save_pretrained(str(directory))
+
+
+def fix_expert_layout(model: PreTrainedModel, directory: Path) -> int:
+    """Rewrites a saved Qwen3-VL-MoE checkpoint's fused experts in the checkpoint layout;
+    returns how many tensors it transposed (0 for other models, or when already right).
+
+    transformers 5.19 saves this model's experts in its internal layout, `gate_up_proj`
+    [E, 2I, H] and `down_proj` [E, H, I], where its own loader and vLLM read [E, H, 2I] and
+    [E, I, H]: without this, neither loads what was saved. A tensor already in the checkpoint
+    layout is left alone, so the fix is safe once transformers writes the layout itself. (The
+    layouts cannot be told apart when 2I = H or I = H; the presets keep them different.)
+    """
+    from safetensors.torch import load_file, save_file
+
+    if model.config.model_type != "qwen3_vl_moe":
+        return 0
+    text = model.config.get_text_config()
+    hidden, inner = text.hidden_size, text.moe_intermediate_size
+    internal = {".experts.gate_up_proj": (2 * inner, hidden), ".experts.down_proj": (hidden, inner)}
+    fixed = 0
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        tensors = load_file(str(file))
+        changed = False
+        for name, tensor in tensors.items():
+            for suffix, shape in internal.items():
+                if name.endswith(suffix) and tuple(tensor.shape[1:]) == shape != shape[::-1]:
+                    tensors[name] = tensor.transpose(1, 2).contiguous()
+                    changed, fixed = True, fixed + 1
+        if changed:
+            save_file(tensors, str(file), metadata={"format": "pt"})
+    return fixed
 
 
 # Suffixes of pickle-based weight files, which `check_checkpoint` names when it refuses them.
@@ -503,8 +521,10 @@ def read_config(path: str | Path) -> PretrainedConfig:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Loads a local Hugging Face checkpoint (safetensors only, no remote code)."""
-    model = AutoModelForCausalLM.from_pretrained(
+    """Loads a local Hugging Face checkpoint (safetensors only, no remote code): a causal LM,
+    or a vision-language model (image-text-to-text) with its vision tower."""
+    auto = AutoModelForImageTextToText if is_vision_language(read_config(path)) else None
+    model = (auto or AutoModelForCausalLM).from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
     return _for_training(model)

@@ -34,6 +34,7 @@ from align.config import (
     read_input_file,
 )
 from align.launch import TrainPlacement, sharding_arguments, sum_over_ranks
+from align.modeling import fix_expert_layout
 from align.moe import ExpertLoad, has_experts, load_summary, routers, shares
 from align.runs import NonFiniteError, Run, atomic_directory, verbose, write_json_atomic
 from align.settings import OptimSettings
@@ -104,6 +105,9 @@ class TrainSettings(OptimSettings):
     save_total_limit: int = 2
     # Seed of data order, budget sampling and initialisation of new weights.
     seed: int = 0
+    # Vision-language models: train the vision tower and projector too (off: the language
+    # model alone learns, the images are read by the weights the model came with).
+    train_vision: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -334,7 +338,9 @@ def save_checkpoint(
         model = model.merge_and_unload()
     with atomic_directory(directory) as partial:
         model.save_pretrained(str(partial), state_dict=state_dict)
+        # A vision-language model's processor writes its tokenizer and image settings.
         tokenizer.save_pretrained(str(partial))
+        fix_expert_layout(model, partial)
     return directory
 
 

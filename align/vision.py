@@ -173,6 +173,30 @@ def load_images(row: dict, base_dir: str | Path | None = None, max_images: int =
     return images
 
 
+# Where vision-language models keep their vision tower and projector (Qwen3-VL: `visual`,
+# holding its patch merger; Llama 4: `vision_model` and `multi_modal_projector`).
+VISION_MODULES = ("visual", "vision_model", "vision_tower", "multi_modal_projector")
+
+
+def freeze_vision(model) -> int:
+    """Freezes the vision tower and projector of a vision-language model (the language model
+    alone learns, as `train_vision: false` asks); returns how many parameters were frozen."""
+    frozen = 0
+    for name, parameter in model.named_parameters():
+        if any(part in VISION_MODULES for part in name.split(".")):
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    return frozen
+
+
+def load_processor(path: str | Path):
+    """A vision-language checkpoint's processor (image processor, tokenizer, chat template)."""
+    from transformers import AutoProcessor
+
+    torchvision_shim()
+    return AutoProcessor.from_pretrained(str(path), trust_remote_code=False)
+
+
 def rows_images(rows: list[dict], data_path: str | Path, max_images: int = 8) -> list | None:
     """Every row's images (an empty list for a row without any), read as `load_images` does
     with relative paths from the dataset's folder; None when no row has images."""

@@ -171,9 +171,10 @@ def evaluate_checkpoint(settings: EvalSettings, model: str, data: str, stage: Ru
     )
 
 
-def check_heldout(path: str | None, settings: EvalSettings) -> None:
+def check_heldout(path: str | None, settings: EvalSettings, vision: bool = False) -> None:
     """Reads the held-out rows a training stage evaluates on when it ends, before it starts,
-    with what its evaluation settings need of them (the safety section's guard and column).
+    with what its evaluation settings need of them (the safety section's guard and column;
+    with `vision`, for a vision-language model, each row's images).
 
     So a bad held-out file is refused before any training rather than after it.
 
@@ -182,7 +183,9 @@ def check_heldout(path: str | None, settings: EvalSettings) -> None:
         ConfigError: naming the key, for a bad guard checkpoint or a missing column.
     """
     if path is not None:
-        dataset, _ = load_dataset_file(path, "rl")
+        dataset, _ = load_dataset_file(
+            path, "rl", images=vision, max_images=settings.engine.max_images_per_prompt
+        )
         if settings.safety is not None:
             settings.safety.check_inputs(dataset, path)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
@@ -29,7 +30,7 @@ from align import launch
 from align.config import check
 from align.data import load_dataset_file
 from align.launch import TrainPlacement
-from align.modeling import check_checkpoint, load_model
+from align.modeling import check_checkpoint, is_vision_language, load_model
 from align.runs import Run, RunSettings
 from align.training import (
     LoraSettings,
@@ -43,6 +44,7 @@ from align.training import (
     trainer_arguments,
     watch,
 )
+from align.vision import IMAGES_COLUMN, freeze_vision, load_processor, rows_images
 from pipelines import evaluate, frame
 from pipelines import filter as filter_stage
 
@@ -102,8 +104,8 @@ def run(config: Config, callbacks: list | None = None) -> dict:
     out = Path(config.runs_dir) / config.name
     # 1. Inputs, checked before anything is written. With `filters`, the filter stage reads the
     # data (its scores are cached) and the rows it keeps are the training data.
-    check_checkpoint(config.model, "model")
-    evaluate.check_heldout(config.heldout, config.eval)
+    vision = is_vision_language(check_checkpoint(config.model, "model", vision=True))
+    evaluate.check_heldout(config.heldout, config.eval, vision)
     refuse_changed_rerun(out, config)
     data = config.data
     if config.filters:
@@ -123,17 +125,28 @@ def run(config: Config, callbacks: list | None = None) -> dict:
     schema = config.schema
     if schema == "auto":
         schema = "sft" if config.filters else tuple(TRAIN_COLUMNS)
-    dataset, data_report = load_dataset_file(data, schema, config.on_error)
+    dataset, data_report = load_dataset_file(
+        data,
+        schema,
+        config.on_error,
+        images=vision,
+        max_images=config.eval.engine.max_images_per_prompt,
+    )
     schema = data_report["schema"]
 
     def prepare(run_dir: Run):
-        # 2. Data, fitted to the token budget.
+        # 2. Data, fitted to the token budget (an image counts as its placeholder token).
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         columns = TRAIN_COLUMNS[schema]
         counts = [token_count(tokenizer, *(row[c] for c in columns)) for row in dataset]
-        rows, tokens = fit_budget(dataset.select_columns(columns), counts, config.train, "rows")
-        data = {**data_report, "rows_after_filters": len(counts)}
-        return rows, {"data": data, "budget_tokens": tokens}
+        train = dataset.select_columns(columns)
+        images = rows_images(list(dataset), data) if vision else None
+        if images is not None:
+            # Decoded RGB images, as TRL's vision collator hands them to the processor.
+            train = Dataset.from_dict({**train.to_dict(), IMAGES_COLUMN: images})
+        rows, tokens = fit_budget(train, counts, config.train, "rows")
+        report = {**data_report, "rows_after_filters": len(counts)}
+        return rows, {"data": report, "budget_tokens": tokens}
 
     # 3-5. Training here or on config.placement's processes (see `fit`), resuming an interrupted
     # run; then held-out evaluation (pipelines/frame.py).
@@ -152,8 +165,14 @@ def fit(
     """Steps 3-4 of `run`, on each rank: trains on the prepared rows with SFTTrainer, resuming
     from `resume`, and saves the checkpoint vLLM loads (rank 0, with `facts` in its result)."""
     out = Path(config.runs_dir) / config.name
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
     model = load_model(config.model, model_dtype(config.train, config.lora))
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    if is_vision_language(model.config):
+        # The processor reads the images and applies the chat template; it is saved with the
+        # model (image processor settings included) so that vLLM serves the result.
+        tokenizer = load_processor(config.model)
+        if not config.train.train_vision:
+            log.info("vision tower frozen: %d parameters", freeze_vision(model))
     args = SFTConfig(
         **trainer_arguments(config.train, out / "checkpoints", model, config.placement),
         packing=config.packing,

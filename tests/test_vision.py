@@ -340,3 +340,64 @@ def test_align_eval_scores_image_rows_through_the_engine(vision_checkpoint, tmp_
     with pytest.raises(DataError, match="row 0: field 'images': image 0: 'nothing.png' does not"):
         run(bad_config, llm=llm)
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_sft_with_images_trains_the_language_model_and_serves_exactly(vision_checkpoint, tmp_path):
+    """`align sft` on image rows: the vision tower stays as it was (train_vision: false), the
+    language model learns, and vLLM serves the saved checkpoint with the logprobs transformers
+    computes (the saved experts are in the layout both read)."""
+    from transformers import AutoTokenizer, Qwen3VLMoeForConditionalGeneration
+
+    from align import engine
+    from align.config import from_dict
+    from align.modeling import load_model
+    from pipelines.sft import Config, run
+
+    path, before = vision_checkpoint
+    rows = make_problems(["shapes"], [1, 2], 24, seed=2)
+    data = tmp_path / "train"
+    export(rows, "sft").save_to_disk(str(data))
+    config = from_dict(
+        Config,
+        {
+            "model": str(path),
+            "data": str(data),
+            "runs_dir": str(tmp_path / "runs"),
+            "train": {"batch_size": 8, "learning_rate": 1e-3, "epochs": 1, "save_steps": 100},
+        },
+    )
+    result = run(config)
+    assert result["steps"] == 6
+    trained = load_model(result["model"])
+    old, new = before.state_dict(), trained.state_dict()
+    vision = [n for n in old if ".visual." in n]
+    assert vision and all(torch.equal(old[n], new[n]) for n in vision)
+    assert not torch.equal(old["lm_head.weight"], new["lm_head.weight"])
+
+    tokenizer = AutoTokenizer.from_pretrained(result["model"])
+    image = get_task("shapes").render(rows[0]["scene"])
+    prompt = _image_prompt(tokenizer, rows[0]["prompt"])
+    answer = tokenizer.encode("<answer>2</answer><|eot|>", add_special_tokens=False)
+    llm = shared_engine(result["model"], max_model_len=256)
+    (served,) = engine.sequence_logprobs(llm, [prompt + answer], images=[[image]])
+    reference = Qwen3VLMoeForConditionalGeneration.from_pretrained(
+        result["model"], dtype=torch.float32
+    ).eval()
+    from transformers import Qwen2VLImageProcessorPil
+
+    pixels = Qwen2VLImageProcessorPil.from_pretrained(result["model"])(
+        images=[image], return_tensors="pt"
+    )
+    image_id = reference.config.image_token_id
+    tokens = int(pixels["image_grid_thw"].prod()) // 4
+    at = prompt.index(image_id)
+    ids = torch.tensor([prompt[:at] + [image_id] * tokens + prompt[at + 1 :] + answer])
+    with torch.no_grad():
+        logits = reference(
+            input_ids=ids,
+            pixel_values=pixels["pixel_values"],
+            image_grid_thw=pixels["image_grid_thw"],
+            mm_token_type_ids=(ids == image_id).long(),
+        ).logits[0]
+    expected = torch.log_softmax(logits, -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+    assert torch.allclose(torch.tensor(served), expected, atol=1e-4, rtol=0)
