@@ -214,13 +214,21 @@ def levels_of(report: dict) -> list[str]:
     return sorted(found, key=lambda lv: (len(lv), lv))
 
 
+def tasks_of(report: dict) -> list[str]:
+    """The tasks of the held-out rows, in order, when there are several (one column each)."""
+    found = {t for r in report["stages"] if r["heldout"] for t in r["heldout"]["by_task"]}
+    return sorted(found) if len(found) > 1 else []
+
+
 def table(report: dict) -> str:
     """The terminal table: one line per stage."""
-    levels = levels_of(report)
+    levels, tasks = levels_of(report), tasks_of(report)
     pass_k = next((r["heldout"]["pass_k"] for r in report["stages"] if r["heldout"]), 4)
     header = (
         f"{'stage':<14} {'command':<10} {'time':>7} {'tokens':>8} {'greedy':>7} "
-        f"{f'pass@{pass_k}':>7} {'reward':>7}" + "".join(f" {'L' + lv:>5}" for lv in levels)
+        f"{f'pass@{pass_k}':>7} {'reward':>7}"
+        + "".join(f" {task[:7]:>7}" for task in tasks)
+        + "".join(f" {'L' + lv:>5}" for lv in levels)
     )
     safety = has_safety(report)
     if safety:
@@ -234,6 +242,7 @@ def table(report: dict) -> str:
         h = r["heldout"]
         if h:
             line += f" {h['greedy_accuracy']:>7.3f} {h['pass@k']:>7.3f} {h['mean_reward']:>7.3f}"
+            line += "".join(f" {h['by_task'].get(t, math.nan):>7.3f}" for t in tasks)
             line += "".join(f" {h['by_level'].get(lv, math.nan):>5.2f}" for lv in levels)
             if safety:
                 line += "".join(f" {cell:>12}" for cell in safety_cells(h))
@@ -245,11 +254,11 @@ def table(report: dict) -> str:
 
 def markdown(report: dict, name: str, plots: list[str]) -> str:
     """report.md: the table, what each stage did, and the plots."""
-    levels = levels_of(report)
+    levels, tasks = levels_of(report), tasks_of(report)
     pass_k = next((r["heldout"]["pass_k"] for r in report["stages"] if r["heldout"]), 4)
     n = next((r["heldout"]["n"] for r in report["stages"] if r["heldout"]), 0)
     head = ["stage", "command", "wall time", "tokens", "greedy acc", f"pass@{pass_k}", "reward"]
-    head += [f"level {lv}" for lv in levels]
+    head += [f"`{task}`" for task in tasks] + [f"level {lv}" for lv in levels]
     safety = has_safety(report)
     if safety:
         head += [title for _, title in SAFETY_COLUMNS]
@@ -258,8 +267,9 @@ def markdown(report: dict, name: str, plots: list[str]) -> str:
         "",
         f"Held-out evaluation of every stage's model on the same {n} rows. greedy acc: greedy "
         f"decoding; pass@{pass_k}: unbiased, from the sampled completions; reward: mean "
-        "`answer_match` reward of the sampled completions (the share that is right); level N: "
-        "greedy accuracy on the rows of difficulty level N.",
+        "`answer_match` reward of the sampled completions (the share that is right); "
+        + ("`task`: greedy accuracy on that task's rows; " if tasks else "")
+        + "level N: greedy accuracy on the rows of difficulty level N.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -273,10 +283,12 @@ def markdown(report: dict, name: str, plots: list[str]) -> str:
                 f"{h['pass@k']:.3f}",
                 f"{h['mean_reward']:.3f}",
             ]
+            cells += [f"{h['by_task'].get(t, math.nan):.3f}" for t in tasks]
             cells += [f"{h['by_level'].get(lv, math.nan):.2f}" for lv in levels]
             cells += safety_cells(h) if safety else []
         else:
-            cells += [""] * (3 + len(levels) + (len(SAFETY_COLUMNS) if safety else 0))
+            blank = 3 + len(tasks) + len(levels) + (len(SAFETY_COLUMNS) if safety else 0)
+            cells += [""] * blank
         out.append("| " + " | ".join(cells) + " |")
     if safety:
         out += [

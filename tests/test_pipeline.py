@@ -85,6 +85,9 @@ def test_default_pipeline_runs_every_stage_and_reports(tmp_path):
             level: row["greedy_accuracy"] for level, row in measured["by_level"].items()
         }, stage
         assert sorted(h["by_level"]) == ["1", "2", "3", "4"], stage
+        assert h["by_task"] == {
+            task: row["greedy_accuracy"] for task, row in measured["by_task"].items()
+        }, stage
     cache = json.loads((root / "distill" / "teacher_cache" / "manifest.json").read_text())
     assert cache["built_with"] == "vllm" and cache["top_k"] == 32
     for stage in ("sft", "dpo", "distill"):
@@ -108,6 +111,8 @@ def test_default_pipeline_runs_every_stage_and_reports(tmp_path):
         assert f"]({plot})" in (root / "report.md").read_text()
     markdown = (root / "report.md").read_text()
     assert all(f"| {stage} |" in markdown for stage in names)
+    # Several tasks: a greedy accuracy column for each.
+    assert "| reward | `add` | `sort` | level 1 |" in markdown
     # The terminal ends with the table, one line per stage.
     tail = out.stdout[out.stdout.index("held-out evaluation after every stage") :]
     assert all(f"\n{stage} " in tail for stage in names)
@@ -261,6 +266,8 @@ def test_gpu_pipeline_file_passes_the_dry_run(tmp_path, quick_align):
     "path",
     [
         "default.yaml",
+        "multimodal.yaml",
+        "safety.yaml",
         "qwen3-moe-gpu.yaml",
         "llama4-scout-gpu.yaml",
         *sorted(p.name for p in (REPO_ROOT / "pipelines" / "experiments").glob("*.yaml")),
