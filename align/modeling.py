@@ -208,21 +208,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             intermediate_size=512,
         ),
     ),
-    # The multimodal student: Qwen3-VL-MoE with the qwen3-student's text model.
-    "vision-student": (
-        "qwen3_vl_moe",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=128,
-            intermediate_size=256,
-        ),
-    ),
 }
+# The multimodal student: Qwen3-VL-MoE whose text model has the qwen3-student's sizes.
+PRESETS["vision-student"] = ("qwen3_vl_moe", PRESETS["qwen3-student"][1])
 # A guard model for the embedded safety rule (`align.tasks.GuardTask`): the student's size
 # with room for Llama Guard's instruction (about 600 characters, one token each).
 PRESETS["guard"] = (
