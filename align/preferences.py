@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.dpo_trainer import DataCollatorForPreference, DataCollatorForVisionPreference
 
 from align.rewarding import RewardSet
 from align.runs import verbose
@@ -56,6 +56,7 @@ def build_pairs(
     max_new_tokens: int = 32,
     min_margin: float = 0.5,
     seed: int = 0,
+    images: list[list] | None = None,
 ) -> tuple[list[dict[str, Any]], PairStats]:
     """Samples, scores and pairs completions: best vs worst of each prompt.
 
@@ -69,6 +70,8 @@ def build_pairs(
         max_new_tokens: longest completion.
         min_margin: a pair is kept when best - worst reward >= this (> 0).
         seed: sampling seed.
+        images: each row's images (`align.vision.rows_images`), for a vision-language engine;
+            a pair keeps its row's `images` column for the trainer.
 
     Returns:
         The pairs in TRL's preference format (`prompt`, `chosen`, `rejected`; conversational
@@ -89,6 +92,7 @@ def build_pairs(
         max_new_tokens=max_new_tokens,
         seed=seed,
         progress=verbose(),
+        images=images,
     )
     totals = batch.totals
 
@@ -164,8 +168,8 @@ def format_token_ids(tokenizer, tokens: list[str]) -> list[int]:
     return ids
 
 
-class FormatMaskingCollator(DataCollatorForPreference):
-    """TRL's preference collator, with `format_ids` removed from the completion mask.
+class FormatMasking:
+    """Removes `format_ids` from the completion mask of a TRL preference collator's batches.
 
     Masked tokens count neither in the policy's nor in the reference's sequence log-probability
     (nor in the NLL term), so the loss compares only what differs between the answers.
@@ -181,3 +185,12 @@ class FormatMaskingCollator(DataCollatorForPreference):
             is_format = torch.isin(batch["input_ids"], self.format_ids)
             batch["completion_mask"] = batch["completion_mask"].masked_fill(is_format, 0)
         return batch
+
+
+class FormatMaskingCollator(FormatMasking, DataCollatorForPreference):
+    """TRL's preference collator for text pairs, with the format tokens masked."""
+
+
+class VisionFormatMaskingCollator(FormatMasking, DataCollatorForVisionPreference):
+    """TRL's preference collator for pairs with images (the processor reads them), with the
+    format tokens masked."""

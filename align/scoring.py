@@ -53,8 +53,10 @@ def sample_and_score(
     max_new_tokens: int,
     seed: int,
     progress: bool = False,
+    images: list[list] | None = None,
 ) -> tuple[list[list[engine.Completion]], RewardBatch]:
-    """Samples `samples` completions per row and scores each against its row's columns.
+    """Samples `samples` completions per row and scores each against its row's columns
+    (`images`: each row's images, for a vision-language engine).
 
     Returns:
         The completions per row, and the reward batch over all of them flattened row by row
@@ -69,6 +71,7 @@ def sample_and_score(
         max_tokens=max_new_tokens,
         seed=seed,
         progress=progress,
+        images=images,
     )
     return completions, score_groups(rows, prompts, completions, rewards)
 

@@ -28,15 +28,20 @@ from pathlib import Path
 from typing import Literal
 
 from datasets import Dataset, load_from_disk
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, ProcessorMixin
 from trl import DPOConfig, DPOTrainer
 
 from align import engine, launch
 from align.config import ConfigError, check
 from align.data import DataError, load_dataset_file
 from align.launch import TrainPlacement
-from align.modeling import check_checkpoint, load_model
-from align.preferences import FormatMaskingCollator, build_pairs, format_token_ids
+from align.modeling import check_checkpoint, is_vision_language, load_model
+from align.preferences import (
+    FormatMaskingCollator,
+    VisionFormatMaskingCollator,
+    build_pairs,
+    format_token_ids,
+)
 from align.rewarding import (
     RewardSpec,
     build_reward_set,
@@ -57,6 +62,7 @@ from align.training import (
     trainer_arguments,
     watch,
 )
+from align.vision import IMAGES_COLUMN, freeze_vision, load_processor, rows_images
 from pipelines import evaluate, frame
 
 log = logging.getLogger(__name__)
@@ -188,20 +194,24 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
     # 1. Inputs, checked before anything is written: the checkpoint, the held-out rows, and the
     # preference rows or the prompts the pairs are built from.
     if config.pairs is None:
-        check_checkpoint(config.model, "model")
+        model_config = check_checkpoint(config.model, "model", vision=True)
     else:
         length = config.pairs.engine.max_model_len
-        check_checkpoint(config.model, "model", length, "pairs.engine.max_model_len")
+        model_config = check_checkpoint(
+            config.model, "model", length, "pairs.engine.max_model_len", vision=True
+        )
         check_reward_checkpoints(config.pairs.rewards, "pairs.rewards")
-    evaluate.check_heldout(config.heldout, config.eval)
+    vision = is_vision_language(model_config)
+    evaluate.check_heldout(config.heldout, config.eval, vision)
     refuse_changed_rerun(out, config)
+    images = {"images": vision, "max_images": config.eval.engine.max_images_per_prompt}
     if config.pairs is not None:
-        rows, rows_report = load_dataset_file(config.pairs.prompts, "rl", config.on_error)
+        rows, rows_report = load_dataset_file(config.pairs.prompts, "rl", config.on_error, **images)
         check_option_columns(
             config.pairs.rewards, rows.column_names, "pairs.rewards", config.pairs.prompts
         )
     else:
-        rows, rows_report = load_dataset_file(config.data, "dpo", config.on_error)
+        rows, rows_report = load_dataset_file(config.data, "dpo", config.on_error, **images)
 
     def prepare(run_dir: Run):
         tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -221,8 +231,17 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
             )
             for row in dataset
         ]
+        columns = ["prompt", "chosen", "rejected"]
+        if vision and IMAGES_COLUMN in dataset.column_names:
+            # Decoded RGB images, as TRL's vision collator hands them to the processor.
+            source = config.data if config.pairs is None else config.pairs.prompts
+            pictures = rows_images(list(dataset), source)
+            dataset = Dataset.from_dict(
+                {**dataset.select_columns(columns).to_dict(), IMAGES_COLUMN: pictures}
+            )
+            columns.append(IMAGES_COLUMN)
         dataset, tokens = fit_budget(
-            dataset.select_columns(["prompt", "chosen", "rejected"]),
+            dataset.select_columns(columns),
             [chosen + rejected for chosen, rejected in lengths],
             config.train,
             "pairs",
@@ -252,6 +271,11 @@ def fit(
     out = Path(config.runs_dir) / config.name
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     model = load_model(config.model, model_dtype(config.train, config.lora))
+    if is_vision_language(model.config):
+        # The processor reads the images; it is saved with the model (see align sft).
+        tokenizer = load_processor(config.model)
+        if not config.train.train_vision:
+            log.info("vision tower frozen: %d parameters", freeze_vision(model))
     trainer = build_trainer(config, model, tokenizer, dataset, out)
     launch.check_joined(trainer)
     for callback in callbacks or []:
@@ -268,19 +292,22 @@ def build_trainer(config: Config, model, tokenizer, dataset: Dataset, out: Path)
     if loss.nll_weight > 0:
         loss_types.append("sft")
         loss_weights.append(loss.nll_weight)
+    vision = IMAGES_COLUMN in dataset.column_names
     args = DPOConfig(
         **trainer_arguments(config.train, out / "checkpoints", model, config.placement),
         beta=loss.beta,
         loss_type=loss_types,
         loss_weights=loss_weights,
         # The reference's log-probabilities are computed once, before training, so no second
-        # model sits in memory while training.
-        precompute_ref_log_probs=True,
+        # model sits in memory while training. TRL computes them on the fly for pairs with
+        # images (its vision collator reads the images batch by batch).
+        precompute_ref_log_probs=not vision,
     )
+    text = tokenizer.tokenizer if isinstance(tokenizer, ProcessorMixin) else tokenizer
     format_ids = []
     if loss.mask_format_tokens:
-        format_ids = list(tokenizer.all_special_ids)
-        format_ids += format_token_ids(tokenizer, loss.extra_format_tokens)
+        format_ids = list(text.all_special_ids)
+        format_ids += format_token_ids(text, loss.extra_format_tokens)
     trainer_cls, extra = DPOTrainer, {}
     if loss.kind == "simpo":
         trainer_cls, extra = SimPOTrainer, {"simpo_gamma": loss.simpo_gamma}
@@ -289,8 +316,12 @@ def build_trainer(config: Config, model, tokenizer, dataset: Dataset, out: Path)
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        data_collator=FormatMaskingCollator(
-            pad_token_id=tokenizer.pad_token_id,
+        data_collator=VisionFormatMaskingCollator(
+            processor=tokenizer, max_length=config.train.max_length, format_ids=format_ids
+        )
+        if vision
+        else FormatMaskingCollator(
+            pad_token_id=text.pad_token_id,
             max_length=config.train.max_length,
             format_ids=format_ids,
         ),
@@ -326,6 +357,7 @@ def rollout_pairs(
         max_new_tokens=settings.max_new_tokens,
         min_margin=settings.min_margin,
         seed=settings.seed,
+        images=rows_images(list(prompts), settings.prompts),
     )
     # The engine goes before training starts, so its memory is free for the trainer.
     del llm

@@ -401,3 +401,71 @@ def test_sft_with_images_trains_the_language_model_and_serves_exactly(vision_che
         ).logits[0]
     expected = torch.log_softmax(logits, -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
     assert torch.allclose(torch.tensor(served), expected, atol=1e-4, rtol=0)
+
+
+def _answer_logprob(model, processor, tokenizer, prompt, image, answer: str) -> float:
+    """Sum of the model's logprobs of an answer's tokens after an image prompt."""
+    ids = tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False)
+    pixels = processor(images=[image], return_tensors="pt")
+    image_id = model.config.image_token_id
+    at = list(ids).index(image_id)
+    tokens = int(pixels["image_grid_thw"].prod()) // processor.merge_size**2
+    full = list(ids[:at]) + [image_id] * tokens + list(ids[at + 1 :]) + answer_ids
+    full_t = torch.tensor([full])
+    with torch.no_grad():
+        logits = model(
+            input_ids=full_t,
+            pixel_values=pixels["pixel_values"],
+            image_grid_thw=pixels["image_grid_thw"],
+            mm_token_type_ids=(full_t == image_id).long(),
+        ).logits[0]
+    logp = torch.log_softmax(logits, -1)[:-1].gather(-1, full_t[0, 1:, None])[:, 0]
+    return float(logp[-len(answer_ids) :].sum())
+
+
+def test_dpo_with_images_prefers_the_chosen_answers_more(vision_checkpoint, tmp_path):
+    """`align dpo` on pairs with images: TRL's vision preference collator (format tokens
+    masked), the vision tower frozen; after training the model prefers the chosen answers over
+    the rejected ones more than before, measured by transformers with the pairs' images."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+
+    from align.config import from_dict
+    from align.modeling import load_model
+    from pipelines.dpo import Config, run
+
+    path, before = vision_checkpoint
+    rows = make_problems(["shapes"], [1], 16, seed=4)
+    data = tmp_path / "pairs"
+    pairs = export(rows, "dpo", seed=0)
+    pairs.save_to_disk(str(data))
+    config = from_dict(
+        Config,
+        {
+            "model": str(path),
+            "data": str(data),
+            "runs_dir": str(tmp_path / "runs"),
+            "train": {"batch_size": 8, "learning_rate": 1e-3, "epochs": 2, "save_steps": 100},
+        },
+    )
+    result = run(config)
+    assert result["steps"] == 4
+    after = load_model(result["model"]).eval()
+    old, new = before.state_dict(), after.state_dict()
+    assert all(torch.equal(old[n], new[n]) for n in old if ".visual." in n)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+
+    def margin(model) -> float:
+        total = 0.0
+        for pair in pairs:
+            prompt, image = pair["prompt"], pair["images"][0]
+            chosen, rejected = (pair[k][0]["content"][0]["text"] for k in ("chosen", "rejected"))
+            total += _answer_logprob(model, processor, tokenizer, prompt, image, chosen)
+            total -= _answer_logprob(model, processor, tokenizer, prompt, image, rejected)
+        return total / len(pairs)
+
+    # Before: about 0 (a random model); after 4 steps: about +0.8 nats per pair.
+    assert margin(after) > margin(before.eval()) + 0.5
