@@ -469,3 +469,53 @@ def test_dpo_with_images_prefers_the_chosen_answers_more(vision_checkpoint, tmp_
 
     # Before: about 0 (a random model); after 4 steps: about +0.8 nats per pair.
     assert margin(after) > margin(before.eval()) + 0.5
+
+
+def test_two_images_of_other_shapes_in_one_prompt_are_served_exactly(vision_checkpoint):
+    """Two images, neither square, in one prompt: vLLM's logprobs equal transformers' with the
+    processor's pixel values for both images (each placeholder expanded to its own image's
+    merged patches, in order)."""
+    from PIL import ImageDraw
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLImageProcessorPil,
+        Qwen3VLMoeForConditionalGeneration,
+    )
+
+    from align import engine
+
+    path, _ = vision_checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    wide, tall = Image.new("RGB", (128, 64), "white"), Image.new("RGB", (64, 160), "white")
+    ImageDraw.Draw(wide).rectangle([10, 10, 40, 40], fill="red")
+    ImageDraw.Draw(tall).ellipse([5, 60, 50, 110], fill="blue")
+    content = [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]
+    prompt = list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+    )
+    llm = shared_engine(path, max_model_len=256)
+    (served,) = engine.sequence_logprobs(llm, [prompt + [5, 6, 7]], images=[[wide, tall]])
+    processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    pixels = processor(images=[wide, tall], return_tensors="pt")
+    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    image_id = model.config.image_token_id
+    ids: list[int] = []
+    counts = iter(int(g.prod()) // processor.merge_size**2 for g in pixels["image_grid_thw"])
+    for token in prompt + [5, 6, 7]:
+        ids += [image_id] * next(counts) if token == image_id else [token]
+    assert len(served) == len(ids) - 1
+    ids_t = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids_t,
+            pixel_values=pixels["pixel_values"],
+            image_grid_thw=pixels["image_grid_thw"],
+            mm_token_type_ids=(ids_t == image_id).long(),
+        ).logits[0]
+    expected = torch.log_softmax(logits, -1)[:-1].gather(-1, ids_t[0, 1:, None])[:, 0]
+    assert torch.allclose(torch.tensor(served), expected, atol=1e-4, rtol=0)
