@@ -310,35 +310,44 @@ def _write_vision_files(model: PreTrainedModel, directory: Path) -> None:
     ).save_pretrained(str(directory))
 
 
-def fix_expert_layout(model: PreTrainedModel, directory: Path) -> int:
-    """Rewrites a saved Qwen3-VL-MoE checkpoint's fused experts in the checkpoint layout;
-    returns how many tensors it transposed (0 for other models, or when already right).
+def checkpoint_expert_layout(
+    config: PretrainedConfig, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A Qwen3-VL-MoE model's fused expert tensors, as transformers 5.19 writes them, in the
+    checkpoint layout its loader and vLLM read; other tensors and models unchanged.
 
-    transformers 5.19 saves this model's experts in its internal layout, `gate_up_proj`
-    [E, 2I, H] and `down_proj` [E, H, I], where its own loader and vLLM read [E, H, 2I] and
-    [E, I, H]: without this, neither loads what was saved. A tensor already in the checkpoint
-    layout is left alone, so the fix is safe once transformers writes the layout itself. (The
-    layouts cannot be told apart when 2I = H or I = H; the presets keep them different.)
+    transformers saves (and `revert_weight_conversion` returns) this model's experts in its
+    internal layout, `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I], where its own loader
+    and vLLM read [E, H, 2I] and [E, I, H]: without this, neither loads what was saved. A tensor
+    already in the checkpoint layout is left alone, so this stays right once transformers
+    writes the layout itself. (The layouts cannot be told apart when 2I = H or I = H; the
+    presets keep them different.)
     """
+    if config.model_type != "qwen3_vl_moe":
+        return tensors
+    text = config.get_text_config()
+    hidden, inner = text.hidden_size, text.moe_intermediate_size
+    internal = {".experts.gate_up_proj": (2 * inner, hidden), ".experts.down_proj": (hidden, inner)}
+    fixed = dict(tensors)
+    for name, tensor in tensors.items():
+        for suffix, shape in internal.items():
+            if name.endswith(suffix) and tuple(tensor.shape[1:]) == shape != shape[::-1]:
+                fixed[name] = tensor.transpose(1, 2).contiguous()
+    return fixed
+
+
+def fix_expert_layout(model: PreTrainedModel, directory: Path) -> None:
+    """Rewrites a saved checkpoint's fused experts in the checkpoint layout where needed
+    (`checkpoint_expert_layout`)."""
     from safetensors.torch import load_file, save_file
 
     if model.config.model_type != "qwen3_vl_moe":
-        return 0
-    text = model.config.get_text_config()
-    hidden, inner = text.hidden_size, text.moe_intermediate_size
-    internal = {".experts.gate_up_proj": (2 * inner, hidden), ".experts.down_proj": (hidden, inner)}
-    fixed = 0
+        return
     for file in sorted(Path(directory).glob("*.safetensors")):
         tensors = load_file(str(file))
-        changed = False
-        for name, tensor in tensors.items():
-            for suffix, shape in internal.items():
-                if name.endswith(suffix) and tuple(tensor.shape[1:]) == shape != shape[::-1]:
-                    tensors[name] = tensor.transpose(1, 2).contiguous()
-                    changed, fixed = True, fixed + 1
-        if changed:
-            save_file(tensors, str(file), metadata={"format": "pt"})
-    return fixed
+        fixed = checkpoint_expert_layout(model.config, tensors)
+        if any(fixed[name] is not tensors[name] for name in tensors):
+            save_file(fixed, str(file), metadata={"format": "pt"})
 
 
 # Suffixes of pickle-based weight files, which `check_checkpoint` names when it refuses them.
@@ -511,8 +520,9 @@ def read_config(path: str | Path) -> PretrainedConfig:
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Loads a local Hugging Face checkpoint (safetensors only, no remote code): a causal LM,
     or a vision-language model (image-text-to-text) with its vision tower."""
-    auto = AutoModelForImageTextToText if is_vision_language(read_config(path)) else None
-    model = (auto or AutoModelForCausalLM).from_pretrained(
+    config = read_config(path)
+    auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    model = auto.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
     return _for_training(model)
@@ -526,8 +536,9 @@ def empty_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrai
     whole model on its device.
     """
     config = read_config(path)
+    auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        model = auto.from_config(config, dtype=dtype, trust_remote_code=False)
     return _for_training(model)
 
 

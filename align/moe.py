@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers.models.llama4.modeling_llama4 import Llama4Router, Llama4TextMoe
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextTopKRouter
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,12 @@ class RouterKind:
     logits_index: int
 
 
-# Llama4Router returns (scores_te, logits_te); Qwen3MoeTopKRouter (logits_te, weights_tk, ids_tk).
+# Llama4Router returns (scores_te, logits_te); Qwen3MoeTopKRouter and Qwen3-VL-MoE's text
+# router (logits_te, weights_tk, ids_tk).
 ROUTERS: dict[type[nn.Module], RouterKind] = {
     Llama4Router: RouterKind(logits_index=1),
     Qwen3MoeTopKRouter: RouterKind(logits_index=0),
+    Qwen3VLMoeTextTopKRouter: RouterKind(logits_index=0),
 }
 
 

@@ -162,8 +162,11 @@ class PassRateScorer:
         }
         return {**means, **self._faults}
 
-    def score(self, rows: list[dict[str, Any]], progress: bool = False) -> list[PassRate]:
-        """Samples `samples` completions per row and counts those that pass."""
+    def score(
+        self, rows: list[dict[str, Any]], progress: bool = False, images: list | None = None
+    ) -> list[PassRate]:
+        """Samples `samples` completions per row and counts those that pass (`images`: each
+        row's images, for a vision-language engine)."""
         if not rows:
             return []
         _, batch = sample_and_score(
@@ -176,6 +179,7 @@ class PassRateScorer:
             max_new_tokens=self.max_new_tokens,
             seed=self.seed,
             progress=progress,
+            images=images,
         )
         for key, value in batch.metrics.items():
             if not key.endswith(("/mean", "/applicable")):

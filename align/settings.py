@@ -120,6 +120,10 @@ class OptimSettings:
     # A step whose loss or gradients are not finite is skipped with the weights unchanged;
     # this many in a row stop the run with a checkpoint.
     max_nonfinite_steps: int = 3
+    # Vision-language models: train the vision tower and projector too (off: the language
+    # model alone learns, the images are read by the weights the model came with, and the RL
+    # workers get the language model's weights only).
+    train_vision: bool = False
 
     def validate(self) -> None:
         check(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")

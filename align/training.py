@@ -105,9 +105,6 @@ class TrainSettings(OptimSettings):
     save_total_limit: int = 2
     # Seed of data order, budget sampling and initialisation of new weights.
     seed: int = 0
-    # Vision-language models: train the vision tower and projector too (off: the language
-    # model alone learns, the images are read by the weights the model came with).
-    train_vision: bool = False
 
     def validate(self) -> None:
         super().validate()

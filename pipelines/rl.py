@@ -30,7 +30,7 @@ from typing import Literal
 from align.config import ConfigError, check
 from align.data import DataError, load_dataset_file
 from align.losses.policy import PolicyLossSettings
-from align.modeling import check_checkpoint
+from align.modeling import check_checkpoint, is_vision_language
 from align.moe import has_experts
 from align.rewarding import RewardSpec, check_option_columns, check_reward_checkpoints
 from align.rl.controller import Controller
@@ -43,6 +43,7 @@ from align.rl.rollout import SamplingSettings
 from align.runs import Run, RunSettings
 from align.settings import EngineSettings
 from align.training import refuse_changed_rerun
+from align.vision import IMAGES_COLUMN, rows_images
 from pipelines import evaluate, frame
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,8 @@ def run(config: Config) -> dict:
     """Trains `config.model` with online RL; returns the result (also `result.json`)."""
     out = Path(config.runs_dir) / config.name
     # Inputs are checked before anything is written or any actor starts.
-    policy = check_checkpoint(config.model, "model", config.engine.max_model_len)
+    policy = check_checkpoint(config.model, "model", config.engine.max_model_len, vision=True)
+    vision = is_vision_language(policy)
     check_reward_checkpoints(config.rewards, "rewards")
     if config.learner.router_aux_loss_coef and not has_experts(policy):
         log.info(
@@ -167,9 +169,15 @@ def run(config: Config) -> dict:
         _, problem = placement_plan(config, Path(config.model))
         if problem is not None:
             raise ConfigError(f"key 'placement.cluster': {problem}")
-    evaluate.check_heldout(config.heldout, config.eval)
+    evaluate.check_heldout(config.heldout, config.eval, vision)
     refuse_changed_rerun(out, config)
-    dataset, data_report = load_dataset_file(config.data, "rl", config.on_error)
+    dataset, data_report = load_dataset_file(
+        config.data,
+        "rl",
+        config.on_error,
+        images=vision,
+        max_images=config.engine.max_images_per_prompt,
+    )
     check_option_columns(config.rewards, dataset.column_names, "rewards", config.data)
     if not isinstance(dataset[0]["prompt"], list):
         raise DataError(
@@ -183,7 +191,12 @@ def run(config: Config) -> dict:
 
     def train(run_dir: Run) -> dict:
         rows = [dict(row) for row in dataset]
-        return Controller(config, run_dir, rows, data_report, RayFleet).train()
+        # The images stay beside the rows: the pool's rows are plain data (fingerprinted and
+        # checkpointed); the controller sends each prompt's images with it.
+        images = rows_images(rows, config.data) if vision else None
+        for row in rows:
+            row.pop(IMAGES_COLUMN, None)
+        return Controller(config, run_dir, rows, data_report, RayFleet, images).train()
 
     # Training (resumed from the newest checkpoint), then held-out evaluation scored with the
     # stage's own rewards too, unless eval.rewards names others (pipelines/frame.py).

@@ -342,19 +342,16 @@ def test_align_eval_scores_image_rows_through_the_engine(vision_checkpoint, tmp_
     assert not (tmp_path / "runs" / "bad").exists()
 
 
-def test_sft_with_images_trains_the_language_model_and_serves_exactly(vision_checkpoint, tmp_path):
-    """`align sft` on image rows: the vision tower stays as it was (train_vision: false), the
-    language model learns, and vLLM serves the saved checkpoint with the logprobs transformers
-    computes (the saved experts are in the layout both read)."""
-    from transformers import AutoTokenizer, Qwen3VLMoeForConditionalGeneration
-
-    from align import engine
+@pytest.fixture(scope="module")
+def sft_vision(vision_checkpoint, tmp_path_factory):
+    """`align sft` of the vision checkpoint on 120 `shapes` rows, 3 passes (45 steps: enough
+    for the answer format): (result, rows)."""
     from align.config import from_dict
-    from align.modeling import load_model
     from pipelines.sft import Config, run
 
-    path, before = vision_checkpoint
-    rows = make_problems(["shapes"], [1, 2], 24, seed=2)
+    path, _ = vision_checkpoint
+    tmp_path = tmp_path_factory.mktemp("sft-vision")
+    rows = make_problems(["shapes"], [1, 2], 60, seed=2)
     data = tmp_path / "train"
     export(rows, "sft").save_to_disk(str(data))
     config = from_dict(
@@ -363,11 +360,26 @@ def test_sft_with_images_trains_the_language_model_and_serves_exactly(vision_che
             "model": str(path),
             "data": str(data),
             "runs_dir": str(tmp_path / "runs"),
-            "train": {"batch_size": 8, "learning_rate": 1e-3, "epochs": 1, "save_steps": 100},
+            "train": {"batch_size": 8, "learning_rate": 1e-3, "epochs": 3, "save_steps": 100},
         },
     )
-    result = run(config)
-    assert result["steps"] == 6
+    return run(config), rows
+
+
+def test_sft_with_images_trains_the_language_model_and_serves_exactly(
+    vision_checkpoint, sft_vision
+):
+    """`align sft` on image rows: the vision tower stays as it was (train_vision: false), the
+    language model learns, and vLLM serves the saved checkpoint with the logprobs transformers
+    computes (the saved experts are in the layout both read)."""
+    from transformers import AutoTokenizer, Qwen3VLMoeForConditionalGeneration
+
+    from align import engine
+    from align.modeling import load_model
+
+    path, before = vision_checkpoint
+    result, rows = sft_vision
+    assert result["steps"] == 45
     trained = load_model(result["model"])
     old, new = before.state_dict(), trained.state_dict()
     vision = [n for n in old if ".visual." in n]
@@ -519,3 +531,54 @@ def test_two_images_of_other_shapes_in_one_prompt_are_served_exactly(vision_chec
         ).logits[0]
     expected = torch.log_softmax(logits, -1)[:-1].gather(-1, ids_t[0, 1:, None])[:, 0]
     assert torch.allclose(torch.tensor(served), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rl_with_images_scores_tokens_as_the_engine_does_after_every_sync(
+    vision_checkpoint, sft_vision, tmp_path
+):
+    """`align rl` on image prompts through Ray and vLLM, synchronous: the rollout engine gets
+    each prompt's image, the learner expands its placeholder to the image's patches with the
+    processor's pixel values, and every step's sampled tokens score the same under the learner
+    as under the engine that sampled them (steps 2-3: after a weight sync, which sends the
+    language model only); the frozen tower's weights leave the run unchanged."""
+    import yaml
+
+    from align.modeling import load_model
+    from tests.helpers import align
+
+    result, _ = sft_vision
+    data = tmp_path / "prompts"
+    export(make_problems(["shapes"], [1, 2], 8, seed=6), "rl").save_to_disk(str(data))
+    config = {
+        "name": "rl",
+        "runs_dir": str(tmp_path / "runs"),
+        "model": result["model"],
+        "data": str(data),
+        "steps": 3,
+        "groups_per_step": 8,
+        "groups_per_request": 8,
+        "max_staleness": 0,
+        "dynamic_sampling": False,
+        # The format reward varies where the answers are all wrong: every step learns.
+        "rewards": [{"name": "answer_match"}, {"name": "answer_format"}],
+        "sampling": {"samples": 4, "max_new_tokens": 8},
+        "pool": {"min_active": 8},
+        "engine": {"kv_cache_gib": 0.125, "max_model_len": 256},
+    }
+    path = tmp_path / "rl.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    out = align("rl", "--config", str(path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "rl"
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if "train/loss" in s]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert all(s["policy/behaviour_gap"] < 1e-5 for s in steps)
+    assert all(s["train/advantage_abs_mean"] > 0 for s in steps)
+    assert all(s["sync/load_seconds"] > 0 for s in steps[1:])
+    start = load_model(result["model"]).state_dict()
+    end = load_model(run_dir / "model").state_dict()
+    assert all(torch.equal(start[n], end[n]) for n in start if ".visual." in n)
+    assert not torch.equal(start["lm_head.weight"], end["lm_head.weight"])

@@ -278,8 +278,8 @@ def receive_weights(llm: LLM, update_info: dict[str, Any]) -> float:
 
     Runs vLLM's weight-transfer protocol on every engine worker (`start_weight_update`,
     `update_weights`: the learner's rank 0 sends at the same time, `finish_weight_update`),
-    then resets the prefix cache so that no KV computed with the old weights is reused. Call it
-    between `generate` calls.
+    then drops the caches of what the old weights computed (`_drop_caches`). Call it between
+    `generate` calls.
 
     Returns:
         Seconds the update took.
@@ -288,12 +288,23 @@ def receive_weights(llm: LLM, update_info: dict[str, Any]) -> float:
     llm.start_weight_update()
     llm.update_weights({"update_info": update_info})
     llm.finish_weight_update()
+    _drop_caches(llm)
+    return time.perf_counter() - started
+
+
+def _drop_caches(llm: LLM) -> None:
+    """After new weights: drops the KV of shared prefixes and the image embeddings computed
+    with the old weights, in the scheduler and in the workers alike (a worker that reloads
+    weights clears its own image embeddings only; the scheduler would then ask for ones it
+    believes cached: "Encoder cache miss")."""
+    # reset_prefix_cache is an engine-core call that takes no timeout in vLLM; it returns
+    # False when it could not drop the cache (requests still running).
     if not llm.reset_prefix_cache():
         raise RuntimeError(
             "weight sync: vLLM could not reset the prefix cache after loading new weights; "
             "cached KV of the old weights would be reused"
         )
-    return time.perf_counter() - started
+    llm.llm_engine.reset_encoder_cache()
 
 
 def sync_weights(llm: LLM, directory: str | Path, *, timeout_s: float = 300.0) -> float:
@@ -326,13 +337,7 @@ def sync_weights(llm: LLM, directory: str | Path, *, timeout_s: float = 300.0) -
             f"{type(error).__name__}: {error}. The engine's weights may be partly updated: "
             "sync again or restart it before sampling"
         ) from error
-    # reset_prefix_cache is an engine-core call that takes no timeout in vLLM; it returns
-    # False when it could not drop the cache (requests still running).
-    if not llm.reset_prefix_cache():
-        raise RuntimeError(
-            "weight sync: vLLM could not reset the prefix cache after loading new weights; "
-            "cached KV of the old weights would be reused"
-        )
+    _drop_caches(llm)
     seconds = time.perf_counter() - started
     log.info("synced weights from %s in %.3f s (workers: %s)", path, seconds, results)
     return seconds

@@ -38,6 +38,7 @@ from align.rl.pool import PromptPool
 from align.rl.rollout import Rollout, batch_metrics
 from align.rl.state import RunState
 from align.runs import NonFiniteError, Run, RunStopped, write_json_atomic
+from align.vision import rows_images
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,21 @@ class Controller:
         rows: the training rows (RL schema).
         data_report: what loading the data skipped, for the result.
         fleet_factory: builds the actors from the config (`RayFleet`; tests pass a fake).
+        images: each row's images (vision-language models; None: text only), sent with its
+            prompt to the workers and with its groups to the learner.
     """
 
-    def __init__(self, config, run_dir: Run, rows: list[dict], data_report: dict, fleet_factory):
+    def __init__(
+        self,
+        config,
+        run_dir: Run,
+        rows: list[dict],
+        data_report: dict,
+        fleet_factory,
+        images: list[list] | None = None,
+    ):
         self.config, self.run_dir = config, run_dir
+        self.images = images
         self.out: Path = run_dir.dir
         self.rows, self.data_report = rows, data_report
         self.fleet_factory = fleet_factory
@@ -156,6 +168,9 @@ class Controller:
                     self.pool.give_back([stale.prompt_id])
                 batch = self.buffer.take()
                 if batch is not None:
+                    if self.images is not None:
+                        for group in batch:
+                            group.images = self.images[group.prompt_id]
                     stage = (self.step + 1) % config.sync_every == 0
                     # Timed from before the submission: the learner may start before it returns.
                     submitted = time.perf_counter()
@@ -290,9 +305,17 @@ class Controller:
         prompts = self.pool.take(size)
         seed = self.config.seed * 1_000_003 + self.requests_sent
         self.requests_sent += 1
-        payload = [{"id": p.id, "prompt": p.prompt, "row": p.row} for p in prompts]
+        payload = self._requests([(p.id, p.prompt, p.row) for p in prompts])
         future = self.fleet.generate(worker, payload, seed)
         self.inflight[future] = Request(worker, [p.id for p in prompts], time.perf_counter())
+
+    def _requests(self, prompts: list[tuple[int, list[dict], dict]]) -> list[dict]:
+        """What a worker gets per prompt: its pool index, messages, row and any images."""
+        requests = [{"id": i, "prompt": prompt, "row": row} for i, prompt, row in prompts]
+        if self.images is not None:
+            for request in requests:
+                request["images"] = self.images[request["id"]]
+        return requests
 
     def _sync_workers(self, version: int) -> None:
         """Queues staged `version` for every worker (after the calls already queued on it)."""
@@ -389,7 +412,7 @@ class Controller:
     def _rescore(self) -> None:
         """Re-scores every pool prompt with the current policy and re-filters the pool."""
         started = time.perf_counter()
-        prompts = [{"id": i, "prompt": r["prompt"], "row": r} for i, r in enumerate(self.rows)]
+        prompts = self._requests([(i, r["prompt"], r) for i, r in enumerate(self.rows)])
         workers = self.fleet.workers
         chunks = [prompts[w::workers] for w in range(workers)]
         samples, seed = self.config.pool.rescore_samples, self.config.seed
@@ -494,8 +517,12 @@ class Controller:
         """Held-out accuracy of every snapshot, on worker 0 (after training: timings unaffected)."""
         if self.config.heldout is None:
             return []
-        heldout, _ = load_dataset_file(self.config.heldout, "rl", self.config.on_error)
+        vision = self.images is not None
+        heldout, _ = load_dataset_file(
+            self.config.heldout, "rl", self.config.on_error, images=vision
+        )
         rows = [dict(r) for r in heldout][: self.config.eval.limit or None]
+        images = rows_images(rows, self.config.heldout) if vision else None
         settings = self.config.eval
 
         def score(facts: dict) -> dict:
@@ -508,6 +535,7 @@ class Controller:
                 temperature=settings.temperature,
                 max_tokens=settings.max_new_tokens,
                 seed=settings.seed,
+                images=images,
             ).result()
 
         return self.state.held_out_curve(score)

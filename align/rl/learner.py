@@ -52,13 +52,20 @@ import torch.distributed as dist
 
 from align.config import check
 from align.losses.policy import PolicyLossSettings, advantages, policy_loss
-from align.modeling import checkpoint_dtype, count_parameters, empty_model, load_model
+from align.modeling import (
+    checkpoint_dtype,
+    count_parameters,
+    empty_model,
+    is_vision_language,
+    load_model,
+)
 from align.moe import RouterLogits, balance_terms, load_summary, routers
 from align.rl import transport
 from align.rl.rollout import Rollout
 from align.runs import NonFiniteError
 from align.settings import OptimSettings
 from align.training import LoraSettings, lora_config, use_bf16
+from align.vision import freeze_vision
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +120,8 @@ class Row:
     behaviour_logprobs: list[float]
     # The sequence's advantage, computed on the whole batch.
     advantage: float
+    # The prompt's images (vision-language models), one placeholder token each in prompt_ids.
+    images: list | None = None
 
 
 @dataclass
@@ -154,7 +163,7 @@ def split_batch(
             rollout.completion_ids, rollout.behaviour_logprobs, rollout.rewards, strict=True
         ):
             if reward is not None and ids:
-                rows.append(Row(rollout.prompt_ids, ids, logprobs, 0.0))
+                rows.append(Row(rollout.prompt_ids, ids, logprobs, 0.0, rollout.images))
                 rewards.append(reward)
                 group_ids.append(group_id)
     if not rows:
@@ -201,14 +210,19 @@ class MicroBatch:
     # 1 for the tokens of real rows (the router statistics count these), 0 for a placeholder.
     real_bt: torch.Tensor
     rows: int
+    # The image processor's outputs for the rows' images, and which tokens stand for image
+    # patches (`mm_token_type_ids`): the model's other inputs. Empty for text rows.
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def collate(rows: list[Row], pad_id: int) -> MicroBatch:
+def collate(rows: list[Row], pad_id: int, images: ImageInputs | None = None) -> MicroBatch:
     """Pads `rows` (prompt + completion) into tensors; no rows give one placeholder row.
 
-    The placeholder is two attended padding tokens with no completion token: its policy loss
-    and router statistics are exactly 0, but its forward and backward run the same collectives
-    as a real micro-batch.
+    With `images` (a vision-language policy), each image placeholder of a prompt is expanded
+    to the image's patch tokens, as the rollout engine expanded it, and the pixel inputs come
+    along. The placeholder is two attended padding tokens with no completion token: its policy
+    loss and router statistics are exactly 0, but its forward and backward run the same
+    collectives as a real micro-batch.
     """
     if not rows:
         return MicroBatch(
@@ -220,18 +234,24 @@ def collate(rows: list[Row], pad_id: int) -> MicroBatch:
             real_bt=torch.zeros((1, 2)),
             rows=0,
         )
-    length = max(len(r.prompt_ids) + len(r.completion_ids) for r in rows)
+    vision: dict[str, torch.Tensor] = {}
+    prompts = [row.prompt_ids for row in rows]
+    if images is not None and any(row.images for row in rows):
+        prompts, vision = images.expand(rows)
+    length = max(len(p) + len(r.completion_ids) for p, r in zip(prompts, rows, strict=True))
     input_ids_bt = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attention_mask_bt = torch.zeros((len(rows), length), dtype=torch.long)
     mask_bt = torch.zeros((len(rows), length - 1))
     behaviour_bt = torch.zeros((len(rows), length - 1))
-    for b, row in enumerate(rows):
-        p, c = len(row.prompt_ids), len(row.completion_ids)
-        input_ids_bt[b, : p + c] = torch.tensor(row.prompt_ids + row.completion_ids)
+    for b, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
+        p, c = len(prompt), len(row.completion_ids)
+        input_ids_bt[b, : p + c] = torch.tensor(prompt + row.completion_ids)
         attention_mask_bt[b, : p + c] = 1
         # Position p - 1 + j scores completion token j.
         mask_bt[b, p - 1 : p - 1 + c] = 1
         behaviour_bt[b, p - 1 : p - 1 + c] = torch.tensor(row.behaviour_logprobs)
+    if vision:
+        vision["mm_token_type_ids"] = (input_ids_bt == images.image_token_id).long()
     return MicroBatch(
         input_ids_bt=input_ids_bt,
         attention_mask_bt=attention_mask_bt,
@@ -240,17 +260,62 @@ def collate(rows: list[Row], pad_id: int) -> MicroBatch:
         advantages_b=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
         real_bt=attention_mask_bt.float(),
         rows=len(rows),
+        vision=vision,
     )
 
 
-def token_logprobs(model, input_ids_bt, attention_mask_bt) -> torch.Tensor:
-    """Logprob of each next token under `model` (b x (t - 1))."""
-    logits_btv = model(input_ids=input_ids_bt, attention_mask=attention_mask_bt).logits[:, :-1]
+class ImageInputs:
+    """A vision-language policy's image inputs: its image processor, and the placeholder token
+    each image's patch tokens replace (`collate`)."""
+
+    def __init__(self, model_path: str, image_token_id: int) -> None:
+        from align.vision import load_processor
+
+        self.processor = load_processor(model_path).image_processor
+        self.image_token_id = image_token_id
+
+    def expand(self, rows: list[Row]) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+        """Each row's prompt ids with every placeholder expanded to its image's merged patches
+        (in order), and the pixel inputs of all the rows' images."""
+        pictures = [image for row in rows for image in row.images or []]
+        pixels = self.processor(images=pictures, return_tensors="pt")
+        merge = self.processor.merge_size**2
+        counts = iter(int(grid.prod()) // merge for grid in pixels["image_grid_thw"])
+        prompts = []
+        for row in rows:
+            ids: list[int] = []
+            for token in row.prompt_ids:
+                ids += [token] * next(counts) if token == self.image_token_id else [token]
+            prompts.append(ids)
+        return prompts, {
+            "pixel_values": pixels["pixel_values"],
+            "image_grid_thw": pixels["image_grid_thw"],
+        }
+
+
+def token_logprobs(model, input_ids_bt, attention_mask_bt, **inputs) -> torch.Tensor:
+    """Logprob of each next token under `model` (b x (t - 1)); `inputs`: the model's other
+    inputs (a vision-language model's pixel values)."""
+    logits_btv = model(input_ids=input_ids_bt, attention_mask=attention_mask_bt, **inputs).logits[
+        :, :-1
+    ]
     logp_btv = torch.log_softmax(logits_btv.float(), dim=-1)
     return logp_btv.gather(-1, input_ids_bt[:, 1:, None])[..., 0]
 
 
 # --- one rank ----------------------------------------------------------------------------------
+
+
+def shard_units(model) -> list:
+    """The modules sharded one by one before the root: the decoder layers (a vision-language
+    model's language model's), and a vision tower's blocks."""
+    inner = model.model
+    text = getattr(inner, "language_model", inner)
+    units = list(text.layers)
+    visual = getattr(inner, "visual", None)
+    if visual is not None:
+        units += list(visual.blocks)
+    return units
 
 
 def free_address() -> tuple[str, int]:
@@ -352,7 +417,10 @@ class LearnerRank:
         self.reference = None
         if self.loss.kl_coef > 0:
             self.reference = self._load_sharded(shard_options, trainable=False)
-        config = self.model.config
+        self.images = None
+        if is_vision_language(self.model.config):
+            self.images = ImageInputs(self.model_path, self.model.config.image_token_id)
+        config = self.model.config.get_text_config()
         self.pad_id = config.pad_token_id
         self.is_moe = bool(routers(self.model))
         self.num_experts = config.num_experts if self.is_moe else 0
@@ -381,13 +449,16 @@ class LearnerRank:
         from torch.distributed.fsdp import fully_shard
 
         model = empty_model(self.model_path)
+        if is_vision_language(model.config) and not (trainable and self.settings.train_vision):
+            # Before sharding: FSDP2 keeps what is frozen out of the gradient reductions.
+            freeze_vision(model)
         adapters = lora_config(self.settings.lora) if trainable else None
         if adapters is not None:
             _add_adapters(model, adapters)
         if trainable and self.settings.gradient_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         options = {k: v for k, v in shard_options.items() if v is not None}
-        for layer in model.model.layers:
+        for layer in shard_units(model):
             fully_shard(layer, **options)
         fully_shard(model, **options)
         model.to_empty(device="cpu" if "offload_policy" in options else self.device)
@@ -453,9 +524,10 @@ class LearnerRank:
         first = None
         real_tokens = padded_tokens = 0
         for k, rows in enumerate(part.micro_batches):
-            batch = collate(rows, self.pad_id)
+            batch = collate(rows, self.pad_id, self.images)
             ids_bt = batch.input_ids_bt.to(self.device)
             attn_bt = batch.attention_mask_bt.to(self.device)
+            vision = {name: value.to(self.device) for name, value in batch.vision.items()}
             mask_bt = batch.mask_bt.to(self.device)
             behaviour_bt = batch.behaviour_bt.to(self.device)
             real_tokens += int(batch.attention_mask_bt.sum())
@@ -463,9 +535,9 @@ class LearnerRank:
             ref_bt = None
             if self.reference is not None:
                 with torch.no_grad():
-                    ref_bt = token_logprobs(self.reference, ids_bt, attn_bt)
+                    ref_bt = token_logprobs(self.reference, ids_bt, attn_bt, **vision)
                 self.router_logits.take()  # not this step's routing
-            logp_bt = token_logprobs(self.model, ids_bt, attn_bt)
+            logp_bt = token_logprobs(self.model, ids_bt, attn_bt, **vision)
             router_logits = self.router_logits.take()
             out = policy_loss(
                 self.loss,
@@ -503,13 +575,15 @@ class LearnerRank:
                         chosen.reshape(-1).cpu(), minlength=self.num_experts
                     ).float()
                 if first is None:
-                    # Routing before the update, to measure how many tokens it sends elsewhere.
-                    keep = slice(0, ROUTING_SAMPLE)
+                    # Routing before the update, to measure how many tokens it sends elsewhere
+                    # (with images: the whole micro-batch, whose pixel inputs are one tensor).
+                    keep = slice(None) if vision else slice(0, ROUTING_SAMPLE)
                     first = (
                         ids_bt[keep],
                         attn_bt[keep],
                         batch.real_bt[keep],
                         [r.detach().topk(self.top_k, dim=-1).indices for r in router_logits],
+                        vision,
                     )
             (loss * self.world_size).backward()
             # A host sync: the backward has run when the loss is read (timed with it).
@@ -596,14 +670,16 @@ class LearnerRank:
         return metrics
 
     @torch.no_grad()
-    def _routing_change(self, ids_bt, attn_bt, real_bt, before_lk: list[torch.Tensor]) -> float:
+    def _routing_change(
+        self, ids_bt, attn_bt, real_bt, before_lk: list[torch.Tensor], vision: dict
+    ) -> float:
         """Share of (real token, MoE layer) pairs whose top-k experts this update changed, over
         every rank's sample.
 
         It is also how often vLLM and the learner route a token differently for a group one
         version stale: weight sync is exact, so routing differs only through the update.
         """
-        self.model(input_ids=ids_bt, attention_mask=attn_bt)
+        self.model(input_ids=ids_bt, attention_mask=attn_bt, **vision)
         keep_t = real_bt.reshape(-1).bool().to(self.device)
         changed, total = 0, 0
         for before_tk, logits_te in zip(before_lk, self.router_logits.take(), strict=True):

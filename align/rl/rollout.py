@@ -8,7 +8,7 @@ tokens, rewards, and the policy version that sampled them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from align.settings import GenerationSettings
@@ -38,6 +38,9 @@ class Rollout:
     version: int
     # Task family of the prompt ("default" when the rows have none), for per-task metrics.
     task: str = "default"
+    # The prompt's images (vision-language models), attached by the controller from its rows
+    # before a learner step; not kept in checkpoints (the rows hold them).
+    images: list | None = None
 
     @property
     def scored_rewards(self) -> list[float]:
@@ -49,7 +52,9 @@ class Rollout:
         return len(scored) < 2 or max(scored) - min(scored) < 1e-9
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        state = asdict(replace(self, images=None))
+        del state["images"]
+        return state
 
 
 @dataclass

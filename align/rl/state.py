@@ -133,12 +133,18 @@ class RunState:
         return curve
 
     def write_model(self, export: Callable[[str], None], tokenizer_from: str) -> Path:
-        """The final model: `export` writes the weights, the starting checkpoint's tokenizer is
-        added, and `model/` replaces any earlier one in one rename."""
+        """The final model: `export` writes the weights, the starting checkpoint's tokenizer
+        (a vision-language model's processor: tokenizer and image settings) is added, and
+        `model/` replaces any earlier one in one rename."""
         from transformers import AutoTokenizer
 
+        from align.modeling import is_vision_language, read_config
+        from align.vision import load_processor
+
+        vision = is_vision_language(read_config(tokenizer_from))
         model_dir = self.out / "model"
         with atomic_directory(model_dir) as partial:
             export(str(partial))
-            AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(str(partial))
+            load = load_processor if vision else AutoTokenizer.from_pretrained
+            load(tokenizer_from).save_pretrained(str(partial))
         return model_dir

@@ -82,16 +82,29 @@ def layer_groups(names: list[str]) -> list[list[str]]:
     return [groups[k] for k in order]
 
 
-def checkpoint_layers(model) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def checkpoint_layers(
+    model, trained_only: bool = False
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """The model's weights under their checkpoint names and layouts, one decoder layer at a time.
 
     A collective: every rank of the group must iterate it to the end together. Rank 0 gets each
-    layer's tensors (full, on the CPU); the other ranks get empty lists.
+    layer's tensors (full, on the CPU); the other ranks get empty lists. With `trained_only`,
+    a frozen vision tower is left out: an engine that has it already needs only the rest.
     """
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+    from align.modeling import checkpoint_expert_layout
+    from align.vision import VISION_MODULES
+
     state = model.state_dict()
+    if trained_only:
+        frozen = {
+            name
+            for name, parameter in model.named_parameters()
+            if not parameter.requires_grad and set(name.split(".")) & set(VISION_MODULES)
+        }
+        state = {name: value for name, value in state.items() if name not in frozen}
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     for names in layer_groups(list(state)):
         layer = {}
@@ -104,7 +117,8 @@ def checkpoint_layers(model) -> Iterator[list[tuple[str, torch.Tensor]]]:
             yield []
             continue
         layer = remove_tied_weights_from_state_dict(merge_adapters(model, layer), model)
-        yield list(revert_weight_conversion(model, layer).items())
+        converted = revert_weight_conversion(model, layer)
+        yield list(checkpoint_expert_layout(model.config, converted).items())
 
 
 def merge_adapters(model, layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -171,14 +185,15 @@ class StagedWeights:
 
 
 def stage(model, dtype: torch.dtype, version: int) -> tuple[StagedWeights | None, float]:
-    """Gathers, converts and packs `model`'s weights (a collective of the group).
+    """Gathers, converts and packs `model`'s weights (a collective of the group), a frozen
+    vision tower left out (the engines keep theirs).
 
     Returns:
         On rank 0 the staged weights (None elsewhere), and the seconds it took.
     """
     started = time.perf_counter()
     names, dtypes, shapes, flats = [], [], [], []
-    for layer in checkpoint_layers(model):
+    for layer in checkpoint_layers(model, trained_only=True):
         for name, tensor in layer:
             tensor = tensor.to(dtype).contiguous()
             names.append(name)

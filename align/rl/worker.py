@@ -22,7 +22,7 @@ from align.rewarding import RewardSpec, build_reward_set
 from align.rl.rollout import GenerateResult, Rollout, SamplingSettings
 from align.scoring import PassRateScorer, sample_and_score
 from align.settings import EngineSettings
-from align.tokenizer import encode_prompts
+from align.tokenizer import VISION_TOKENS, encode_prompts
 
 
 class RolloutWorker:
@@ -47,6 +47,11 @@ class RolloutWorker:
         self.sampling = sampling
         self.llm = engine.start_engine(model_path, engine_config)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        # A vision-language tokenizer's image and video placeholders: a completion that writes
+        # one cannot be scored by the learner as text (its model reads a placeholder as an
+        # image's patch), so it is left unscored.
+        vocabulary = self.tokenizer.get_vocab()
+        self.placeholders = {vocabulary[t] for t in VISION_TOKENS if t in vocabulary}
         self.rewards = build_reward_set(rewards)
         self.version = 0
 
@@ -54,8 +59,9 @@ class RolloutWorker:
         """Samples and scores a group for each prompt.
 
         Args:
-            prompts: dicts with `id` (pool index), `prompt` (messages, system message included)
-                and `row` (the dataset row whose columns the rewards read).
+            prompts: dicts with `id` (pool index), `prompt` (messages, system message included),
+                `row` (the dataset row whose columns the rewards read) and, for a
+                vision-language model, `images` (the prompt's images).
             seed: sampling seed of this request; the same seed and weights give the same groups.
         """
         started = time.perf_counter()
@@ -69,16 +75,22 @@ class RolloutWorker:
             temperature=self.sampling.temperature,
             max_new_tokens=self.sampling.max_new_tokens,
             seed=seed,
+            images=[p["images"] for p in prompts] if prompts and "images" in prompts[0] else None,
         )
         prompt_ids = encode_prompts(self.tokenizer, [row["prompt"] for row in rows])
         g = self.sampling.samples
+        totals = list(batch.totals)
+        placeholders = 0
+        for k, completion in enumerate(c for group in completions for c in group):
+            if self.placeholders.intersection(completion.token_ids):
+                totals[k], placeholders = None, placeholders + 1
         rollouts = [
             Rollout(
                 prompt_id=p["id"],
                 prompt_ids=prompt_ids[i],
                 completion_ids=[c.token_ids for c in group],
                 behaviour_logprobs=[c.logprobs for c in group],
-                rewards=batch.totals[i * g : (i + 1) * g],
+                rewards=totals[i * g : (i + 1) * g],
                 version=self.version,
                 task=str(p["row"].get("task", "default")),
             )
@@ -91,6 +103,7 @@ class RolloutWorker:
             "rollout/seconds": seconds,
             "rollout/tokens": float(tokens),
             "time/reward": batch.seconds,
+            **({"rollout/placeholder_completions": float(placeholders)} if placeholders else {}),
             # The rest of the request: sampling in vLLM and tokenising.
             "time/rollout_generate": seconds - batch.seconds,
         }
@@ -126,7 +139,8 @@ class RolloutWorker:
             seed=seed,
         )
         rows = [{**p["row"], "prompt": p["prompt"]} for p in prompts]
-        return [result.rate for result in scorer.score(rows)]
+        images = [p["images"] for p in prompts] if prompts and "images" in prompts[0] else None
+        return [result.rate for result in scorer.score(rows, images=images)]
 
     def evaluate(self, rows: list[dict[str, Any]], **settings) -> dict:
         """Held-out evaluation of the current weights (see `align.evaluate.evaluate`), the
