@@ -16,6 +16,7 @@ from collections import deque
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLMoeForConditionalGeneration
 
 from align.modeling import build_model, count_parameters, write_checkpoint
 from align.tasks import SHAPES_IMAGE, export, get_task, make_problems, split_problems
@@ -31,7 +32,6 @@ def vision_checkpoint(tmp_path_factory):
 
 
 def test_vision_preset_checkpoint_reloads_exactly(vision_checkpoint):
-    from transformers import Qwen3VLMoeForConditionalGeneration
 
     path, model = vision_checkpoint
     reloaded = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
@@ -51,12 +51,30 @@ def _image_prompt(tokenizer, text: str) -> list[int]:
     )
 
 
+def transformers_logprobs(model, processor, ids: list[int], images: list):
+    """A transformers fp32 forward of `ids` with `images`: each image placeholder expanded to
+    its image's merged patches (in order), as the engine expands it. Returns the expanded ids,
+    the logprob of every token after the first, and the log-softmax at every position."""
+    pixels = processor(images=images, return_tensors="pt")
+    image_id = model.config.image_token_id
+    counts = iter(int(g.prod()) // processor.merge_size**2 for g in pixels["image_grid_thw"])
+    expanded: list[int] = []
+    for token in ids:
+        expanded += [image_id] * next(counts) if token == image_id else [token]
+    ids_t = torch.tensor([expanded])
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids_t,
+            pixel_values=pixels["pixel_values"],
+            image_grid_thw=pixels["image_grid_thw"],
+            # What the processor returns beside the ids: 1 marks image tokens (M-RoPE).
+            mm_token_type_ids=(ids_t == image_id).long(),
+        ).logits[0]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return expanded, logp[:-1].gather(-1, ids_t[0, 1:, None])[:, 0], logp
+
+
 def test_vllm_logprobs_on_image_prompts_equal_transformers(vision_checkpoint):
-    from transformers import (
-        AutoTokenizer,
-        Qwen2VLImageProcessorPil,
-        Qwen3VLMoeForConditionalGeneration,
-    )
 
     from align import engine
 
@@ -75,34 +93,17 @@ def test_vllm_logprobs_on_image_prompts_equal_transformers(vision_checkpoint):
 
     processor = Qwen2VLImageProcessorPil.from_pretrained(path)
     model = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    image_id = model.config.image_token_id
     last = []
-    for sequence, image, logprobs in zip(sequences, images, served, strict=True):
-        pixels = processor(images=[image], return_tensors="pt")
-        grid = pixels["image_grid_thw"]
-        # The placeholder stands for one token per merged patch.
-        tokens = int(grid.prod()) // processor.merge_size**2
-        at = sequence.index(image_id)
-        ids = sequence[:at] + [image_id] * tokens + sequence[at + 1 :]
+    for sequence, image, logprobs, (completion,) in zip(
+        sequences, images, served, completions, strict=True
+    ):
+        ids, expected, logp = transformers_logprobs(model, processor, sequence, [image])
         assert len(logprobs) == len(ids) - 1
-        ids_t = torch.tensor([ids])
-        with torch.no_grad():
-            logits = model(
-                input_ids=ids_t,
-                pixel_values=pixels["pixel_values"],
-                image_grid_thw=grid,
-                # What the processor returns beside the ids: 1 marks image tokens (M-RoPE).
-                mm_token_type_ids=(ids_t == image_id).long(),
-            ).logits[0]
-        expected = torch.log_softmax(logits.float(), dim=-1)[:-1].gather(
-            -1, torch.tensor(ids[1:])[:, None]
-        )[:, 0]
         assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-4, rtol=0)
         # The engine's greedy completion is the transformers argmax at each generated position.
-        prompt_end = len(ids) - len(completions[0][0].token_ids)
-        greedy = logits[prompt_end - 1 : -1].argmax(-1).tolist()
-        assert greedy == ids[prompt_end:]
-        last.append(torch.log_softmax(logits[-1].float(), dim=-1))
+        prompt_end = len(ids) - len(completion.token_ids)
+        assert logp[prompt_end - 1 : -1].argmax(-1).tolist() == ids[prompt_end:]
+        last.append(logp[-1])
     # The image reaches the language model: another image moves the logprobs by far more
     # than the tolerance above.
     assert (last[0] - last[1]).abs().max() > 1e-2
@@ -292,7 +293,6 @@ def test_dataset_files_with_images_are_checked_row_by_row(tmp_path):
 
 
 def test_align_eval_scores_image_rows_through_the_engine(vision_checkpoint, tmp_path):
-    from transformers import AutoTokenizer
 
     from align import engine
     from align.config import from_dict
@@ -372,7 +372,6 @@ def test_sft_with_images_trains_the_language_model_and_serves_exactly(
     """`align sft` on image rows: the vision tower stays as it was (train_vision: false), the
     language model learns, and vLLM serves the saved checkpoint with the logprobs transformers
     computes (the saved experts are in the layout both read)."""
-    from transformers import AutoTokenizer, Qwen3VLMoeForConditionalGeneration
 
     from align import engine
     from align.modeling import load_model
@@ -395,23 +394,8 @@ def test_sft_with_images_trains_the_language_model_and_serves_exactly(
     reference = Qwen3VLMoeForConditionalGeneration.from_pretrained(
         result["model"], dtype=torch.float32
     ).eval()
-    from transformers import Qwen2VLImageProcessorPil
-
-    pixels = Qwen2VLImageProcessorPil.from_pretrained(result["model"])(
-        images=[image], return_tensors="pt"
-    )
-    image_id = reference.config.image_token_id
-    tokens = int(pixels["image_grid_thw"].prod()) // 4
-    at = prompt.index(image_id)
-    ids = torch.tensor([prompt[:at] + [image_id] * tokens + prompt[at + 1 :] + answer])
-    with torch.no_grad():
-        logits = reference(
-            input_ids=ids,
-            pixel_values=pixels["pixel_values"],
-            image_grid_thw=pixels["image_grid_thw"],
-            mm_token_type_ids=(ids == image_id).long(),
-        ).logits[0]
-    expected = torch.log_softmax(logits, -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+    processor = Qwen2VLImageProcessorPil.from_pretrained(result["model"])
+    _, expected, _ = transformers_logprobs(reference, processor, prompt + answer, [image])
     assert torch.allclose(torch.tensor(served), expected, atol=1e-4, rtol=0)
 
 
@@ -421,28 +405,14 @@ def _answer_logprob(model, processor, tokenizer, prompt, image, answer: str) -> 
         prompt, add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
     answer_ids = tokenizer.encode(answer, add_special_tokens=False)
-    pixels = processor(images=[image], return_tensors="pt")
-    image_id = model.config.image_token_id
-    at = list(ids).index(image_id)
-    tokens = int(pixels["image_grid_thw"].prod()) // processor.merge_size**2
-    full = list(ids[:at]) + [image_id] * tokens + list(ids[at + 1 :]) + answer_ids
-    full_t = torch.tensor([full])
-    with torch.no_grad():
-        logits = model(
-            input_ids=full_t,
-            pixel_values=pixels["pixel_values"],
-            image_grid_thw=pixels["image_grid_thw"],
-            mm_token_type_ids=(full_t == image_id).long(),
-        ).logits[0]
-    logp = torch.log_softmax(logits, -1)[:-1].gather(-1, full_t[0, 1:, None])[:, 0]
-    return float(logp[-len(answer_ids) :].sum())
+    _, logprobs, _ = transformers_logprobs(model, processor, list(ids) + answer_ids, [image])
+    return float(logprobs[-len(answer_ids) :].sum())
 
 
 def test_dpo_with_images_prefers_the_chosen_answers_more(vision_checkpoint, tmp_path):
     """`align dpo` on pairs with images: TRL's vision preference collator (format tokens
     masked), the vision tower frozen; after training the model prefers the chosen answers over
     the rejected ones more than before, measured by transformers with the pairs' images."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
     from align.config import from_dict
     from align.modeling import load_model
@@ -488,11 +458,6 @@ def test_two_images_of_other_shapes_in_one_prompt_are_served_exactly(vision_chec
     processor's pixel values for both images (each placeholder expanded to its own image's
     merged patches, in order)."""
     from PIL import ImageDraw
-    from transformers import (
-        AutoTokenizer,
-        Qwen2VLImageProcessorPil,
-        Qwen3VLMoeForConditionalGeneration,
-    )
 
     from align import engine
 
@@ -513,23 +478,9 @@ def test_two_images_of_other_shapes_in_one_prompt_are_served_exactly(vision_chec
     llm = shared_engine(path, max_model_len=256)
     (served,) = engine.sequence_logprobs(llm, [prompt + [5, 6, 7]], images=[[wide, tall]])
     processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    pixels = processor(images=[wide, tall], return_tensors="pt")
     model = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    image_id = model.config.image_token_id
-    ids: list[int] = []
-    counts = iter(int(g.prod()) // processor.merge_size**2 for g in pixels["image_grid_thw"])
-    for token in prompt + [5, 6, 7]:
-        ids += [image_id] * next(counts) if token == image_id else [token]
+    ids, expected, _ = transformers_logprobs(model, processor, prompt + [5, 6, 7], [wide, tall])
     assert len(served) == len(ids) - 1
-    ids_t = torch.tensor([ids])
-    with torch.no_grad():
-        logits = model(
-            input_ids=ids_t,
-            pixel_values=pixels["pixel_values"],
-            image_grid_thw=pixels["image_grid_thw"],
-            mm_token_type_ids=(ids_t == image_id).long(),
-        ).logits[0]
-    expected = torch.log_softmax(logits, -1)[:-1].gather(-1, ids_t[0, 1:, None])[:, 0]
     assert torch.allclose(torch.tensor(served), expected, atol=1e-4, rtol=0)
 
 
