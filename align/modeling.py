@@ -268,8 +268,14 @@ def build_model(preset: str, seed: int) -> PreTrainedModel:
 
 
 def is_vision_language(config: PretrainedConfig) -> bool:
-    """Whether a config describes a model that reads images (it has a vision tower)."""
-    return getattr(config, "vision_config", None) is not None
+    """Whether the toolkit runs a checkpoint as a model that reads images: it has a vision
+    tower and transformers has no text-only class for it. A multimodal checkpoint with one
+    (Llama 4: `Llama4ForCausalLM`) runs as its language model, text only, as before the image
+    path existed: its image processor needs torchvision (docs/multimodal.md)."""
+    return (
+        getattr(config, "vision_config", None) is not None
+        and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
 
 
 def write_checkpoint(model: PreTrainedModel, directory: str | Path) -> Path:

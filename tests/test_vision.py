@@ -533,3 +533,21 @@ def test_rl_with_images_scores_tokens_as_the_engine_does_after_every_sync(
     end = load_model(run_dir / "model").state_dict()
     assert all(torch.equal(start[n], end[n]) for n in start if ".visual." in n)
     assert not torch.equal(start["lm_head.weight"], end["lm_head.weight"])
+
+
+def test_dry_runs_plan_a_vision_language_model(vision_checkpoint, tmp_path, quick_align):
+    """`--dry-run` sizes the learner of a vision-language policy from its language model's
+    layers (the tower counts with the root) for `align rl` and `align sft`."""
+    path, _ = vision_checkpoint
+    data = tmp_path / "rows"
+    rows = make_problems(["shapes"], [1], 4, seed=0)
+    export(rows, "rl").save_to_disk(str(data / "rl"))
+    export(rows, "sft").save_to_disk(str(data / "sft"))
+    runs = f"runs_dir={tmp_path / 'runs'}"
+    out = quick_align("rl", "--dry-run", f"model={path}", f"data={data / 'rl'}", runs)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "policy   0.9 M parameters, 4 layers" in out.stdout
+    out = quick_align("sft", "--dry-run", f"model={path}", f"data={data / 'sft'}", runs)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "training 1 process(es), fsdp, full-parameter" in out.stdout
+    assert not (tmp_path / "runs").exists()

@@ -144,13 +144,13 @@ class ModelShape:
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> ModelShape:
         """Counts the parameters of the architecture in `path`/config.json on the meta device."""
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from align.modeling import empty_model, read_config
 
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-        layers = model.model.layers
+        config = read_config(path)
+        model = empty_model(path)
+        # A vision-language model's decoder layers are its language model's; its vision tower
+        # counts with the root (embeddings, head).
+        layers = getattr(model.model, "language_model", model.model).layers
         per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
         total = sum(p.numel() for p in model.parameters())
         return cls(
