@@ -207,6 +207,27 @@ def rows_images(rows: list[dict], data_path: str | Path, max_images: int = 8) ->
     return [load_images(row, folder, max_images) or [] for row in rows]
 
 
+def training_rows(dataset, columns: list[str], data_path: str | Path):
+    """`dataset`'s `columns`, plus its rows' decoded RGB images when any row has images (as
+    TRL's vision collators hand them to the processor); a `datasets.Dataset`."""
+    from datasets import Dataset
+
+    rows = dataset.select_columns(columns)
+    images = rows_images(list(dataset), data_path)
+    if images is None:
+        return rows
+    return Dataset.from_dict({**rows.to_dict(), IMAGES_COLUMN: images})
+
+
+# A vision-language model's inputs besides the ids, as TRL's vision collators return them.
+MODEL_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def image_inputs(batch: dict) -> dict:
+    """The image inputs of a collated batch (empty for text batches)."""
+    return {name: batch[name] for name in MODEL_INPUTS if name in batch}
+
+
 def torchvision_shim() -> bool:
     """Registers empty torchvision modules where torchvision is not installed (see the module
     docstring); returns whether it did. Idempotent."""

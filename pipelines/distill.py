@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from align import engine, launch
@@ -67,7 +67,7 @@ from align.distill.teachers import (
 from align.distill.trainer import DistillTrainer
 from align.launch import TrainPlacement, sum_over_ranks
 from align.losses.distill import IGNORE_INDEX, DistillLossSettings
-from align.modeling import check_checkpoint, load_model
+from align.modeling import check_checkpoint, is_vision_language, load_model, read_config
 from align.runs import Run, RunSettings
 from align.settings import EngineSettings
 from align.training import (
@@ -83,6 +83,7 @@ from align.training import (
     trainer_arguments,
     watch,
 )
+from align.vision import freeze_vision, image_inputs, load_processor, training_rows
 from pipelines import evaluate, frame
 
 log = logging.getLogger(__name__)
@@ -239,17 +240,20 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
     """
     # 1. The inputs, checked before anything is written: the checkpoints share a tokenizer,
     # the data files are readable and valid.
-    check_checkpoint(config.student, "student")
-    check_checkpoint(config.teacher.model, "teacher.model")
+    vision = is_vision_language(check_checkpoint(config.student, "student", vision=True))
+    teacher_config = check_checkpoint(config.teacher.model, "teacher.model", vision=True)
     vocab = check_same_tokenizer(config.student, config.teacher.model)
     if config.teacher.mode == "offline" and config.teacher.top_k > vocab:
         raise ConfigError(
             f"key 'teacher.top_k': {config.teacher.top_k} exceeds the vocabulary size {vocab}"
         )
-    dataset, data_report = load_dataset_file(config.data, "sft", config.on_error)
+    if vision:
+        check_image_distillation(config, is_vision_language(teacher_config))
+    images = {"images": vision, "max_images": config.eval.engine.max_images_per_prompt}
+    dataset, data_report = load_dataset_file(config.data, "sft", config.on_error, **images)
     if config.heldout_sft is not None:
-        load_dataset_file(config.heldout_sft, "sft", config.on_error)
-    evaluate.check_heldout(config.heldout, config.eval)
+        load_dataset_file(config.heldout_sft, "sft", config.on_error, **images)
+    evaluate.check_heldout(config.heldout, config.eval, vision)
     out = Path(config.runs_dir) / config.name
     refuse_changed_rerun(out, config)
 
@@ -257,9 +261,12 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
         # 2. Data, fitted to the token budget.
         tokenizer = AutoTokenizer.from_pretrained(config.student)
         counts = [token_count(tokenizer, row["prompt"], row["completion"]) for row in dataset]
-        rows, tokens = fit_budget(
-            dataset.select_columns(["prompt", "completion"]), counts, config.train, "rows"
-        )
+        columns = ["prompt", "completion"]
+        if vision:
+            train = training_rows(dataset, columns, config.data)
+        else:
+            train = dataset.select_columns(columns)
+        rows, tokens = fit_budget(train, counts, config.train, "rows")
         return rows, {"data": data_report, "budget_tokens": tokens, "teacher": config.teacher.model}
 
     # 3-6. Training here or on config.placement's processes (see `fit`), resuming an interrupted
@@ -283,12 +290,26 @@ def fit(
     in its result). `llm` builds the offline cache as in `run` (in the stage's process only)."""
     out = Path(config.runs_dir) / config.name
     tokenizer = AutoTokenizer.from_pretrained(config.student)
+    model = load_model(config.student, model_dtype(config.train, config.lora))
+    vision = is_vision_language(model.config)
     heldout_rows = None
     if config.heldout_sft is not None:
-        heldout_rows, _ = load_dataset_file(config.heldout_sft, "sft", config.on_error)
-        heldout_rows = heldout_rows.select_columns(["prompt", "completion"])
+        heldout_rows, _ = load_dataset_file(
+            config.heldout_sft, "sft", config.on_error, images=vision
+        )
+        columns = ["prompt", "completion"]
+        if vision:
+            heldout_rows = training_rows(heldout_rows, columns, config.heldout_sft)
+        else:
+            heldout_rows = heldout_rows.select_columns(columns)
+    processing = tokenizer
+    if vision:
+        # The processor reads the images (see align sft); the student's tower stays frozen
+        # unless train.train_vision.
+        processing = load_processor(config.student)
+        if not config.train.train_vision:
+            log.info("vision tower frozen: %d parameters", freeze_vision(model))
     # The trainer; its teacher is set once the tokenised rows exist (offline cache).
-    model = load_model(config.student, model_dtype(config.train, config.lora))
     args = SFTConfig(
         **trainer_arguments(config.train, out / "checkpoints", model, config.placement),
         completion_only_loss=True,
@@ -299,7 +320,7 @@ def fit(
         args=args,
         train_dataset=dataset,
         eval_dataset=heldout_rows,
-        processing_class=tokenizer,
+        processing_class=processing,
         peft_config=lora_config(config.lora),
         callbacks=callbacks,
         teacher=None,
@@ -340,7 +361,7 @@ def fit(
         after = heldout_scores(trainer.model, online, trainer.get_eval_dataloader())
         facts = {**facts, "heldout_before": heldout_before, "heldout_after": after}
         log.info("held-out gold completions: %s -> %s", heldout_before, after)
-    return finish(trainer, train_output, tokenizer, out / "model", **facts)
+    return finish(trainer, train_output, processing, out / "model", **facts)
 
 
 def check_same_tokenizer(student: str, teacher: str) -> int:
@@ -376,7 +397,7 @@ def check_same_tokenizer(student: str, teacher: str) -> int:
             f"{key}: teacher {teacher} and student {student} have different special tokens: "
             f"{t_special} vs {s_special}. Distillation needs a shared tokenizer"
         )
-    sizes = {path: AutoConfig.from_pretrained(path).vocab_size for path in (student, teacher)}
+    sizes = {path: read_config(path).get_text_config().vocab_size for path in (student, teacher)}
     for path, size in sizes.items():
         if size < len(s_vocab):
             raise ConfigError(
@@ -445,6 +466,29 @@ def offline_teacher(
 
 
 @torch.no_grad()
+def check_image_distillation(config: Config, teacher_reads_images: bool) -> None:
+    """What distillation of a vision-language student takes so far: a teacher that reads the
+    same images, run online (no offline cache or on-policy batches of image rows yet).
+
+    Raises:
+        ConfigError: naming the key that asks for more.
+    """
+    if not teacher_reads_images:
+        raise ConfigError(
+            f"key 'teacher.model': {config.teacher.model} does not read images but the student "
+            f"{config.student} does: distil between two vision-language models"
+        )
+    if config.teacher.mode != "online":
+        raise ConfigError(
+            "key 'teacher.mode': a vision-language student distils from an online teacher "
+            "(teacher.mode: online); a top-k cache of image rows is not built yet"
+        )
+    if config.on_policy.ratio > 0:
+        raise ConfigError(
+            "key 'on_policy.ratio': on-policy batches of image rows are not built yet; set it to 0"
+        )
+
+
 def heldout_scores(student, teacher: OnlineTeacher, loader) -> dict:
     """Student CE and forward KL(teacher || student) at T = 1 per gold completion token."""
     was_training = student.training
@@ -452,10 +496,14 @@ def heldout_scores(student, teacher: OnlineTeacher, loader) -> dict:
     ce_sum, kl_sum, tokens = 0.0, 0.0, 0
     for batch in loader:
         labels_bt = batch["labels"][:, 1:]
+        images = image_inputs(batch)
         student_logits_btv = student(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=False,
+            **images,
         ).logits[:, :-1]
-        teacher_logits = teacher(batch["input_ids"], batch["attention_mask"], labels_bt)
+        teacher_logits = teacher(batch["input_ids"], batch["attention_mask"], labels_bt, **images)
         target_bt = labels_bt != IGNORE_INDEX
         logp_s_nv = student_logits_btv[target_bt].float().log_softmax(-1)
         logp_t_nv = teacher_logits.logits_btv[target_bt].float().log_softmax(-1)

@@ -62,7 +62,13 @@ from align.training import (
     trainer_arguments,
     watch,
 )
-from align.vision import IMAGES_COLUMN, freeze_vision, load_processor, rows_images
+from align.vision import (
+    IMAGES_COLUMN,
+    freeze_vision,
+    load_processor,
+    rows_images,
+    training_rows,
+)
 from pipelines import evaluate, frame
 
 log = logging.getLogger(__name__)
@@ -232,16 +238,13 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
             for row in dataset
         ]
         columns = ["prompt", "chosen", "rejected"]
-        if vision and IMAGES_COLUMN in dataset.column_names:
-            # Decoded RGB images, as TRL's vision collator hands them to the processor.
-            source = config.data if config.pairs is None else config.pairs.prompts
-            pictures = rows_images(list(dataset), source)
-            dataset = Dataset.from_dict(
-                {**dataset.select_columns(columns).to_dict(), IMAGES_COLUMN: pictures}
-            )
-            columns.append(IMAGES_COLUMN)
+        source = config.data if config.pairs is None else config.pairs.prompts
+        if vision:
+            pairs = training_rows(dataset, columns, source)
+        else:
+            pairs = dataset.select_columns(columns)
         dataset, tokens = fit_budget(
-            dataset.select_columns(columns),
+            pairs,
             [chosen + rejected for chosen, rejected in lengths],
             config.train,
             "pairs",

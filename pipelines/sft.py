@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
@@ -44,7 +43,7 @@ from align.training import (
     trainer_arguments,
     watch,
 )
-from align.vision import IMAGES_COLUMN, freeze_vision, load_processor, rows_images
+from align.vision import freeze_vision, load_processor, training_rows
 from pipelines import evaluate, frame
 from pipelines import filter as filter_stage
 
@@ -139,11 +138,7 @@ def run(config: Config, callbacks: list | None = None) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         columns = TRAIN_COLUMNS[schema]
         counts = [token_count(tokenizer, *(row[c] for c in columns)) for row in dataset]
-        train = dataset.select_columns(columns)
-        images = rows_images(list(dataset), data) if vision else None
-        if images is not None:
-            # Decoded RGB images, as TRL's vision collator hands them to the processor.
-            train = Dataset.from_dict({**train.to_dict(), IMAGES_COLUMN: images})
+        train = training_rows(dataset, columns, data) if vision else dataset.select_columns(columns)
         rows, tokens = fit_budget(train, counts, config.train, "rows")
         report = {**data_report, "rows_after_filters": len(counts)}
         return rows, {"data": report, "budget_tokens": tokens}

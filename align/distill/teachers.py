@@ -50,10 +50,11 @@ class OnlineTeacher:
         self.model = model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def __call__(self, input_ids_bt, attention_mask_bt, labels_bt) -> TeacherLogits:
+    def __call__(self, input_ids_bt, attention_mask_bt, labels_bt, **inputs) -> TeacherLogits:
+        """The teacher's logits of the batch (`inputs`: a vision-language batch's images)."""
         self.model.to(input_ids_bt.device)
         logits_btv = self.model(
-            input_ids=input_ids_bt, attention_mask=attention_mask_bt, use_cache=False
+            input_ids=input_ids_bt, attention_mask=attention_mask_bt, use_cache=False, **inputs
         ).logits
         return TeacherLogits.dense(logits_btv[:, :-1])
 

@@ -16,6 +16,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 from trl import SFTTrainer
 
 from align.losses.distill import AlphaSchedule, DistillLossSettings, distillation_loss
+from align.vision import image_inputs
 
 # The per-step values of `DistillOutput` that go to metrics.jsonl / TensorBoard (as train/<name>).
 LOGGED = ("soft_loss", "hard_loss", "effective_alpha", "teacher_kl")
@@ -54,11 +55,13 @@ class DistillTrainer(SFTTrainer):
             inputs = self.sampler.resample(self.accelerator.unwrap_model(model), inputs, step)
             num_items_in_batch = None
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        images = image_inputs(inputs)
         outputs = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
             use_cache=False,
             **extra,
+            **images,
         )
         # Shift: position t predicts token t + 1.
         student_logits_btv = outputs.logits[:, :-1]
@@ -66,7 +69,9 @@ class DistillTrainer(SFTTrainer):
         out = distillation_loss(
             student_logits_btv,
             labels_bt,
-            teacher=self.teacher(inputs["input_ids"], inputs["attention_mask"], labels_bt),
+            teacher=self.teacher(
+                inputs["input_ids"], inputs["attention_mask"], labels_bt, **images
+            ),
             config=self.on_policy_loss if on_policy else self.loss_config,
             step=step,
             total_steps=max(self.state.max_steps, 1),
@@ -85,10 +90,11 @@ class DistillTrainer(SFTTrainer):
         if self.aux_loss_enabled:
             # MoE load balancing as SFTTrainer adds it: a per-micro-batch mean, averaged over
             # the accumulation steps.
+            text = self.model.config.get_text_config()
             aux_loss = load_balancing_loss_func(
                 outputs.router_logits,
-                self.model.config.num_experts,
-                self.model.config.num_experts_per_tok,
+                text.num_experts,
+                text.num_experts_per_tok,
                 inputs["attention_mask"],
             )
             steps = self.current_gradient_accumulation_steps if num_items_in_batch else 1
