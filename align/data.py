@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset, load_from_disk
 
 from align.config import UnreadableFile, check_input_file, read_input_file
-from align.vision import IMAGES_COLUMN, ImageError, has_images, load_images
+from align.vision import IMAGES_COLUMN, ImageError, has_images, image_folder, load_images
 
 log = logging.getLogger(__name__)
 
@@ -511,14 +511,12 @@ def load_dataset_file(
 def _check_images(row: dict, path: Path, wanted: bool, max_images: int) -> None:
     if not wanted:
         raise DataError(
-            "rows with images are not taken here yet: the stages are text-only until the "
-            "multimodal path is built (docs/multimodal.md)",
+            "rows with images are read only where a vision-language model reads them (this "
+            "stage's model or plug-in reads none; docs/multimodal.md)",
             field=IMAGES_COLUMN,
         )
     try:
-        # Relative image paths are read from the dataset file's folder (a save_to_disk
-        # directory holds its images).
-        load_images(row, path if path.is_dir() else path.parent, max_images)
+        load_images(row, image_folder(path), max_images)
     except ImageError as error:
         raise DataError(str(error), field=IMAGES_COLUMN) from None
 

@@ -386,8 +386,8 @@ def check_checkpoint(
         length_key: the config key of `max_model_len`, named in the error.
         causal: whether the checkpoint must be a causal language model (a reward model, a
             sequence classifier, need not be).
-        vision: whether a vision-language model (image-text-to-text) is taken too: where only
-            vLLM serves it (evaluation); the training stages take causal LMs only so far.
+        vision: whether a vision-language model (image-text-to-text) is taken too (every
+            stage takes one; plug-ins' checkpoints are causal LMs or classifiers).
 
     Returns:
         The checkpoint's config.
@@ -523,12 +523,21 @@ def read_config(path: str | Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
 
 
+def _auto_class(config: PretrainedConfig):
+    """The transformers auto class the toolkit builds a checkpoint's model with: a causal LM,
+    or a vision-language model (image-text-to-text) with its vision tower."""
+    return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+
+
+def decoder_layers(model: PreTrainedModel):
+    """The decoder layers of a causal LM, or of a vision-language model's language model."""
+    return getattr(model.model, "language_model", model.model).layers
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Loads a local Hugging Face checkpoint (safetensors only, no remote code): a causal LM,
     or a vision-language model (image-text-to-text) with its vision tower."""
-    config = read_config(path)
-    auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
-    model = auto.from_pretrained(
+    model = _auto_class(read_config(path)).from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
     )
     return _for_training(model)
@@ -542,9 +551,8 @@ def empty_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrai
     whole model on its device.
     """
     config = read_config(path)
-    auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
     with torch.device("meta"):
-        model = auto.from_config(config, dtype=dtype, trust_remote_code=False)
+        model = _auto_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
     return _for_training(model)
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
+from align.vision import IMAGE_ITEM
+
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
 # Content of a tag pair that holds no further opening tag: "<answer>1<answer>2</answer>" -> "2".
@@ -500,7 +502,7 @@ def _user(row: dict) -> list[dict]:
     """The user turn of a problem; a visual one's image comes first (TRL's content items)."""
     if "scene" not in row:
         return [{"role": "user", "content": row["prompt"]}]
-    content = [{"type": "image"}, {"type": "text", "text": row["prompt"]}]
+    content = [dict(IMAGE_ITEM), {"type": "text", "text": row["prompt"]}]
     return [{"role": "user", "content": content}]
 
 

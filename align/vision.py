@@ -25,6 +25,7 @@ import contextlib
 import importlib.machinery
 import importlib.util
 import io
+import logging
 import os
 import sys
 import types
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from align.config import UnreadableFile, read_input_file
+
+log = logging.getLogger(__name__)
 
 # The column of a row's images, and the content item that places one in a message (TRL's).
 IMAGES_COLUMN = "images"
@@ -178,12 +181,17 @@ def load_images(row: dict, base_dir: str | Path | None = None, max_images: int =
 VISION_MODULES = ("visual", "vision_model", "vision_tower", "multi_modal_projector")
 
 
+def in_vision_tower(name: str) -> bool:
+    """Whether a parameter name belongs to a vision tower or projector (`VISION_MODULES`)."""
+    return any(part in VISION_MODULES for part in name.split("."))
+
+
 def freeze_vision(model) -> int:
     """Freezes the vision tower and projector of a vision-language model (the language model
     alone learns, as `train_vision: false` asks); returns how many parameters were frozen."""
     frozen = 0
     for name, parameter in model.named_parameters():
-        if any(part in VISION_MODULES for part in name.split(".")):
+        if in_vision_tower(name):
             parameter.requires_grad_(False)
             frozen += parameter.numel()
     return frozen
@@ -197,26 +205,46 @@ def load_processor(path: str | Path):
     return AutoProcessor.from_pretrained(str(path), trust_remote_code=False)
 
 
+def vision_training(model, path: str | Path, train_vision: bool):
+    """What a trainer of `model` (loaded from `path`) needs for images: for a vision-language
+    model its processor (which reads the images and is saved with the model, image settings
+    included, so that vLLM serves the result), its tower frozen unless `train_vision`; None
+    for a text model."""
+    from align.modeling import is_vision_language
+
+    if not is_vision_language(model.config):
+        return None
+    if not train_vision:
+        log.info("vision tower frozen: %d parameters", freeze_vision(model))
+    return load_processor(path)
+
+
+def image_folder(data_path: str | Path) -> Path:
+    """Where a dataset's relative image paths are read from: the file's folder (a
+    `save_to_disk` directory holds its images)."""
+    path = Path(data_path)
+    return path if path.is_dir() else path.parent
+
+
 def rows_images(rows: list[dict], data_path: str | Path, max_images: int = 8) -> list | None:
     """Every row's images (an empty list for a row without any), read as `load_images` does
     with relative paths from the dataset's folder; None when no row has images."""
     if not any(has_images(row) for row in rows):
         return None
-    path = Path(data_path)
-    folder = path if path.is_dir() else path.parent
-    return [load_images(row, folder, max_images) or [] for row in rows]
+    return [load_images(row, image_folder(data_path), max_images) or [] for row in rows]
 
 
-def training_rows(dataset, columns: list[str], data_path: str | Path):
-    """`dataset`'s `columns`, plus its rows' decoded RGB images when any row has images (as
-    TRL's vision collators hand them to the processor); a `datasets.Dataset`."""
+def training_rows(dataset, columns: list[str], data_path: str | Path, images: bool):
+    """`dataset`'s `columns`, plus, with `images` (a vision-language model) and where any row
+    has images, its rows' decoded RGB images, as TRL's vision collators hand them to the
+    processor; a `datasets.Dataset`."""
     from datasets import Dataset
 
     rows = dataset.select_columns(columns)
-    images = rows_images(list(dataset), data_path)
-    if images is None:
+    pictures = rows_images(list(dataset), data_path) if images else None
+    if pictures is None:
         return rows
-    return Dataset.from_dict({**rows.to_dict(), IMAGES_COLUMN: images})
+    return Dataset.from_dict({**rows.to_dict(), IMAGES_COLUMN: pictures})
 
 
 # A vision-language model's inputs besides the ids, as TRL's vision collators return them.

@@ -83,7 +83,7 @@ from align.training import (
     trainer_arguments,
     watch,
 )
-from align.vision import freeze_vision, image_inputs, load_processor, training_rows
+from align.vision import image_inputs, training_rows, vision_training
 from pipelines import evaluate, frame
 
 log = logging.getLogger(__name__)
@@ -261,11 +261,7 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
         # 2. Data, fitted to the token budget.
         tokenizer = AutoTokenizer.from_pretrained(config.student)
         counts = [token_count(tokenizer, row["prompt"], row["completion"]) for row in dataset]
-        columns = ["prompt", "completion"]
-        if vision:
-            train = training_rows(dataset, columns, config.data)
-        else:
-            train = dataset.select_columns(columns)
+        train = training_rows(dataset, ["prompt", "completion"], config.data, vision)
         rows, tokens = fit_budget(train, counts, config.train, "rows")
         return rows, {"data": data_report, "budget_tokens": tokens, "teacher": config.teacher.model}
 
@@ -291,24 +287,17 @@ def fit(
     out = Path(config.runs_dir) / config.name
     tokenizer = AutoTokenizer.from_pretrained(config.student)
     model = load_model(config.student, model_dtype(config.train, config.lora))
-    vision = is_vision_language(model.config)
+    processor = vision_training(model, config.student, config.train.train_vision)
+    processing = processor or tokenizer
     heldout_rows = None
     if config.heldout_sft is not None:
+        vision = processor is not None
         heldout_rows, _ = load_dataset_file(
             config.heldout_sft, "sft", config.on_error, images=vision
         )
-        columns = ["prompt", "completion"]
-        if vision:
-            heldout_rows = training_rows(heldout_rows, columns, config.heldout_sft)
-        else:
-            heldout_rows = heldout_rows.select_columns(columns)
-    processing = tokenizer
-    if vision:
-        # The processor reads the images (see align sft); the student's tower stays frozen
-        # unless train.train_vision.
-        processing = load_processor(config.student)
-        if not config.train.train_vision:
-            log.info("vision tower frozen: %d parameters", freeze_vision(model))
+        heldout_rows = training_rows(
+            heldout_rows, ["prompt", "completion"], config.heldout_sft, vision
+        )
     # The trainer; its teacher is set once the tokenised rows exist (offline cache).
     args = SFTConfig(
         **trainer_arguments(config.train, out / "checkpoints", model, config.placement),

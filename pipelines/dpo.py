@@ -62,13 +62,7 @@ from align.training import (
     trainer_arguments,
     watch,
 )
-from align.vision import (
-    IMAGES_COLUMN,
-    freeze_vision,
-    load_processor,
-    rows_images,
-    training_rows,
-)
+from align.vision import IMAGES_COLUMN, rows_images, training_rows, vision_training
 from pipelines import evaluate, frame
 
 log = logging.getLogger(__name__)
@@ -237,14 +231,9 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
             )
             for row in dataset
         ]
-        columns = ["prompt", "chosen", "rejected"]
         source = config.data if config.pairs is None else config.pairs.prompts
-        if vision:
-            pairs = training_rows(dataset, columns, source)
-        else:
-            pairs = dataset.select_columns(columns)
         dataset, tokens = fit_budget(
-            pairs,
+            training_rows(dataset, ["prompt", "chosen", "rejected"], source, vision),
             [chosen + rejected for chosen, rejected in lengths],
             config.train,
             "pairs",
@@ -272,13 +261,9 @@ def fit(
     """Steps 4-5 of `run`, on each rank: trains on the prepared pairs, resuming from `resume`,
     and saves the checkpoint vLLM loads (rank 0, with `facts` in its result)."""
     out = Path(config.runs_dir) / config.name
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
     model = load_model(config.model, model_dtype(config.train, config.lora))
-    if is_vision_language(model.config):
-        # The processor reads the images; it is saved with the model (see align sft).
-        tokenizer = load_processor(config.model)
-        if not config.train.train_vision:
-            log.info("vision tower frozen: %d parameters", freeze_vision(model))
+    processor = vision_training(model, config.model, config.train.train_vision)
+    tokenizer = processor or AutoTokenizer.from_pretrained(config.model)
     trainer = build_trainer(config, model, tokenizer, dataset, out)
     launch.check_joined(trainer)
     for callback in callbacks or []:

@@ -43,7 +43,7 @@ from align.training import (
     trainer_arguments,
     watch,
 )
-from align.vision import freeze_vision, load_processor, training_rows
+from align.vision import training_rows, vision_training
 from pipelines import evaluate, frame
 from pipelines import filter as filter_stage
 
@@ -138,8 +138,9 @@ def run(config: Config, callbacks: list | None = None) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         columns = TRAIN_COLUMNS[schema]
         counts = [token_count(tokenizer, *(row[c] for c in columns)) for row in dataset]
-        train = training_rows(dataset, columns, data) if vision else dataset.select_columns(columns)
-        rows, tokens = fit_budget(train, counts, config.train, "rows")
+        rows, tokens = fit_budget(
+            training_rows(dataset, columns, data, vision), counts, config.train, "rows"
+        )
         report = {**data_report, "rows_after_filters": len(counts)}
         return rows, {"data": report, "budget_tokens": tokens}
 
@@ -161,13 +162,9 @@ def fit(
     from `resume`, and saves the checkpoint vLLM loads (rank 0, with `facts` in its result)."""
     out = Path(config.runs_dir) / config.name
     model = load_model(config.model, model_dtype(config.train, config.lora))
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    if is_vision_language(model.config):
-        # The processor reads the images and applies the chat template; it is saved with the
-        # model (image processor settings included) so that vLLM serves the result.
-        tokenizer = load_processor(config.model)
-        if not config.train.train_vision:
-            log.info("vision tower frozen: %d parameters", freeze_vision(model))
+    # A vision-language model's processor reads the images and applies the chat template.
+    processor = vision_training(model, config.model, config.train.train_vision)
+    tokenizer = processor or AutoTokenizer.from_pretrained(config.model)
     args = SFTConfig(
         **trainer_arguments(config.train, out / "checkpoints", model, config.placement),
         packing=config.packing,

@@ -55,6 +55,7 @@ from align.losses.policy import PolicyLossSettings, advantages, policy_loss
 from align.modeling import (
     checkpoint_dtype,
     count_parameters,
+    decoder_layers,
     empty_model,
     is_vision_language,
     load_model,
@@ -309,10 +310,8 @@ def token_logprobs(model, input_ids_bt, attention_mask_bt, **inputs) -> torch.Te
 def shard_units(model) -> list:
     """The modules sharded one by one before the root: the decoder layers (a vision-language
     model's language model's), and a vision tower's blocks."""
-    inner = model.model
-    text = getattr(inner, "language_model", inner)
-    units = list(text.layers)
-    visual = getattr(inner, "visual", None)
+    units = list(decoder_layers(model))
+    visual = getattr(model.model, "visual", None)
     if visual is not None:
         units += list(visual.blocks)
     return units

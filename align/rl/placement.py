@@ -144,13 +144,12 @@ class ModelShape:
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> ModelShape:
         """Counts the parameters of the architecture in `path`/config.json on the meta device."""
-        from align.modeling import empty_model, read_config
+        from align.modeling import decoder_layers, empty_model, read_config
 
         config = read_config(path)
         model = empty_model(path)
-        # A vision-language model's decoder layers are its language model's; its vision tower
-        # counts with the root (embeddings, head).
-        layers = getattr(model.model, "language_model", model.model).layers
+        # A vision-language model's vision tower counts with the root (embeddings, head).
+        layers = decoder_layers(model)
         per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
         total = sum(p.numel() for p in model.parameters())
         return cls(

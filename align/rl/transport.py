@@ -95,14 +95,14 @@ def checkpoint_layers(
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     from align.modeling import checkpoint_expert_layout
-    from align.vision import VISION_MODULES
+    from align.vision import in_vision_tower
 
     state = model.state_dict()
     if trained_only:
         frozen = {
             name
             for name, parameter in model.named_parameters()
-            if not parameter.requires_grad and set(name.split(".")) & set(VISION_MODULES)
+            if not parameter.requires_grad and in_vision_tower(name)
         }
         state = {name: value for name, value in state.items() if name not in frozen}
     rank0 = not dist.is_initialized() or dist.get_rank() == 0

@@ -75,7 +75,7 @@ class RolloutWorker:
             temperature=self.sampling.temperature,
             max_new_tokens=self.sampling.max_new_tokens,
             seed=seed,
-            images=[p["images"] for p in prompts] if prompts and "images" in prompts[0] else None,
+            images=_images(prompts),
         )
         prompt_ids = encode_prompts(self.tokenizer, [row["prompt"] for row in rows])
         g = self.sampling.samples
@@ -139,8 +139,7 @@ class RolloutWorker:
             seed=seed,
         )
         rows = [{**p["row"], "prompt": p["prompt"]} for p in prompts]
-        images = [p["images"] for p in prompts] if prompts and "images" in prompts[0] else None
-        return [result.rate for result in scorer.score(rows, images=images)]
+        return [result.rate for result in scorer.score(rows, images=_images(prompts))]
 
     def evaluate(self, rows: list[dict[str, Any]], **settings) -> dict:
         """Held-out evaluation of the current weights (see `align.evaluate.evaluate`), the
@@ -148,3 +147,8 @@ class RolloutWorker:
         from align.evaluate import evaluate
 
         return evaluate(self.llm, self.tokenizer, rows, rewards=self.rewards, **settings)
+
+
+def _images(prompts: list[dict[str, Any]]) -> list[list] | None:
+    """The prompts' images, for a vision-language engine (None: the prompts carry none)."""
+    return [p["images"] for p in prompts] if prompts and "images" in prompts[0] else None
