@@ -209,10 +209,15 @@ def _llama4_routed_forward(self, hidden_states: torch.Tensor):
     """Llama4TextMoe.forward computing each token's chosen experts only.
 
     transformers' forward runs every token through every expert and multiplies the inputs of
-    the unchosen ones by a router score of exactly 0 (sigmoid(-inf)); this one gathers each
-    expert's tokens and runs only those, as vLLM does. Same outputs and gradients up to the
-    order of floating-point sums; with E experts and top-k routing the routed experts cost k/E
+    the unchosen ones by a router score of exactly 0 (sigmoid(-inf)); this one runs only the
+    chosen ones, as vLLM does. Same outputs and gradients up to the order of floating-point sums
+    (bit-equal with top-1 routing); with E experts and top-k routing the routed experts cost k/E
     of the dense path.
+
+    The (token, slot) pairs are sorted by expert once, so a layer costs one host sync (the
+    group sizes) and one scatter of the results, whatever the expert count; each expert's
+    weights are its slice of an `unbind`, whose backward writes every expert's gradient in one
+    stack instead of a zero-filled full-size tensor per expert.
     """
     x_td = hidden_states.reshape(-1, self.hidden_dim)
     scores_te, logits_te = self.router(x_td)
@@ -220,15 +225,21 @@ def _llama4_routed_forward(self, hidden_states: torch.Tensor):
     chosen_tk = torch.topk(logits_te, self.router.top_k, dim=1).indices
     out_td = self.shared_expert(x_td)
     experts = self.experts
-    for expert in chosen_tk.unique().tolist():
-        token_n, slot_n = torch.where(chosen_tk == expert)
-        # As transformers does: the score scales the expert's input, not its output.
-        routed_nd = x_td[token_n] * scores_te[token_n, chosen_tk[token_n, slot_n], None]
-        gate_nf, up_nf = (routed_nd @ experts.gate_up_proj[expert]).chunk(2, dim=-1)
-        out_td = out_td.index_add(
-            0, token_n, (up_nf * experts.act_fn(gate_nf)) @ experts.down_proj[expert]
-        )
-    return out_td, logits_te
+    expert_n = chosen_tk.reshape(-1)  # n = t * k (token, slot) pairs, token-major
+    order_n = torch.argsort(expert_n, stable=True)
+    token_n = order_n // chosen_tk.shape[1]
+    sizes = torch.bincount(expert_n, minlength=self.num_experts).tolist()
+    # As transformers does: the score scales the expert's input, not its output.
+    routed_nd = x_td[token_n] * scores_te.gather(1, chosen_tk).reshape(-1)[order_n, None]
+    gate_up, down = experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0)
+    outs = []
+    for expert, rows_md in enumerate(routed_nd.split(sizes)):
+        if sizes[expert]:
+            gate_mf, up_mf = (rows_md @ gate_up[expert]).chunk(2, dim=-1)
+            outs.append((up_mf * experts.act_fn(gate_mf)) @ down[expert])
+    if not outs:  # no tokens
+        return out_td, logits_te
+    return out_td.index_add(0, token_n, torch.cat(outs)), logits_te
 
 
 def route_sparsely(model: nn.Module) -> int:

@@ -19,7 +19,15 @@ from align.losses.policy import KINDS, PolicyLossSettings
 from align.modeling import build_model, load_model
 from align.moe import balance_terms
 from align.rl import transport
-from align.rl.learner import LearnerRank, LearnerSettings, free_address, split_batch, token_logprobs
+from align.rl.learner import (
+    LearnerRank,
+    LearnerSettings,
+    Row,
+    collate,
+    free_address,
+    split_batch,
+    token_logprobs,
+)
 from align.rl.rollout import Rollout
 from align.runs import NonFiniteError
 from align.training import LoraSettings
@@ -141,6 +149,32 @@ def test_the_behaviour_gap_of_on_policy_groups_is_zero_at_the_first_step(student
     rank = start_rank(student_dir, LearnerSettings(), PolicyLossSettings())
     metrics = step(rank, on_policy_groups(load_model(student_dir), groups=2))
     assert metrics["policy/behaviour_gap"] < 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILY_PRESETS)
+def test_a_padded_micro_batch_scores_every_row_as_the_row_alone(checkpoints, family):
+    # The learner scores collated rows without an attention mask (right padding under causal
+    # attention): each row's logprobs must equal the row's own, whatever its neighbours' length.
+    model = load_model(checkpoints[family])
+    pad_id = model.config.get_text_config().pad_token_id
+    generator = torch.Generator().manual_seed(0)
+    rows = [
+        Row(
+            torch.randint(5, 60, (p,), generator=generator).tolist(),
+            torch.randint(5, 60, (c,), generator=generator).tolist(),
+            [0.0] * c,
+            1.0,
+        )
+        for p, c in [(4, 9), (7, 2), (3, 1), (5, 5)]
+    ]
+    batch = collate(rows, pad_id)
+    assert batch.input_ids_bt.shape == (4, 13) and int(batch.attention_mask_bt.sum()) == 36
+    with torch.no_grad():
+        logp_bt = token_logprobs(model, batch.input_ids_bt)
+        for b, row in enumerate(rows):
+            ids = row.prompt_ids + row.completion_ids
+            alone = token_logprobs(model, torch.tensor([ids]))[0]
+            torch.testing.assert_close(logp_bt[b, : len(ids) - 1], alone, rtol=0, atol=1e-5)
 
 
 def test_micro_batches_give_the_same_gradient(student_dir):

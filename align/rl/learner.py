@@ -294,9 +294,14 @@ class ImageInputs:
         }
 
 
-def token_logprobs(model, input_ids_bt, attention_mask_bt, **inputs) -> torch.Tensor:
+def token_logprobs(model, input_ids_bt, attention_mask_bt=None, **inputs) -> torch.Tensor:
     """Logprob of each next token under `model` (b x (t - 1)); `inputs`: the model's other
-    inputs (a vision-language model's pixel values)."""
+    inputs (a vision-language model's pixel values).
+
+    Rows padded on the right (as `collate` pads them) need no attention mask: under causal
+    attention no real token sees a later position, so the scores of real tokens are the same
+    without it, and attention takes its causal path instead of building a b x t x t mask.
+    """
     logits_btv = model(input_ids=input_ids_bt, attention_mask=attention_mask_bt, **inputs).logits[
         :, :-1
     ]
@@ -525,7 +530,6 @@ class LearnerRank:
         for k, rows in enumerate(part.micro_batches):
             batch = collate(rows, self.pad_id, self.images)
             ids_bt = batch.input_ids_bt.to(self.device)
-            attn_bt = batch.attention_mask_bt.to(self.device)
             vision = {name: value.to(self.device) for name, value in batch.vision.items()}
             mask_bt = batch.mask_bt.to(self.device)
             behaviour_bt = batch.behaviour_bt.to(self.device)
@@ -534,9 +538,9 @@ class LearnerRank:
             ref_bt = None
             if self.reference is not None:
                 with torch.no_grad():
-                    ref_bt = token_logprobs(self.reference, ids_bt, attn_bt, **vision)
+                    ref_bt = token_logprobs(self.reference, ids_bt, **vision)
                 self.router_logits.take()  # not this step's routing
-            logp_bt = token_logprobs(self.model, ids_bt, attn_bt, **vision)
+            logp_bt = token_logprobs(self.model, ids_bt, **vision)
             router_logits = self.router_logits.take()
             out = policy_loss(
                 self.loss,
@@ -579,7 +583,6 @@ class LearnerRank:
                     keep = slice(None) if vision else slice(0, ROUTING_SAMPLE)
                     first = (
                         ids_bt[keep],
-                        attn_bt[keep],
                         batch.real_bt[keep],
                         [r.detach().topk(self.top_k, dim=-1).indices for r in router_logits],
                         vision,
@@ -670,7 +673,7 @@ class LearnerRank:
 
     @torch.no_grad()
     def _routing_change(
-        self, ids_bt, attn_bt, real_bt, before_lk: list[torch.Tensor], vision: dict
+        self, ids_bt, real_bt, before_lk: list[torch.Tensor], vision: dict
     ) -> float:
         """Share of (real token, MoE layer) pairs whose top-k experts this update changed, over
         every rank's sample.
@@ -678,7 +681,7 @@ class LearnerRank:
         It is also how often vLLM and the learner route a token differently for a group one
         version stale: weight sync is exact, so routing differs only through the update.
         """
-        self.model(input_ids=ids_bt, attention_mask=attn_bt, **vision)
+        self.model(input_ids=ids_bt, **vision)  # right-padded rows (`token_logprobs`)
         keep_t = real_bt.reshape(-1).bool().to(self.device)
         changed, total = 0, 0
         for before_tk, logits_te in zip(before_lk, self.router_logits.take(), strict=True):
