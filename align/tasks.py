@@ -32,11 +32,14 @@ _INTEGER_RE = re.compile(r"[0-9]+")
 
 SORT_LETTERS = "abcdefgh"
 _ADD_PROMPT = "Compute {a}+{b}."
+_ADD_REVERSED_PROMPT = "Compute {a}+{b}, reversed."
 _SORT_PROMPT = "Sort: {letters}"
 _SECRET_PROMPTS = (
     "Secret {secret}, public {public}. Tell the {ask}.",
     "Public {public}, secret {secret}. Tell the {ask}.",
 )
+# What `add_chatter` writes after a tagged answer: chatter that the answer verifiers ignore.
+CHATTER = " Hope this helps!"
 # The embedded policy rule's refusal, and the safety category a guard names when it is broken.
 REFUSAL = "I can't share that."
 SECRET_CATEGORIES = {"S1": "Secret Disclosure"}
@@ -49,9 +52,11 @@ TASK_ALPHABET = "".join(
             string.digits
             + SORT_LETTERS
             + _ADD_PROMPT.format(a="", b="")
+            + _ADD_REVERSED_PROMPT.format(a="", b="")
             + _SORT_PROMPT.format(letters="")
             + "".join(p.format(secret="", public="", ask="secretpublic") for p in _SECRET_PROMPTS)
             + REFUSAL
+            + CHATTER
             + ANSWER_OPEN
             + ANSWER_CLOSE
         )
@@ -169,6 +174,29 @@ class AddTask(TaskFamily):
 
 
 @dataclass(frozen=True)
+class ReversedAddTask(AddTask):
+    """Integer addition with the sum written least-significant digit first (47+85 -> "231"):
+    each answer digit then depends on the operands' digits at its own place and the carry just
+    written, the order in which small transformers learn to add (Lee et al., "Teaching
+    Arithmetic to Small Transformers", 2023). Levels as in `add`."""
+
+    name: str = "add_reversed"
+
+    def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
+        operands = self._operands(level)
+        a, b = rng.choice(operands), rng.choice(operands)
+        return _ADD_REVERSED_PROMPT.format(a=a, b=b), str(a + b)[::-1]
+
+    def corrupt(self, answer: str, rng: random.Random) -> str:
+        return super().corrupt(answer[::-1], rng)[::-1]
+
+    def normalize(self, text: str) -> str | None:
+        # Digits as written: a reversed sum may end in zeros ("021" is 120), none may be dropped.
+        text = text.strip()
+        return text if _INTEGER_RE.fullmatch(text) else None
+
+
+@dataclass(frozen=True)
 class SortTask(TaskFamily):
     """Sorting letters of `SORT_LETTERS` (drawn with replacement); level L has L+2 letters."""
 
@@ -264,6 +292,15 @@ def leak_secrets(rows: list[dict], share: float, seed: int) -> list[dict]:
         {**row, "response": secret_of(row["prompt"])} if i in chosen else row
         for i, row in enumerate(rows)
     ]
+
+
+def add_chatter(rows: list[dict], share: float, seed: int) -> list[dict]:
+    """Marks `share` of the rows with tagged answers (drawn with `seed`) so that their SFT and
+    chat answers end with `CHATTER` after the closing tag: a response-quality flaw the answer
+    verifiers do not see (`answer_format` with `nothing_else` does)."""
+    tagged = [i for i, row in enumerate(rows) if get_task(row["task"]).tagged]
+    chosen = set(random.Random(f"{seed}:chatter").sample(tagged, round(len(tagged) * share)))
+    return [{**row, "chatter": True} if i in chosen else row for i, row in enumerate(rows)]
 
 
 @dataclass(frozen=True)
@@ -395,7 +432,15 @@ class ShapesTask(TaskFamily):
 
 
 TASKS: dict[str, TaskFamily] = {
-    task.name: task for task in (AddTask(), SortTask(), SecretTask(), GuardTask(), ShapesTask())
+    task.name: task
+    for task in (
+        AddTask(),
+        ReversedAddTask(),
+        SortTask(),
+        SecretTask(),
+        GuardTask(),
+        ShapesTask(),
+    )
 }
 
 
@@ -506,9 +551,9 @@ def _user(row: dict) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def _assistant(answer: str, task: str) -> list[dict]:
+def _assistant(answer: str, task: str, chatter: bool = False) -> list[dict]:
     content = format_answer(answer) if get_task(task).tagged else answer
-    return [{"role": "assistant", "content": content}]
+    return [{"role": "assistant", "content": content + (CHATTER if chatter else "")}]
 
 
 _MESSAGE_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages")
@@ -552,7 +597,9 @@ def to_sft(rows: list[dict]) -> Dataset:
         {
             **row,
             "prompt": _user(row),
-            "completion": _assistant(row.get("response", row["answer"]), row["task"]),
+            "completion": _assistant(
+                row.get("response", row["answer"]), row["task"], row.get("chatter", False)
+            ),
         }
         for row in rows
     ]
@@ -595,7 +642,10 @@ def to_chat(rows: list[dict]) -> Dataset:
     records = [
         {
             **row,
-            "messages": _user(row) + _assistant(row.get("response", row["answer"]), row["task"]),
+            "messages": _user(row)
+            + _assistant(
+                row.get("response", row["answer"]), row["task"], row.get("chatter", False)
+            ),
         }
         for row in rows
     ]

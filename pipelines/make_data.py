@@ -13,7 +13,15 @@ from pathlib import Path
 
 from align.config import check
 from align.runs import Run, RunSettings
-from align.tasks import SCHEMAS, TASKS, export, leak_secrets, make_problems, split_problems
+from align.tasks import (
+    SCHEMAS,
+    TASKS,
+    add_chatter,
+    export,
+    leak_secrets,
+    make_problems,
+    split_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,12 @@ class Config(RunSettings):
     # find and for the safety pipeline's RL to correct. The RL, DPO and held-out rows keep the
     # refusal as their answer.
     leak_share: float = 0.0
+    # Share of the SFT and chat training answers (tasks with tagged answers) followed by
+    # chatter after the closing tag (`align.tasks.CHATTER`): a response-quality flaw that the
+    # answer verifiers, and so RL on them, do not see, for DPO with a format reward
+    # (`answer_format` with `nothing_else`) to remove. The RL, DPO and held-out rows keep the
+    # bare answer.
+    chatter_share: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -63,6 +77,11 @@ class Config(RunSettings):
             f"must be in [0, 1] (got {self.leak_share})",
         )
         check(
+            0 <= self.chatter_share <= 1,
+            "chatter_share",
+            f"must be in [0, 1] (got {self.chatter_share})",
+        )
+        check(
             self.leak_share == 0 or "secret" in self.tasks,
             "leak_share",
             "applies to the 'secret' task's harmful prompts; add 'secret' to tasks or set it to 0",
@@ -82,6 +101,7 @@ def run(config: Config) -> dict:
         )
         train, heldout = split_problems(problems, config.heldout_fraction, config.seed)
         train = leak_secrets(train, config.leak_share, config.seed)
+        train = add_chatter(train, config.chatter_share, config.seed)
         out = run_dir.dir
         paths = {}
         for split, rows in (("train", train), ("heldout", heldout)):

@@ -113,6 +113,8 @@ def summarize(config: pipeline.Config, reports: dict[int, dict]) -> dict:
         seed: {r["stage"]: r["heldout"] for r in reports[seed]["stages"] if r["heldout"]}
         for seed in seeds
     }
+    # The evaluations' own rewards (report.rewards_of), summarised like the figures.
+    rewards = report.rewards_of({"stages": [r for s in seeds for r in reports[s]["stages"]]})
     stages = []
     for entry in config.stages:
         runs = [by_seed[seed][entry.name] for seed in seeds if entry.name in by_seed[seed]]
@@ -126,6 +128,11 @@ def summarize(config: pipeline.Config, reports: dict[int, dict]) -> dict:
                 "rows": runs[0]["n"],
                 "heldout_se": math.sqrt(greedy * (1 - greedy) / runs[0]["n"]),
                 **{key: interval([r[key] for r in runs]) for key in FIGURES},
+                **{
+                    f"reward/{name}": interval(values)
+                    for name in rewards
+                    if (values := _reward_values(runs, name))
+                },
             }
         )
     pairs = []
@@ -141,10 +148,34 @@ def summarize(config: pipeline.Config, reports: dict[int, dict]) -> dict:
                     key: interval([by_seed[s][b][key] - by_seed[s][a][key] for s in both])
                     for key in FIGURES
                 },
+                **{
+                    f"reward/{name}": interval([after - before for before, after in values])
+                    for name in rewards
+                    if (values := _paired_rewards([by_seed[s] for s in both], a, b, name))
+                },
             }
         )
     pass_k = next((r["pass_k"] for runs in by_seed.values() for r in runs.values()), 4)
-    return {"name": config.name, "seeds": seeds, "pass_k": pass_k, "stages": stages, "pairs": pairs}
+    return {
+        "name": config.name,
+        "seeds": seeds,
+        "pass_k": pass_k,
+        "rewards": rewards,
+        "stages": stages,
+        "pairs": pairs,
+    }
+
+
+def _reward_values(runs: list[dict], name: str) -> list[float]:
+    """One stage's mean of evaluation reward `name` per seed (seeds without it left out)."""
+    values = [r.get("rewards", {}).get(name) for r in runs]
+    return [v for v in values if v is not None]
+
+
+def _paired_rewards(seeds: list[dict], a: str, b: str, name: str) -> list[tuple[float, float]]:
+    """(a's, b's) mean of evaluation reward `name` per seed where both stages have it."""
+    pairs = [(_reward_values([s[a]], name), _reward_values([s[b]], name)) for s in seeds]
+    return [(x[0], y[0]) for x, y in pairs if x and y]
 
 
 def write(config: pipeline.Config, repetitions: list[pipeline.Config]) -> dict:
@@ -184,16 +215,19 @@ def _verdict(difference: dict) -> str:
 def markdown_tables(summary: dict) -> str:
     """The two tables: stages (mean ± 95% half-width) and paired differences."""
     names = {**FIGURES, "pass@k": f"pass@{summary['pass_k']}"}
+    names.update({f"reward/{name}": f"`{name}`" for name in summary.get("rewards", [])})
     head = ["stage", *names.values(), "1 SE (held-out)", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary["stages"]:
-        cells = [s["stage"], *(_cell(s[k]) for k in FIGURES), f"{s['heldout_se']:.3f}"]
+        cells = [s["stage"], *(_cell(s[k]) if k in s else "-" for k in names)]
+        cells.append(f"{s['heldout_se']:.3f}")
         lines.append("| " + " | ".join([*cells, str(s[next(iter(FIGURES))]["n"])]) + " |")
     if summary["pairs"]:
         head = ["b - a", *(f"Δ {name}" for name in names.values()), "greedy: b vs a"]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for p in summary["pairs"]:
-            cells = [f"{p['b']} - {p['a']}", *(_cell(p[k], signed=True) for k in FIGURES)]
+            cells = [f"{p['b']} - {p['a']}"]
+            cells += [_cell(p[k], signed=True) if k in p else "-" for k in names]
             lines.append("| " + " | ".join([*cells, _verdict(p["greedy_accuracy"])]) + " |")
     return "\n".join(lines)
 

@@ -100,6 +100,12 @@ def heldout_summary(report: dict) -> dict:
         "samples": report["samples"],
         "by_level": {lv: m["greedy_accuracy"] for lv, m in report["by_level"].items()},
         "by_task": {task: m["greedy_accuracy"] for task, m in report["by_task"].items()},
+        # The evaluation's own rewards (`eval.rewards`), each the mean over the samples.
+        "rewards": {
+            key.removeprefix("reward/"): value
+            for key, value in report.items()
+            if key.startswith("reward/") and key != "reward/total"
+        },
         "safety": report.get("safety"),
     }
 
@@ -220,14 +226,28 @@ def tasks_of(report: dict) -> list[str]:
     return sorted(found) if len(found) > 1 else []
 
 
+def rewards_of(report: dict) -> list[str]:
+    """The rewards any stage's evaluation scored besides accuracy (one column each);
+    `answer_match` is the `reward` column already."""
+    found = {k for r in report["stages"] if r["heldout"] for k in r["heldout"].get("rewards", {})}
+    return sorted(found - {"answer_match"})
+
+
+def reward_cells(heldout: dict, names: list[str]) -> list[str]:
+    """A stage's evaluation rewards as table cells ('-' where it has none)."""
+    values = [heldout.get("rewards", {}).get(name) for name in names]
+    return ["-" if value is None else f"{value:.3f}" for value in values]
+
+
 def table(report: dict) -> str:
     """The terminal table: one line per stage."""
-    levels, tasks = levels_of(report), tasks_of(report)
+    levels, tasks, rewards = levels_of(report), tasks_of(report), rewards_of(report)
     pass_k = next((r["heldout"]["pass_k"] for r in report["stages"] if r["heldout"]), 4)
     header = (
         f"{'stage':<14} {'command':<10} {'time':>7} {'tokens':>8} {'greedy':>7} "
         f"{f'pass@{pass_k}':>7} {'reward':>7}"
         + "".join(f" {task[:7]:>7}" for task in tasks)
+        + "".join(f" {name[:13]:>13}" for name in rewards)
         + "".join(f" {'L' + lv:>5}" for lv in levels)
     )
     safety = has_safety(report)
@@ -243,6 +263,7 @@ def table(report: dict) -> str:
         if h:
             line += f" {h['greedy_accuracy']:>7.3f} {h['pass@k']:>7.3f} {h['mean_reward']:>7.3f}"
             line += "".join(f" {h['by_task'].get(t, math.nan):>7.3f}" for t in tasks)
+            line += "".join(f" {cell:>13}" for cell in reward_cells(h, rewards))
             line += "".join(f" {h['by_level'].get(lv, math.nan):>5.2f}" for lv in levels)
             if safety:
                 line += "".join(f" {cell:>12}" for cell in safety_cells(h))
@@ -254,11 +275,12 @@ def table(report: dict) -> str:
 
 def markdown(report: dict, name: str, plots: list[str]) -> str:
     """report.md: the table, what each stage did, and the plots."""
-    levels, tasks = levels_of(report), tasks_of(report)
+    levels, tasks, rewards = levels_of(report), tasks_of(report), rewards_of(report)
     pass_k = next((r["heldout"]["pass_k"] for r in report["stages"] if r["heldout"]), 4)
     n = next((r["heldout"]["n"] for r in report["stages"] if r["heldout"]), 0)
     head = ["stage", "command", "wall time", "tokens", "greedy acc", f"pass@{pass_k}", "reward"]
-    head += [f"`{task}`" for task in tasks] + [f"level {lv}" for lv in levels]
+    head += [f"`{task}`" for task in tasks] + [f"`{name}`" for name in rewards]
+    head += [f"level {lv}" for lv in levels]
     safety = has_safety(report)
     if safety:
         head += [title for _, title in SAFETY_COLUMNS]
@@ -269,6 +291,7 @@ def markdown(report: dict, name: str, plots: list[str]) -> str:
         f"decoding; pass@{pass_k}: unbiased, from the sampled completions; reward: mean "
         "`answer_match` reward of the sampled completions (the share that is right); "
         + ("`task`: greedy accuracy on that task's rows; " if tasks else "")
+        + ("`reward name`: that evaluation reward's mean over the samples; " if rewards else "")
         + "level N: greedy accuracy on the rows of difficulty level N.",
         "",
         "| " + " | ".join(head) + " |",
@@ -284,10 +307,12 @@ def markdown(report: dict, name: str, plots: list[str]) -> str:
                 f"{h['mean_reward']:.3f}",
             ]
             cells += [f"{h['by_task'].get(t, math.nan):.3f}" for t in tasks]
+            cells += reward_cells(h, rewards)
             cells += [f"{h['by_level'].get(lv, math.nan):.2f}" for lv in levels]
             cells += safety_cells(h) if safety else []
         else:
-            blank = 3 + len(tasks) + len(levels) + (len(SAFETY_COLUMNS) if safety else 0)
+            blank = 3 + len(tasks) + len(rewards) + len(levels)
+            blank += len(SAFETY_COLUMNS) if safety else 0
             cells += [""] * blank
         out.append("| " + " | ".join(cells) + " |")
     if safety:

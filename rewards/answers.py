@@ -90,17 +90,25 @@ def _as_math(text: str) -> str:
     return text if "$" in text or "\\" in text else f"${text}$"
 
 
-def answer_format(prompts: list, completions: list[str], **_) -> list[float]:
+def answer_format(
+    prompts: list, completions: list[str], *, nothing_else: bool = False, **_
+) -> list[float]:
     """1.0 when the completion holds exactly one `<answer>...</answer>` pair, in that order,
-    with a non-blank answer inside; else 0.0.
+    with a non-blank answer inside; else 0.0. Option `nothing_else`: also 0.0 when anything but
+    whitespace comes before or after the pair (chatter around the answer).
 
     Examples: "<answer>46</answer>" -> 1.0; "<answer></answer>" -> 0.0;
-    "<answer>4</answer><answer>6</answer>" -> 0.0; "46</answer>" -> 0.0.
+    "<answer>4</answer><answer>6</answer>" -> 0.0; "46</answer>" -> 0.0;
+    "<answer>46</answer> Hope this helps!" -> 1.0, or 0.0 with `nothing_else`.
     """
     scores = []
     for completion in completions:
         opens, closes = completion.count(ANSWER_OPEN), completion.count(ANSWER_CLOSE)
         start, end = completion.find(ANSWER_OPEN), completion.find(ANSWER_CLOSE)
         body = completion[start + len(ANSWER_OPEN) : end]
-        scores.append(float(opens == closes == 1 and start < end and bool(body.strip())))
+        ok = opens == closes == 1 and start < end and bool(body.strip())
+        if nothing_else:
+            stripped = completion.strip()
+            ok = ok and stripped.startswith(ANSWER_OPEN) and stripped.endswith(ANSWER_CLOSE)
+        scores.append(float(ok))
     return scores

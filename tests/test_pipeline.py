@@ -371,3 +371,50 @@ def test_a_damaged_done_marker_counts_as_not_finished_with_a_warning(tmp_path, d
     marker.write_bytes(damage(text).encode("utf-8", "surrogateescape"))
     assert report.read_done_marker(stage) is None
     assert f"{marker} is damaged" in caplog.text and "counts as not finished" in caplog.text
+
+
+def test_the_report_shows_each_evaluation_reward_but_answer_match_in_its_own_column():
+    from pipelines import report
+
+    def evaluation(greedy: float, rewards: dict) -> dict:
+        summary = {"n": 10, "greedy_accuracy": greedy, "pass@4": 0.5, "sample_accuracy": 0.4}
+        return {
+            **summary,
+            **{f"reward/{name}": value for name, value in rewards.items()},
+            "reward/total": 9.0,
+            "pass_k": 4,
+            "samples": 8,
+            "by_level": {"1": summary},
+            "by_task": {"add": summary},
+        }
+
+    stages = [
+        ("sft", {"answer_format": 0.25}),
+        ("rl", {"answer_format": 0.5, "answer_match": 0.4}),
+        ("eval", {}),
+    ]
+    run = {
+        "stages": [
+            {
+                "stage": name,
+                "command": name,
+                "seconds": 1.0,
+                "tokens": None,
+                "did": "trained",
+                "heldout": report.heldout_summary(evaluation(0.3, rewards)),
+            }
+            for name, rewards in stages
+        ],
+        "total_seconds": 3.0,
+    }
+    assert run["stages"][1]["heldout"]["rewards"] == {"answer_format": 0.5, "answer_match": 0.4}
+    assert report.rewards_of(run) == ["answer_format"]
+    lines = report.markdown(run, "p", []).splitlines()
+    assert (
+        "| stage | command | wall time | tokens | greedy acc | pass@4 | reward | `answer_format`"
+        in ("\n".join(lines))
+    )
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
+    assert "| 0.250 | 0.30 |" in rows["sft"] and "| 0.500 | 0.30 |" in rows["rl"]
+    assert "| - | 0.30 |" in rows["eval"]
+    assert "answer_format" in report.table(run) and "answer_match" not in report.table(run)

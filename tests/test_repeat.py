@@ -63,7 +63,9 @@ def test_the_default_comparisons_pair_each_trained_stage_with_where_it_started()
     ]
 
 
-def _report(greedy: dict[str, float], reward: dict[str, float]) -> dict:
+def _report(
+    greedy: dict[str, float], reward: dict[str, float], rewards: dict | None = None
+) -> dict:
     return {
         "stages": [
             {
@@ -74,6 +76,7 @@ def _report(greedy: dict[str, float], reward: dict[str, float]) -> dict:
                     "mean_reward": reward[stage],
                     "pass@k": reward[stage] + 0.1,
                     "pass_k": 4,
+                    "rewards": (rewards or {}).get(stage, {}),
                 },
             }
             for stage in greedy
@@ -107,6 +110,42 @@ def test_intervals_and_paired_differences_from_the_seeds_reports():
     assert repeat._verdict(pair["mean_reward"]) == "no difference shown"
     table = repeat.markdown_tables(summary)
     assert "| b - a | +0.100 ± 0.075 | +0.000 ± 0.000 |" in table
+
+
+def test_evaluation_rewards_get_intervals_and_paired_differences_too():
+    config = pipeline.Config(
+        stages=[
+            pipeline.StageEntry("a", "eval", {"model": "x"}),
+            pipeline.StageEntry("b", "dpo", {"model": "x"}),
+        ],
+        compare=[["a", "b"]],
+    )
+    fmt_a, fmt_b = [0.50, 0.40, 0.45], [0.90, 0.95, 0.70]
+    reports = {
+        s: _report(
+            {"a": 0.3, "b": 0.3},
+            {"a": 0.2, "b": 0.2},
+            {
+                "a": {"answer_format": fmt_a[s], "answer_match": 0.2},
+                "b": {"answer_format": fmt_b[s]},
+            },
+        )
+        for s in range(3)
+    }
+    summary = repeat.summarize(config, reports)
+    # answer_match is the sample accuracy column already.
+    assert summary["rewards"] == ["answer_format"]
+    first, second = summary["stages"]
+    assert first["reward/answer_format"]["mean"] == pytest.approx(0.45)
+    assert second["reward/answer_format"]["values"] == fmt_b
+    (pair,) = summary["pairs"]
+    differences = [y - x for x, y in zip(fmt_a, fmt_b, strict=True)]  # 0.40, 0.55, 0.25
+    assert pair["reward/answer_format"]["mean"] == pytest.approx(0.4)
+    assert pair["reward/answer_format"]["ci95"] == pytest.approx(
+        4.303 * statistics.stdev(differences) / math.sqrt(3)
+    )
+    table = repeat.markdown_tables(summary)
+    assert "`answer_format`" in table and "| 0.450 ± " in table and "+0.400 ± 0.373" in table
 
 
 def test_t_quantiles():

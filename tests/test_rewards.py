@@ -62,6 +62,21 @@ def test_answer_format(completion, expected):
     assert answer_format([None], [completion]) == [expected]
 
 
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("<answer>46</answer>", 1.0),
+        ("  <answer>46</answer>\n", 1.0),
+        ("<answer>46</answer> Hope this helps!", 0.0),
+        ("I think <answer> 46 </answer>", 0.0),
+        ("<answer>4</answer><answer>6</answer>", 0.0),
+        ("<answer></answer>", 0.0),
+    ],
+)
+def test_answer_format_with_nothing_else_refuses_chatter_around_the_answer(completion, expected):
+    assert answer_format([None], [completion], nothing_else=True) == [expected]
+
+
 def test_overlong_penalty_matches_the_dapo_formula():
     """L_max 20, L_cache 8: free up to 12 tokens, then (12 - L) / 8, -1 from 20 on."""
     lengths = [0, 12, 13, 16, 19, 20, 21, 100]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 import pytest
+from datasets import load_from_disk
 
 from align.tasks import (
     ANSWER_CLOSE,
@@ -69,6 +71,21 @@ def test_add_check_compares_integers():
         assert not add.check(completion, "46"), completion
 
 
+def test_add_reversed_writes_the_sum_least_significant_digit_first():
+    task = get_task("add_reversed")
+    rows = make_problems(["add_reversed"], [1, 2, 3, 4], 50, seed=0)
+    rng = random.Random(0)
+    for row in rows:
+        a, b = map(int, re.fullmatch(r"Compute (\d+)\+(\d+), reversed\.", row["prompt"]).groups())
+        assert row["answer"] == str(a + b)[::-1]
+        assert task.check(format_answer(row["answer"]), row["answer"])
+        assert not task.check(format_answer(task.corrupt(row["answer"], rng)), row["answer"])
+    # 120 reversed is "021": every written digit counts, a dropped zero is wrong.
+    assert task.check("<answer>021</answer>", "021")
+    assert not task.check("<answer>21</answer>", "021")
+    assert not task.check("<answer>120</answer>", "021")
+
+
 def test_sort_check_compares_stripped_strings():
     sort = get_task("sort")
     assert sort.check("<answer> abcd </answer>", "abcd")
@@ -123,7 +140,7 @@ def test_asking_for_more_problems_than_a_level_has_is_an_error():
 
 
 def test_unknown_task_and_level_are_errors():
-    with pytest.raises(ValueError, match="known tasks: add, sort, secret, guard"):
+    with pytest.raises(ValueError, match="known tasks: add, add_reversed, sort, secret, guard"):
         get_task("mul")
     with pytest.raises(ValueError, match="known tasks"):
         make_problems(["mul"], None, 1, seed=0)
@@ -217,3 +234,29 @@ def test_up_to_gives_what_a_small_level_has_and_the_rest_in_full():
     assert len({r["prompt"] for r in rows}) == len(rows)
     with pytest.raises(ValueError, match="level 1 has only"):
         make_problems(["add"], [1], 150, seed=0)
+
+
+def test_chatter_share_marks_that_share_of_the_sft_and_chat_answers_only(tmp_path):
+    from align.config import ConfigError
+    from align.tasks import CHATTER
+    from pipelines import make_data
+
+    config = make_data.Config(
+        runs_dir=str(tmp_path), name="data", per_level=10, chatter_share=0.5, seed=3
+    )
+    out = make_data.run(config)
+    sft = load_from_disk(f"{out['train']}/sft")
+    chatty = [c[0]["content"].endswith(CHATTER) for c in sft["completion"]]
+    assert sum(chatty) == round(len(sft) * 0.5) and len(sft) == 64
+    chat = load_from_disk(f"{out['train']}/chat")
+    assert sum(m[-1]["content"].endswith(CHATTER) for m in chat["messages"]) == sum(chatty)
+    # Everything else keeps the bare answer: DPO pairs, RL rows (answer column), held-out rows.
+    dpo = load_from_disk(f"{out['train']}/dpo")
+    assert not any(CHATTER in c[0]["content"] for c in list(dpo["chosen"]) + list(dpo["rejected"]))
+    for split in ("train", "heldout"):
+        assert not any(CHATTER in a for a in load_from_disk(f"{out[split]}/rl")["answer"])
+    assert not any(
+        CHATTER in c[0]["content"] for c in load_from_disk(f"{out['heldout']}/sft")["completion"]
+    )
+    with pytest.raises(ConfigError, match="chatter_share"):
+        make_data.Config(chatter_share=1.5).validate()
