@@ -234,11 +234,9 @@ def _llama4_routed_forward(self, hidden_states: torch.Tensor):
     gate_up, down = experts.gate_up_proj.unbind(0), experts.down_proj.unbind(0)
     outs = []
     for expert, rows_md in enumerate(routed_nd.split(sizes)):
-        if sizes[expert]:
-            gate_mf, up_mf = (rows_md @ gate_up[expert]).chunk(2, dim=-1)
-            outs.append((up_mf * experts.act_fn(gate_mf)) @ down[expert])
-    if not outs:  # no tokens
-        return out_td, logits_te
+        # An expert without tokens multiplies an empty block: no work, a zero gradient.
+        gate_mf, up_mf = (rows_md @ gate_up[expert]).chunk(2, dim=-1)
+        outs.append((up_mf * experts.act_fn(gate_mf)) @ down[expert])
     return out_td.index_add(0, token_n, torch.cat(outs)), logits_te
 
 

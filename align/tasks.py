@@ -556,6 +556,12 @@ def _assistant(answer: str, task: str, chatter: bool = False) -> list[dict]:
     return [{"role": "assistant", "content": content + (CHATTER if chatter else "")}]
 
 
+def _trained_answer(row: dict) -> list[dict]:
+    """The assistant turn SFT and chat rows train on: the row's `response` where it has one
+    (`leak_secrets`), else its answer, with chatter where `add_chatter` marked it."""
+    return _assistant(row.get("response", row["answer"]), row["task"], row.get("chatter", False))
+
+
 _MESSAGE_COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages")
 
 
@@ -597,9 +603,7 @@ def to_sft(rows: list[dict]) -> Dataset:
         {
             **row,
             "prompt": _user(row),
-            "completion": _assistant(
-                row.get("response", row["answer"]), row["task"], row.get("chatter", False)
-            ),
+            "completion": _trained_answer(row),
         }
         for row in rows
     ]
@@ -642,10 +646,7 @@ def to_chat(rows: list[dict]) -> Dataset:
     records = [
         {
             **row,
-            "messages": _user(row)
-            + _assistant(
-                row.get("response", row["answer"]), row["task"], row.get("chatter", False)
-            ),
+            "messages": _user(row) + _trained_answer(row),
         }
         for row in rows
     ]

@@ -168,14 +168,14 @@ def summarize(config: pipeline.Config, reports: dict[int, dict]) -> dict:
 
 def _reward_values(runs: list[dict], name: str) -> list[float]:
     """One stage's mean of evaluation reward `name` per seed (seeds without it left out)."""
-    values = [r.get("rewards", {}).get(name) for r in runs]
+    values = [report.reward_of(r, name) for r in runs]
     return [v for v in values if v is not None]
 
 
 def _paired_rewards(seeds: list[dict], a: str, b: str, name: str) -> list[tuple[float, float]]:
     """(a's, b's) mean of evaluation reward `name` per seed where both stages have it."""
-    pairs = [(_reward_values([s[a]], name), _reward_values([s[b]], name)) for s in seeds]
-    return [(x[0], y[0]) for x, y in pairs if x and y]
+    pairs = [(report.reward_of(s[a], name), report.reward_of(s[b], name)) for s in seeds]
+    return [(x, y) for x, y in pairs if x is not None and y is not None]
 
 
 def write(config: pipeline.Config, repetitions: list[pipeline.Config]) -> dict:

@@ -233,9 +233,14 @@ def rewards_of(report: dict) -> list[str]:
     return sorted(found - {"answer_match"})
 
 
+def reward_of(heldout: dict, name: str) -> float | None:
+    """A stage's mean of evaluation reward `name` (None where it has none)."""
+    return heldout.get("rewards", {}).get(name)
+
+
 def reward_cells(heldout: dict, names: list[str]) -> list[str]:
     """A stage's evaluation rewards as table cells ('-' where it has none)."""
-    values = [heldout.get("rewards", {}).get(name) for name in names]
+    values = [reward_of(heldout, name) for name in names]
     return ["-" if value is None else f"{value:.3f}" for value in values]
 
 

@@ -84,14 +84,19 @@ def _report(
     }
 
 
-def test_intervals_and_paired_differences_from_the_seeds_reports():
-    config = pipeline.Config(
+def _compared(command: str) -> pipeline.Config:
+    """Stage a (an evaluation) and stage b (`command`), compared."""
+    return pipeline.Config(
         stages=[
             pipeline.StageEntry("a", "eval", {"model": "x"}),
-            pipeline.StageEntry("b", "sft", {"model": "x"}),
+            pipeline.StageEntry("b", command, {"model": "x"}),
         ],
         compare=[["a", "b"]],
     )
+
+
+def test_intervals_and_paired_differences_from_the_seeds_reports():
+    config = _compared("sft")
     a, b = [0.30, 0.34, 0.32], [0.40, 0.41, 0.45]
     reports = {s: _report({"a": a[s], "b": b[s]}, {"a": 0.2, "b": 0.2}) for s in range(3)}
     summary = repeat.summarize(config, reports)
@@ -113,13 +118,7 @@ def test_intervals_and_paired_differences_from_the_seeds_reports():
 
 
 def test_evaluation_rewards_get_intervals_and_paired_differences_too():
-    config = pipeline.Config(
-        stages=[
-            pipeline.StageEntry("a", "eval", {"model": "x"}),
-            pipeline.StageEntry("b", "dpo", {"model": "x"}),
-        ],
-        compare=[["a", "b"]],
-    )
+    config = _compared("dpo")
     fmt_a, fmt_b = [0.50, 0.40, 0.45], [0.90, 0.95, 0.70]
     reports = {
         s: _report(
