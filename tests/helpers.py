@@ -110,6 +110,38 @@ def logged(run_dir, key: str) -> list[float]:
 
 
 # --- RL ---------------------------------------------------------------------------------------
+def image_and_text_groups(path) -> list[Rollout]:
+    """Two groups of a one-image prompt and two of a longer text prompt for the vision-language
+    checkpoint at `path`, 4 completions of 3 tokens each (fixed logprobs and rewards): sorted
+    by length, the 8 image rows come first."""
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from align.tokenizer import encode_prompts
+    from align.vision import IMAGE_ITEM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    generator = torch.Generator().manual_seed(0)
+    rollouts = []
+    for g in range(4):
+        text = {"type": "text", "text": "Count." if g < 2 else "Sort these letters: qwertyuiopasd"}
+        content = [IMAGE_ITEM, text] if g < 2 else [text]
+        (prompt,) = encode_prompts(tokenizer, [[{"role": "user", "content": content}]])
+        completions = torch.randint(5, 60, (4, 3), generator=generator).tolist()
+        rollouts.append(
+            Rollout(
+                prompt_id=g,
+                prompt_ids=prompt,
+                completion_ids=completions,
+                behaviour_logprobs=[[-3.0] * 3 for _ in completions],
+                rewards=[1.0, 0.0, 1.0, 0.0],
+                version=0,
+                images=[Image.new("RGB", (64, 48), (60 * g, 200, 30))] if g < 2 else None,
+            )
+        )
+    return rollouts
+
+
 def on_policy_groups(model, groups: int = 4, size: int = 4, seed: int = 0) -> list[Rollout]:
     """Groups sampled from `model` itself with their exact logprobs, rewarded on token parity;
     the last group has one unscored completion (the batch then splits unevenly)."""

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from align.losses.policy import KINDS, PolicyLossSettings
-from align.modeling import build_model, load_model
+from align.modeling import build_model, load_model, write_checkpoint
 from align.moe import balance_terms
 from align.rl import transport
 from align.rl.learner import (
@@ -32,7 +32,7 @@ from align.rl.rollout import Rollout
 from align.runs import NonFiniteError
 from align.training import LoraSettings
 from tests.conftest import FAMILY_PRESETS, run_ranks
-from tests.helpers import on_policy_groups
+from tests.helpers import image_and_text_groups, on_policy_groups
 
 
 def start_rank(path, settings: LearnerSettings, loss: PolicyLossSettings, **kwargs) -> LearnerRank:
@@ -322,6 +322,10 @@ def test_the_learner_imports_without_vllm_ray_trl_or_datasets():
 CASES = [(family, kind, 1e-3, (64, 32)) for family in FAMILY_PRESETS for kind in KINDS] + [
     ("llama4", "grpo", 0.0, (3, 2)),
     ("qwen3_moe", "dapo", 0.0, (4, 2)),
+    # A vision-language policy, its tower frozen and trained, on a batch whose image rows all
+    # fall on rank 0 (`image_and_text_groups`): rank 1 must run the tower all the same.
+    ("vision", "grpo", 1e-3, (16, 8)),
+    ("vision-trained", "grpo", 1e-3, (16, 8)),
 ]
 
 
@@ -337,6 +341,7 @@ def _train_cases(rank, world, port, checkpoints, groups, out: Path) -> None:
     for index, (family, kind, aux, micro) in enumerate(CASES):
         settings = LearnerSettings(learning_rate=1e-4, micro_batch_size=micro[world - 1])
         settings.router_aux_loss_coef = aux
+        settings.train_vision = family == "vision-trained"
         learner = LearnerRank(
             str(checkpoints[family]), settings, PolicyLossSettings(kind=kind), 8, 0, rank, world
         )
@@ -347,7 +352,7 @@ def _train_cases(rank, world, port, checkpoints, groups, out: Path) -> None:
         params = full_parameters(learner.model)
         if rank == 0:
             save_file(params, str(out / f"case{index}-ranks{world}.safetensors"))
-        if family not in streamed:
+        if family in FAMILY_PRESETS and family not in streamed:
             streamed.add(family)
             staged, _ = transport.stage(learner.model, torch.float32, learner.version)
             state = get_model_state_dict(
@@ -368,20 +373,32 @@ def trained_cases(checkpoints, tmp_path_factory):
     groups = {
         family: on_policy_groups(load_model(path), groups=5) for family, path in checkpoints.items()
     }
+    vision = write_checkpoint(build_model("vision-student", seed=0), out / "vision-student")
+    groups["vision"] = groups["vision-trained"] = image_and_text_groups(vision)
+    paths = {**checkpoints, "vision": vision, "vision-trained": vision}
     for world in (1, 2):
-        run_ranks(_train_cases, world, dict(checkpoints), groups, out)
+        run_ranks(_train_cases, world, paths, groups, out)
     return out
 
 
 def test_two_ranks_take_the_same_steps_as_one(trained_cases):
     """Every loss kind, both families, a batch of 19 rows (5 groups, one unscored completion)
-    cut 10 / 9 across the ranks: parameters after 3 AdamW steps within 2e-6.
+    cut 10 / 9 across the ranks: parameters after 3 AdamW steps within 2e-6. Also a
+    vision-language policy, tower frozen and trained, with every image row on rank 0 (before
+    rank 1 ran the tower too, its FSDP collectives went out of step and the group crashed).
 
     The steps differ only in the order of float sums. At the default learning rate (1e-4) that
     leaves about 2e-7 in most cases; Adam turns a rounding difference dg on a gradient near its
     eps (1e-8) into an update difference of up to lr * dg / eps, so the bound scales with the
     rate, and with the machine's summation order: Qwen3-MoE with DAPO and micro-batches of 4/2
     came to 1.03e-6 on one 2-core machine and under 1e-6 on another."""
+    parts, _ = split_batch(
+        image_and_text_groups(trained_cases / "vision-student"), PolicyLossSettings(), 2, 8
+    )
+    assert [[bool(row.images) for row in part.micro_batches[0]] for part in parts] == [
+        [True] * 8,
+        [False] * 8,
+    ]
     for index, case in enumerate(CASES):
         one = load_file(str(trained_cases / f"case{index}-ranks1.safetensors"))
         two = load_file(str(trained_cases / f"case{index}-ranks2.safetensors"))

@@ -136,6 +136,10 @@ class RankBatch:
     # Completion tokens and sequences of the whole batch.
     total_tokens: int
     total_sequences: int
+    # Per global micro-batch: whether some rank's rows hold images. A vision-language policy's
+    # tower then runs on every rank (FSDP gathers its blocks collectively), on a blank image
+    # where a rank has none (`collate`'s `run_tower`).
+    with_images: list[bool] = field(default_factory=list)
 
 
 def split_batch(
@@ -185,6 +189,7 @@ def split_batch(
         for r, part in enumerate(parts):
             part.micro_batches.append(chunk[bounds[r] : bounds[r + 1]])
             part.micro_rows.append(len(chunk))
+            part.with_images.append(any(row.images for row in chunk))
     total_tokens = sum(len(row.completion_ids) for row in rows)
     for part in parts:
         part.total_tokens = total_tokens
@@ -216,7 +221,9 @@ class MicroBatch:
     vision: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def collate(rows: list[Row], pad_id: int, images: ImageInputs | None = None) -> MicroBatch:
+def collate(
+    rows: list[Row], pad_id: int, images: ImageInputs | None = None, run_tower: bool = False
+) -> MicroBatch:
     """Pads `rows` (prompt + completion) into tensors; no rows give one placeholder row.
 
     With `images` (a vision-language policy), each image placeholder of a prompt is expanded
@@ -224,7 +231,15 @@ def collate(rows: list[Row], pad_id: int, images: ImageInputs | None = None) -> 
     along. The placeholder is two attended padding tokens with no completion token: its policy
     loss and router statistics are exactly 0, but its forward and backward run the same
     collectives as a real micro-batch.
+
+    `run_tower` (other ranks' rows of this micro-batch hold images): where none of `rows` does,
+    a prompt of one blank image with no completion (`ImageInputs.tower_row`) joins them, so
+    that the tower's collectives run here too; like the placeholder it adds exactly 0 to the
+    loss, the gradients and the router statistics.
     """
+    tower_rows = 0
+    if run_tower and images is not None and not any(row.images for row in rows):
+        rows, tower_rows = [*rows, images.tower_row()], 1
     if not rows:
         return MicroBatch(
             input_ids_bt=torch.full((1, 2), pad_id, dtype=torch.long),
@@ -253,14 +268,16 @@ def collate(rows: list[Row], pad_id: int, images: ImageInputs | None = None) -> 
         behaviour_bt[b, p - 1 : p - 1 + c] = torch.tensor(row.behaviour_logprobs)
     if vision:
         vision["mm_token_type_ids"] = (input_ids_bt == images.image_token_id).long()
+    real_bt = attention_mask_bt.float()
+    real_bt[len(rows) - tower_rows :] = 0.0
     return MicroBatch(
         input_ids_bt=input_ids_bt,
         attention_mask_bt=attention_mask_bt,
         mask_bt=mask_bt,
         behaviour_bt=behaviour_bt,
         advantages_b=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
-        real_bt=attention_mask_bt.float(),
-        rows=len(rows),
+        real_bt=real_bt,
+        rows=len(rows) - tower_rows,
         vision=vision,
     )
 
@@ -272,8 +289,22 @@ class ImageInputs:
     def __init__(self, model_path: str, image_token_id: int) -> None:
         from align.vision import load_processor
 
-        self.processor = load_processor(model_path).image_processor
+        processor = load_processor(model_path)
+        self.processor = processor.image_processor
+        self.tokenizer = processor.tokenizer
         self.image_token_id = image_token_id
+
+    def tower_row(self) -> Row:
+        """A user turn of one blank image and no completion: a row that only runs the tower
+        (an image of one merged patch; the processor resizes it to its minimum)."""
+        from PIL import Image
+
+        from align.tokenizer import encode_prompts
+        from align.vision import IMAGE_ITEM
+
+        side = getattr(self.processor, "patch_size", 16) * getattr(self.processor, "merge_size", 1)
+        (prompt,) = encode_prompts(self.tokenizer, [[{"role": "user", "content": [IMAGE_ITEM]}]])
+        return Row(prompt, [], [], 0.0, [Image.new("RGB", (side, side))])
 
     def expand(self, rows: list[Row]) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
         """Each row's prompt ids with every placeholder expanded to its image's merged patches
@@ -528,7 +559,7 @@ class LearnerRank:
         first = None
         real_tokens = padded_tokens = 0
         for k, rows in enumerate(part.micro_batches):
-            batch = collate(rows, self.pad_id, self.images)
+            batch = collate(rows, self.pad_id, self.images, part.with_images[k])
             ids_bt = batch.input_ids_bt.to(self.device)
             vision = {name: value.to(self.device) for name, value in batch.vision.items()}
             mask_bt = batch.mask_bt.to(self.device)
