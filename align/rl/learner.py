@@ -296,15 +296,14 @@ class ImageInputs:
 
     def tower_row(self) -> Row:
         """A user turn of one blank image and no completion: a row that only runs the tower
-        (an image of one merged patch; the processor resizes it to its minimum)."""
+        (a 64 x 64 image: a few patches; a processor with a larger minimum resizes it up)."""
         from PIL import Image
 
         from align.tokenizer import encode_prompts
         from align.vision import IMAGE_ITEM
 
-        side = getattr(self.processor, "patch_size", 16) * getattr(self.processor, "merge_size", 1)
         (prompt,) = encode_prompts(self.tokenizer, [[{"role": "user", "content": [IMAGE_ITEM]}]])
-        return Row(prompt, [], [], 0.0, [Image.new("RGB", (side, side))])
+        return Row(prompt, [], [], 0.0, [Image.new("RGB", (64, 64))])
 
     def expand(self, rows: list[Row]) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
         """Each row's prompt ids with every placeholder expanded to its image's merged patches
