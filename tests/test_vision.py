@@ -31,6 +31,22 @@ def vision_checkpoint(tmp_path_factory):
     return path, model
 
 
+def test_the_learners_flop_count_leaves_the_vision_tower_out(vision_checkpoint):
+    """The RL learner's FLOPs per token count the parameters a text token passes through: the
+    tower runs on image patches, so its weights are not among them."""
+    from align.losses.policy import PolicyLossSettings
+    from align.rl.learner import LearnerRank, LearnerSettings, free_address
+    from align.vision import in_vision_tower
+
+    path, model = vision_checkpoint
+    rank = LearnerRank(str(path), LearnerSettings(), PolicyLossSettings(), 8)
+    rank.start(*free_address())
+    tower = sum(p.numel() for n, p in model.named_parameters() if in_vision_tower(n))
+    embedding = model.get_input_embeddings().weight.numel()
+    assert tower > 0 and not model.config.get_text_config().tie_word_embeddings
+    assert rank.flops_per_token == 6 * (count_parameters(model)["active"] - embedding - tower)
+
+
 def test_vision_preset_checkpoint_reloads_exactly(vision_checkpoint):
 
     path, model = vision_checkpoint

@@ -66,7 +66,7 @@ from align.rl.rollout import Rollout
 from align.runs import NonFiniteError
 from align.settings import OptimSettings
 from align.training import LoraSettings, lora_config, use_bf16
-from align.vision import freeze_vision
+from align.vision import freeze_vision, in_vision_tower
 
 log = logging.getLogger(__name__)
 
@@ -464,10 +464,12 @@ class LearnerRank:
         self.nonfinite_in_a_row = 0
         # A step's forward + backward FLOPs per real token: 6 x the parameters one token goes
         # through (its chosen experts only; not the input embedding, a lookup), attention's
-        # score and value products left out. DTensor.numel() counts the whole parameter.
+        # score and value products left out, and a vision-language model's tower (it runs on
+        # image patches, not on these tokens). DTensor.numel() counts the whole parameter.
         active = count_parameters(self.model)["active"]
         if not config.tie_word_embeddings:
             active -= self.model.get_input_embeddings().weight.numel()
+        active -= sum(p.numel() for n, p in self.model.named_parameters() if in_vision_tower(n))
         # Frozen weights (LoRA) take no weight gradient: 4 FLOPs per parameter, not 6 (the
         # adapters' own FLOPs left out, a fraction of a percent).
         self.flops_per_token = (4 if self.settings.lora.enabled else 6) * active
