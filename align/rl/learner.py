@@ -36,6 +36,7 @@ completion, shifted by one: position t scores token t + 1), e = experts, l = MoE
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -239,7 +240,7 @@ def collate(
     """
     tower_rows = 0
     if run_tower and images is not None and not any(row.images for row in rows):
-        rows, tower_rows = [*rows, images.tower_row()], 1
+        rows, tower_rows = [*rows, images.tower_row], 1
     if not rows:
         return MicroBatch(
             input_ids_bt=torch.full((1, 2), pad_id, dtype=torch.long),
@@ -294,9 +295,11 @@ class ImageInputs:
         self.tokenizer = processor.tokenizer
         self.image_token_id = image_token_id
 
+    @functools.cached_property
     def tower_row(self) -> Row:
         """A user turn of one blank image and no completion: a row that only runs the tower
-        (a 64 x 64 image: a few patches; a processor with a larger minimum resizes it up)."""
+        (a 64 x 64 image: a few patches; a processor with a larger minimum resizes it up).
+        Built once, on first use; `collate` only reads it."""
         from PIL import Image
 
         from align.tokenizer import encode_prompts
