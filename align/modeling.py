@@ -543,14 +543,16 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     return _for_training(model)
 
 
-def empty_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The checkpoint's architecture on the meta device: no memory, no weights.
+def empty_model(
+    path: str | Path | PretrainedConfig, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """The checkpoint's architecture (or a config's) on the meta device: no memory, no weights.
 
     A sharded learner cuts this into shards before any weight exists, then fills the shards
     from one rank's copy of the checkpoint (`align.rl.learner`), so no rank ever holds the
     whole model on its device.
     """
-    config = read_config(path)
+    config = path if isinstance(path, PretrainedConfig) else read_config(path)
     with torch.device("meta"):
         model = _auto_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
     return _for_training(model)

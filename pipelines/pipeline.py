@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -358,18 +357,19 @@ def placement_report(
     cluster (None if it can, or if it declares none); no lines for a stage without placement."""
     placement = getattr(stage_config, "placement", None)
     if isinstance(placement, Placement):
-        return placement_plan(stage_config, policy_config_dir(stage_config.model, resolved))
+        policy = policy_config(stage_config.model, resolved)
+        return placement_plan(stage_config, *(policy or (None, "")))
     if not isinstance(placement, TrainPlacement):
         return [], None
     model = stage_config.student if command == "distill" else stage_config.model
     teacher = None
     if command == "distill" and stage_config.teacher.mode == "online":
-        teacher = _shape(policy_config_dir(stage_config.teacher.model, resolved))
+        teacher = _shape(policy_config(stage_config.teacher.model, resolved))
     return train_plan(
         placement,
         stage_config.train,
         stage_config.lora.enabled,
-        _shape(policy_config_dir(model, resolved)),
+        _shape(policy_config(model, resolved)),
         # DPO's micro-batch holds each pair's chosen and rejected sequences.
         sequences_per_row=2 if command == "dpo" else 1,
         teacher=teacher,
@@ -385,10 +385,8 @@ def placement_check(
     return placement_report(command, stage_config, resolved)
 
 
-def _shape(config_dir: Path | None) -> ModelShape | None:
-    if config_dir is None or not (config_dir / "config.json").is_file():
-        return None
-    return ModelShape.from_checkpoint(config_dir)
+def _shape(policy: tuple[Any, str] | None) -> ModelShape | None:
+    return None if policy is None else ModelShape.from_config(policy[0])
 
 
 def engines(config: Any, prefix: str = "") -> list[tuple[str, EngineSettings]]:
@@ -455,31 +453,25 @@ def stage_dry_run(command: str, stage_config: Any, source: str) -> str:
     )
 
 
-# config.json of the presets make-model stages build, written for `policy_config_dir`.
-_PRESET_CONFIGS: dict[str, tempfile.TemporaryDirectory] = {}
+def policy_config(model: str, resolved: list[tuple[StageEntry, Any]]) -> tuple[Any, str] | None:
+    """The transformers config of checkpoint `model` before any stage has run, and where it
+    comes from: `model`'s config.json if it exists, else the config of the checkpoint the
+    earlier stage that writes it starts from (followed back through the stages; a make-model
+    stage's preset gives its config). None when there is none."""
+    from align.modeling import model_config, read_config
 
-
-def policy_config_dir(model: str, resolved: list[tuple[StageEntry, Any]]) -> Path | None:
-    """A directory with the config.json of checkpoint `model` before any stage has run: `model`
-    itself if it exists, else the checkpoint the earlier stage that writes it starts from
-    (followed back through the stages; a make-model stage's preset gives its config)."""
     if (Path(model) / "config.json").is_file():
-        return Path(model)
+        return read_config(model), f"config.json in {model}"
     for entry, earlier in resolved:
         if Path(earlier.runs_dir) / earlier.name / "model" != Path(model):
             continue
         if entry.command == "make-model":
-            from align.modeling import model_config
-
-            # Removed when the process ends (the object's finalizer).
-            directory = _PRESET_CONFIGS.setdefault(
-                earlier.preset, tempfile.TemporaryDirectory(prefix="align-plan-")
-            )
-            model_config(earlier.preset).save_pretrained(directory.name)
-            return Path(directory.name)
+            return model_config(
+                earlier.preset
+            ), f"preset {earlier.preset} of stage {earlier.name!r}"
         source = getattr(earlier, "model", None) or getattr(earlier, "student", None)
         if isinstance(source, str):
-            return policy_config_dir(source, resolved)
+            return policy_config(source, resolved)
     return None
 
 

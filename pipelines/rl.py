@@ -166,7 +166,7 @@ def run(config: Config) -> dict:
             policy.model_type,
         )
     if config.placement.cluster is not None:
-        _, problem = placement_plan(config, Path(config.model))
+        _, problem = placement_plan(config, policy, f"config.json in {config.model}")
         if problem is not None:
             raise ConfigError(f"key 'placement.cluster': {problem}")
     evaluate.check_heldout(config.heldout, config.eval, vision)

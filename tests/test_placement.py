@@ -116,6 +116,20 @@ def dry_run(*overrides: str) -> str:
     return pipeline.plan(config, pipeline.resolve_stages(config, str(path)))
 
 
+def test_the_dry_run_reads_a_make_model_preset_without_writing_anything(tmp_path, monkeypatch):
+    """The default pipeline's RL policy starts from a preset no stage has built yet: its
+    shape comes from the preset's config, and the dry run writes nothing (it used to save the
+    config into a temporary directory that a process ended by a signal never removed)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = REPO_ROOT / "pipelines" / "default.yaml"
+    config = load_config(pipeline.Config, path, [f"runs_dir={tmp_path / 'runs'}"])
+    report = pipeline.plan(config, pipeline.resolve_stages(config, str(path)))
+    assert "policy   3.6 M parameters, 6 layers (preset teacher of stage 'teacher')" in report
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_dry_run_follows_the_policy_back_to_its_checkpoint_and_reports_it(qwen3_30b):
     # The RL stage trains the SFT stage's output, which starts from this config.
     report = dry_run(f"stages.3.config.model={qwen3_30b}")

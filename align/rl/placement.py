@@ -26,8 +26,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from align.config import check
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GIB = 1 << 30
 # Share of a GPU the estimate may fill; the rest is for what it does not count.
@@ -144,10 +148,16 @@ class ModelShape:
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> ModelShape:
         """Counts the parameters of the architecture in `path`/config.json on the meta device."""
-        from align.modeling import decoder_layers, empty_model, read_config
+        from align.modeling import read_config
 
-        config = read_config(path)
-        model = empty_model(path)
+        return cls.from_config(read_config(path))
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> ModelShape:
+        """Counts the parameters of a transformers config's architecture on the meta device."""
+        from align.modeling import decoder_layers, empty_model
+
+        model = empty_model(config)
         # A vision-language model's vision tower counts with the root (embeddings, head).
         layers = decoder_layers(model)
         per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
@@ -207,13 +217,14 @@ def _gib(value: float) -> str:
     return f"{value / GIB:.1f} GiB"
 
 
-def plan(config, model_config_dir: Path | None) -> tuple[list[str], str | None]:
+def plan(config, policy: PretrainedConfig | None, source: str = "") -> tuple[list[str], str | None]:
     """The placement report of an RL stage config, and why it cannot fit (None if it can).
 
     Args:
         config: the RL stage's resolved config (`pipelines.rl.Config`).
-        model_config_dir: a directory with the policy's config.json (the stage's `model`, or
-            the checkpoint an earlier stage starts from), or None when there is none yet.
+        policy: the policy's transformers config (the stage's `model`, or the checkpoint an
+            earlier stage starts from), or None when there is none yet.
+        source: where `policy` comes from, for the report ("config.json in DIR").
     """
     placement = config.placement
     lines = [
@@ -235,10 +246,10 @@ def plan(config, model_config_dir: Path | None) -> tuple[list[str], str | None]:
             f"{cluster.gpu_memory_gib:g} GiB: {used:g} of {cluster.nodes * cluster.gpus_per_node} "
             "GPUs used"
         )
-    if model_config_dir is None or not (Path(model_config_dir) / "config.json").is_file():
+    if policy is None:
         lines.append("memory   not computed: the policy's config.json is not there yet")
         return lines, None
-    shape = ModelShape.from_checkpoint(model_config_dir)
+    shape = ModelShape.from_config(policy)
     learner = config.learner
     memory = learner_memory(
         shape,
@@ -252,9 +263,7 @@ def plan(config, model_config_dir: Path | None) -> tuple[list[str], str | None]:
     )
     size = shape.parameters
     count = f"{size / 1e9:.2f} B" if size >= 1e9 else f"{size / 1e6:.1f} M"
-    lines.append(
-        f"policy   {count} parameters, {shape.layers} layers (config.json in {model_config_dir})"
-    )
+    lines.append(f"policy   {count} parameters, {shape.layers} layers ({source or 'its config'})")
     lines.append(
         f"learner  per GPU: {_gib(memory.total)} = sharded state {_gib(memory.sharded)}"
         f"{' (offloaded to host memory)' if learner.offload else ''} + layers in flight "
