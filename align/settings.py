@@ -252,15 +252,25 @@ def _walk_entry(entry_type: type, entry: dict, own, options) -> dict:
     return {**entry, "options": options(parameters, dict(values or {}))}
 
 
-def plugin_parameters(entry_type: type, name: Any) -> dict[str, inspect.Parameter]:
-    """Keyword arguments of the plug-in a filter or reward entry names; none where the entry
+def plugin(entry_type: type, name: Any) -> Any:
+    """The plug-in (class or function) a filter or reward entry names; None where the entry
     is not one or the name cannot be resolved (the stage's own check reports that)."""
     registry = getattr(entry_type, "registry", None)
     if registry is None or not isinstance(name, str):
-        return {}
+        return None
     try:
-        return dict(inspect.signature(registry().get(name)).parameters)
+        return registry().get(name)
     except (Exception, SystemExit):
+        return None
+
+
+def plugin_parameters(entry_type: type, name: Any) -> dict[str, inspect.Parameter]:
+    """Keyword arguments of the plug-in a filter or reward entry names; none where the entry
+    is not one or the name cannot be resolved."""
+    found = plugin(entry_type, name)
+    try:
+        return {} if found is None else dict(inspect.signature(found).parameters)
+    except (TypeError, ValueError):
         return {}
 
 

@@ -17,6 +17,7 @@ report's table.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -30,7 +31,14 @@ from align.launch import plan as train_plan
 from align.rl.placement import ModelShape, Placement
 from align.rl.placement import plan as placement_plan
 from align.runs import RunSettings, write_json_atomic
-from align.settings import SHARED, EngineSettings, offset_seeds, plugin_parameters, with_defaults
+from align.settings import (
+    SHARED,
+    EngineSettings,
+    offset_seeds,
+    plugin,
+    plugin_parameters,
+    with_defaults,
+)
 from pipelines import report, stages
 
 log = logging.getLogger(__name__)
@@ -413,12 +421,25 @@ def engines(config: Any, prefix: str = "") -> list[tuple[str, EngineSettings]]:
 
 
 def _starts_engine(entry: Any) -> bool:
-    """Whether a filter or reward entry's plug-in takes an `engine` option (it serves a model
-    with vLLM: the difficulty filters, the LLM judge)."""
+    """Whether a filter or reward entry's plug-in starts a vLLM engine: it takes an `engine`
+    option (it serves a model with vLLM: the difficulty filters, the LLM judge) and the
+    checkpoint it serves is set (`over_refusal` serves its optional `judge_model` only)."""
     options = getattr(entry, "options", None)
     if not isinstance(options, dict):
         return False
-    return "engine" in plugin_parameters(type(entry), getattr(entry, "name", None))
+    name = getattr(entry, "name", None)
+    parameters = plugin_parameters(type(entry), name)
+    if "engine" not in parameters:
+        return False
+    served = [
+        option
+        for option, kind in getattr(plugin(type(entry), name), "checkpoint_options", {}).items()
+        if kind == "causal_lm" and option in parameters
+    ]
+    return not served or any(
+        options.get(option) is not None or parameters[option].default is inspect.Parameter.empty
+        for option in served
+    )
 
 
 def check_stage_placement(command: str, stage_config: Any, source: str) -> None:

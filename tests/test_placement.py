@@ -130,6 +130,19 @@ def test_the_dry_run_reads_a_make_model_preset_without_writing_anything(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_plan_lists_an_engine_only_for_a_plugin_that_serves_a_model():
+    """over_refusal takes engine settings for its optional judge: with phrases only (the
+    safety pipeline) it starts no engine, and the plan lists none; with a judge it does."""
+    path = REPO_ROOT / "pipelines" / "safety.yaml"
+    config = load_config(pipeline.Config, path)
+    (rl,) = [c for entry, c in pipeline.resolve_stages(config, str(path)) if entry.name == "rl"]
+    keys = [key for key, _ in pipeline.engines(rl)]
+    assert "rewards[0].options.engine" in keys and "rewards[1].options.engine" not in keys
+    config = load_config(pipeline.Config, path, ["stages.8.config.rewards.1.options.judge_model=j"])
+    (rl,) = [c for entry, c in pipeline.resolve_stages(config, str(path)) if entry.name == "rl"]
+    assert "rewards[1].options.engine" in [key for key, _ in pipeline.engines(rl)]
+
+
 def test_the_dry_run_follows_the_policy_back_to_its_checkpoint_and_reports_it(qwen3_30b):
     # The RL stage trains the SFT stage's output, which starts from this config.
     report = dry_run(f"stages.3.config.model={qwen3_30b}")
