@@ -16,6 +16,7 @@ import pytest
 from align.config import ConfigError, from_dict, load_config
 from align.launch import TrainPlacement
 from align.launch import plan as train_plan
+from align.modeling import read_config
 from align.rl.placement import GIB, Cluster, ModelShape, learner_memory
 from align.training import TrainSettings
 from pipelines import pipeline, rl
@@ -92,7 +93,7 @@ def qwen3_30b(tmp_path_factory) -> Path:
 
 
 def test_the_learner_memory_of_qwen3_30b_on_16_ranks(qwen3_30b):
-    shape = ModelShape.from_checkpoint(qwen3_30b)
+    shape = ModelShape.from_config(read_config(qwen3_30b))
     assert round(shape.parameters / 1e9, 2) == 30.53 and shape.layers == 48
     memory = learner_memory(shape, 16, 1, 4096, False, True, False)
     # 16 bytes per parameter over 16 ranks: the parameter count in GiB.
@@ -204,7 +205,7 @@ def test_worker_gpus_must_match_the_engines_tensor_parallelism():
 def test_a_training_stages_memory_per_gpu(qwen3_30b):
     """LoRA on data-parallel ranks holds the frozen bf16 weights on every GPU; FSDP divides
     them (and a full-parameter state of 16 bytes per parameter) over the processes."""
-    shape = ModelShape.from_checkpoint(qwen3_30b)
+    shape = ModelShape.from_config(read_config(qwen3_30b))
     train = TrainSettings(
         batch_size=1, max_length=4096, precision="bf16", gradient_checkpointing=True
     )

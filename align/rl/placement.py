@@ -25,7 +25,6 @@ KV cache.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from align.config import check
@@ -146,13 +145,6 @@ class ModelShape:
     vocab_size: int
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> ModelShape:
-        """Counts the parameters of the architecture in `path`/config.json on the meta device."""
-        from align.modeling import read_config
-
-        return cls.from_config(read_config(path))
-
-    @classmethod
     def from_config(cls, config: PretrainedConfig) -> ModelShape:
         """Counts the parameters of a transformers config's architecture on the meta device."""
         from align.modeling import decoder_layers, empty_model
@@ -217,7 +209,7 @@ def _gib(value: float) -> str:
     return f"{value / GIB:.1f} GiB"
 
 
-def plan(config, policy: PretrainedConfig | None, source: str = "") -> tuple[list[str], str | None]:
+def plan(config, policy: PretrainedConfig | None, source: str) -> tuple[list[str], str | None]:
     """The placement report of an RL stage config, and why it cannot fit (None if it can).
 
     Args:
@@ -263,7 +255,7 @@ def plan(config, policy: PretrainedConfig | None, source: str = "") -> tuple[lis
     )
     size = shape.parameters
     count = f"{size / 1e9:.2f} B" if size >= 1e9 else f"{size / 1e6:.1f} M"
-    lines.append(f"policy   {count} parameters, {shape.layers} layers ({source or 'its config'})")
+    lines.append(f"policy   {count} parameters, {shape.layers} layers ({source})")
     lines.append(
         f"learner  per GPU: {_gib(memory.total)} = sharded state {_gib(memory.sharded)}"
         f"{' (offloaded to host memory)' if learner.offload else ''} + layers in flight "
