@@ -402,6 +402,35 @@ def test_rollout_groups_filter_the_pool_at_once_and_a_rescore_brings_prompts_bac
     assert active_ids(plain) == [0, 1, 2, 3] and plain.metrics()["pool/rollout_dropped_easy"] == 0
 
 
+def test_at_the_floor_rotate_swaps_an_out_of_band_prompt_for_the_longest_gone_one():
+    settings = PoolSettings(min_active=2, filter_from_rollouts=True, rotate_at_floor=True)
+    pool = PromptPool(make_rows({"add": 4}), settings, seed=0)
+    easy, hard, middle = [True] * 8, [False] * 8, [True] * 4 + [False] * 4
+    pool.record(0, [1.0] * 8, easy)
+    pool.record(1, [0.0] * 8, hard)
+    assert active_ids(pool) == [2, 3]  # at the floor
+    pool.record(2, [1.0] * 8, easy)  # out of the band: 2 leaves, 0 (gone first) comes back
+    assert active_ids(pool) == [0, 3]
+    pool.record(3, [0.0] * 4 + [1.0] * 4, middle)  # in the band: nothing moves
+    pool.record(0, [1.0] * 8, easy)  # still too easy: swapped for 1
+    assert active_ids(pool) == [1, 3]
+    metrics = pool.metrics()
+    assert metrics["pool/readmitted"] == 2 and metrics["pool/active"] == 2
+    assert metrics["pool/rollout_dropped_easy"] == 3 and metrics["pool/rollout_dropped_hard"] == 1
+    # A readmitted prompt is taken again, and the rotation survives a save and resume.
+    assert {p.id for p in pool.take(8)} == {1, 3}
+    resumed = PromptPool(make_rows({"add": 4}), settings, seed=0)
+    resumed.load_state_dict(json.loads(json.dumps(pool.state_dict())))
+    for each in (pool, resumed):
+        each.record(1, [0.0] * 8, hard)  # swapped for 2, the longest gone now
+    assert active_ids(pool) == active_ids(resumed) == [2, 3]
+    # A prompt a re-score made active again is passed over: 0 is next in line but active.
+    pool.rescore({0: 0.5}, step=5)  # 0 in the band; 2 stays out by its last group (8 of 8)
+    assert active_ids(pool) == [0, 3]
+    pool.record(3, [1.0] * 8, easy)
+    assert active_ids(pool) == [0, 1]
+
+
 def test_rescore_refuses_bad_pass_rates():
     pool = PromptPool(make_rows({"add": 3}), PoolSettings(), seed=0)
     with pytest.raises(ValueError, match=r"pass rate of prompt 1 must be in \[0, 1\]"):

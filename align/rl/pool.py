@@ -81,6 +81,12 @@ class PoolSettings:
     # prompts closest to it stay active too (with a warning). 64 covers a couple of rollout
     # batches, so one batch rarely repeats a prompt.
     min_active: int = 64
+    # With `filter_from_rollouts`, at the `min_active` floor: a prompt whose group falls outside
+    # the band still leaves, and the prompt the rollout filter took out the longest ago comes
+    # back in its place, to be judged again by its next group under the policy as it is then.
+    # Off, the out-of-band prompt stays, so the active set stops changing once it reaches the
+    # floor and every later step trains on the same `min_active` prompts.
+    rotate_at_floor: bool = False
     # Share of the taken prompts per task family (column `task`; rows without it are family
     # "default"), renormalised over the families with active prompts; unlisted families are
     # never taken. Empty: proportional to each family's active prompts.
@@ -242,8 +248,12 @@ class PromptPool:
         self._dropped_easy = 0
         self._dropped_hard = 0
         self._kept_by_min_active = 0
-        # Prompts the rollout groups took out of the active set (`filter_from_rollouts`).
+        # Prompts the rollout groups took out of the active set (`filter_from_rollouts`), the
+        # ids in the order they left (`rotate_at_floor` brings the first one back), and how many
+        # came back.
         self._rollout_drops = {"easy": 0, "hard": 0}
+        self._left: list[int] = []
+        self._readmitted = 0
         # Rollout groups recorded since the latest re-score, and how many of them passed every /
         # no completion.
         self._window = {"groups": 0, "samples": 0, "passed": 0, "all_passed": 0, "none_passed": 0}
@@ -387,15 +397,29 @@ class PromptPool:
     def _filter_by_group(self, prompt_id: int, difficulty: float) -> None:
         """Takes the difficulty a rollout group measured; out of the band, the prompt leaves
         the active set (it is not taken again) unless that would leave fewer than `min_active`
-        active prompts."""
+        active prompts, where `rotate_at_floor` swaps it for the longest-gone prompt."""
         self._difficulty[prompt_id] = difficulty
         if not self._active[prompt_id] or self._in_band(difficulty):
             return
         if sum(self._active) <= min(self.settings.min_active, len(self._rows)):
-            return
+            back = self._longest_out() if self.settings.rotate_at_floor else None
+            if back is None:
+                return
+            self._active[back] = True
+            self._readmitted += 1
         self._active[prompt_id] = False
+        self._left.append(prompt_id)
         self._rollout_drops["easy" if difficulty < self._band[0] else "hard"] += 1
         self._update_weights()
+
+    def _longest_out(self) -> int | None:
+        """Removes and returns the prompt the rollout filter took out the longest ago that is
+        still inactive (a re-score may have made some active again); None when there is none."""
+        while self._left:
+            prompt_id = self._left.pop(0)
+            if not self._active[prompt_id]:
+                return prompt_id
+        return None
 
     def rescore(self, pass_rates: dict[int, float | None], step: int) -> dict[str, float]:
         """Sets new difficulties (1 - pass rate) and recomputes the active set by the band.
@@ -530,7 +554,7 @@ class PromptPool:
         `pool/kept_by_min_active`, `pool/rescores`, `pool/last_rescore_step`, `pool/returned`
         (given back, waiting), the prompts rollout groups took out of the band so far
         (`filter_from_rollouts`) `pool/rollout_dropped_easy` and `pool/rollout_dropped_hard`,
-        and over the groups recorded since the latest re-score `pool/rollout/groups`,
+        the prompts `rotate_at_floor` brought back so far `pool/readmitted`, and over the groups recorded since the latest re-score `pool/rollout/groups`,
         `pool/rollout/pass_rate`, `pool/rollout/all_passed` and `pool/rollout/none_passed`
         (fractions of the groups: no learning signal under a group-relative advantage).
         """
@@ -549,6 +573,7 @@ class PromptPool:
             "pool/returned": float(len(self._returned)),
             "pool/rollout_dropped_easy": float(self._rollout_drops["easy"]),
             "pool/rollout_dropped_hard": float(self._rollout_drops["hard"]),
+            "pool/readmitted": float(self._readmitted),
         }
         if scored:
             out["pool/mean_difficulty"] = sum(scored) / len(scored)
@@ -580,6 +605,8 @@ class PromptPool:
             "dropped_hard": self._dropped_hard,
             "kept_by_min_active": self._kept_by_min_active,
             "rollout_drops": dict(self._rollout_drops),
+            "left": list(self._left),
+            "readmitted": self._readmitted,
             "window": dict(self._window),
             "queues": {
                 t: {"order": list(q["order"]), "pos": q["pos"], "epoch": q["epoch"]}
@@ -628,6 +655,9 @@ class PromptPool:
         # Absent from the states of runs started before `filter_from_rollouts` existed.
         drops = state.get("rollout_drops", {"easy": 0, "hard": 0})
         self._rollout_drops = {"easy": int(drops["easy"]), "hard": int(drops["hard"])}
+        # Absent from the states of runs started before `rotate_at_floor` existed.
+        self._left = [int(i) for i in state.get("left", [])]
+        self._readmitted = int(state.get("readmitted", 0))
         self._window = {k: int(v) for k, v in state["window"].items()}
         self._queues = {
             t: {
