@@ -499,8 +499,28 @@ def changed_keys(before: Any, now: Any, prefix: str = "") -> list[str]:
 
 def changed_settings(before: Any, config: Any) -> list[str]:
     """The dotted keys where `config` differs from `before`, its plain form as saved earlier
-    (a YAML or JSON round trip: tuples are lists)."""
-    return changed_keys(before, json.loads(json.dumps(to_dict(config))))
+    (a YAML or JSON round trip: tuples are lists). A setting `before` lacks because the version
+    that saved it did not have it yet is no change while `config` holds its default: a new
+    setting defaults to what the toolkit did before it existed."""
+    now = json.loads(json.dumps(to_dict(config)))
+    return changed_keys(_with_new_defaults(before, config, now), now)
+
+
+def _with_new_defaults(before: Any, config: Any, now: Any) -> Any:
+    """`before` plus each field of dataclass `config` it lacks whose value is the default
+    (`now`: `config` in plain form)."""
+    if not (isinstance(before, dict) and dataclasses.is_dataclass(config)):
+        return before
+    filled = dict(before)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in before:
+            filled[f.name] = _with_new_defaults(before[f.name], value, now[f.name])
+        elif f.default is not dataclasses.MISSING and value == f.default:
+            filled[f.name] = now[f.name]
+        elif f.default_factory is not dataclasses.MISSING and value == f.default_factory():
+            filled[f.name] = now[f.name]
+    return filled
 
 
 def to_dict(cfg: Any) -> dict:

@@ -11,6 +11,7 @@ import pytest
 from align.config import (
     ConfigError,
     apply_overrides,
+    changed_settings,
     check,
     dump_yaml,
     from_dict,
@@ -309,6 +310,21 @@ def test_future_annotations_dataclass(tmp_path, monkeypatch):
             from_dict(module.Outer, {"sizes": ["x"]})
     finally:
         sys.modules.pop("future_cfg_mod", None)
+
+
+def test_a_setting_added_since_a_config_was_saved_is_a_change_only_off_its_default():
+    config = Config(model=Model(preset="tiny"), rl=RL(group_size=8))
+    saved = to_dict(config)
+    # As a version without `rl.optim.name` and `verbose` saved it.
+    del saved["rl"]["optim"]["name"], saved["verbose"]
+    assert changed_settings(saved, config) == []
+    config.rl.optim.name, config.verbose = "sgd", True
+    assert changed_settings(saved, config) == ["rl.optim.name", "verbose"]
+    config.rl.optim.name, config.verbose = "adamw", False
+    config.rl.group_size = 4  # a setting that was saved compares as before
+    assert changed_settings(saved, config) == ["rl.group_size"]
+    del saved["rl"]  # a whole new section at its defaults (RL() has group_size 4)
+    assert changed_settings(saved, config) == []
 
 
 def test_overrides_index_into_lists():
