@@ -439,30 +439,43 @@ def plot_accuracy(report: dict, path: Path) -> list[str]:
 
 
 def plot_rl(stage_dir: Path, path: Path) -> list[str]:
-    """Training reward, the prompt pool's difficulty and the held-out curve over RL steps."""
+    """Training reward, the prompt pool and its rollout groups, and the held-out curve over RL
+    steps."""
     metrics = read_metrics(stage_dir)
     trained = [m for m in metrics if "train/reward_mean" in m]
-    pool = [m for m in metrics if "pool/mean_difficulty" in m]
+    pool = [m for m in metrics if "pool/active" in m]
     result = (read_done_marker(stage_dir) or {"result": {}})["result"]
     curve = result.get("curve") or []
     if not trained:
         return []
     plt = pyplot()
-    fig, (reward, difficulty, heldout) = plt.subplots(1, 3, figsize=(15, 4))
+    fig, (reward, groups, heldout) = plt.subplots(1, 3, figsize=(15, 4))
     reward.plot([m["step"] for m in trained], [m["train/reward_mean"] for m in trained])
     reward.set_title("training reward (mean over the step's samples)")
     reward.set_xlabel("step")
-    difficulty.plot(
-        [m["step"] for m in pool],
-        [m["pool/mean_difficulty"] for m in pool],
-        label="mean difficulty of active prompts",
+    steps = [m["step"] for m in pool]
+    groups.plot(
+        steps,
+        [m["pool/active"] / max(m["pool/total"], 1) for m in pool],
+        label="share of prompts active",
     )
-    active = [m["pool/active"] / max(m["pool/total"], 1) for m in pool]
-    difficulty.plot([m["step"] for m in pool], active, label="share of prompts active")
-    difficulty.set_ylim(0, 1)
-    difficulty.set_title("prompt pool (re-filtered to medium-hard)")
-    difficulty.set_xlabel("step")
-    difficulty.legend()
+    scored = [m for m in pool if "pool/mean_difficulty" in m]
+    if scored:
+        groups.plot(
+            [m["step"] for m in scored],
+            [m["pool/mean_difficulty"] for m in scored],
+            label="mean difficulty of active prompts",
+        )
+    for key, label in (
+        ("pool/rollout/all_passed", "groups all right (no signal)"),
+        ("pool/rollout/none_passed", "groups all wrong (no signal)"),
+    ):
+        points = _per_step_share(pool, key)
+        groups.plot([p[0] for p in points], [p[1] for p in points], label=label)
+    groups.set_ylim(0, 1.05)
+    groups.set_title("prompt pool and the groups generated per step")
+    groups.set_xlabel("step")
+    groups.legend()
     if curve:
         steps = [c["step"] for c in curve]
         heldout.plot(
@@ -478,6 +491,24 @@ def plot_rl(stage_dir: Path, path: Path) -> list[str]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path.name]
+
+
+def _per_step_share(pool: list[dict], key: str) -> list[tuple[int, float]]:
+    """Per step, the share of the groups recorded during that step that `key` counts: the pool
+    reports shares over the groups since its latest re-score, so consecutive windows are
+    differenced (a window that restarted is taken as it is)."""
+    points, before = [], None
+    for m in pool:
+        groups = m.get("pool/rollout/groups")
+        if groups is None or key not in m:
+            continue
+        count = m[key] * groups
+        if before is not None and groups > before[0]:
+            points.append((m["step"], (count - before[1]) / (groups - before[0])))
+        elif before is None or groups < before[0]:
+            points.append((m["step"], m[key]))
+        before = (groups, count)
+    return points
 
 
 def plot_distill(stage_dir: Path, path: Path) -> list[str]:

@@ -418,3 +418,21 @@ def test_the_report_shows_each_evaluation_reward_but_answer_match_in_its_own_col
     assert "| 0.250 | 0.30 |" in rows["sft"] and "| 0.500 | 0.30 |" in rows["rl"]
     assert "| - | 0.30 |" in rows["eval"]
     assert "answer_format" in report.table(run) and "answer_match" not in report.table(run)
+
+
+def test_the_rl_plot_turns_the_pools_running_group_shares_into_shares_per_step():
+    from pipelines.report import _per_step_share
+
+    key = "pool/rollout/all_passed"
+    pool = [
+        {"step": 1, "pool/rollout/groups": 100, key: 0.2},  # 20 of 100
+        {"step": 2, "pool/rollout/groups": 150, key: 0.2},  # 10 of the next 50
+        {"step": 3, "pool/rollout/groups": 150, key: 0.2},  # no new group: no point
+        {"step": 4, "pool/rollout/groups": 40, key: 0.5},  # a re-score restarted the window
+        {"step": 5},  # nothing recorded yet in a new window
+    ]
+    points = _per_step_share(pool, key)
+    assert [step for step, _ in points] == [1, 2, 4]
+    assert [share for _, share in points] == pytest.approx([0.2, 0.2, 0.5])
+    pool[1][key] = 0.3  # 45 of 150: 25 of the 50 that step 2 added
+    assert _per_step_share(pool, key)[1][1] == pytest.approx(0.5)
