@@ -26,6 +26,7 @@ deterministic given the seed and the state, and `state_dict()` captures that sta
 from __future__ import annotations
 
 import bisect
+import collections
 import copy
 import hashlib
 import json
@@ -252,7 +253,7 @@ class PromptPool:
         # ids in the order they left (`rotate_at_floor` brings the first one back), and how many
         # came back.
         self._rollout_drops = {"easy": 0, "hard": 0}
-        self._left: list[int] = []
+        self._left: collections.deque[int] = collections.deque()
         self._readmitted = 0
         # Rollout groups recorded since the latest re-score, and how many of them passed every /
         # no completion.
@@ -416,7 +417,7 @@ class PromptPool:
         """Removes and returns the prompt the rollout filter took out the longest ago that is
         still inactive (a re-score may have made some active again); None when there is none."""
         while self._left:
-            prompt_id = self._left.pop(0)
+            prompt_id = self._left.popleft()
             if not self._active[prompt_id]:
                 return prompt_id
         return None
@@ -554,7 +555,8 @@ class PromptPool:
         `pool/kept_by_min_active`, `pool/rescores`, `pool/last_rescore_step`, `pool/returned`
         (given back, waiting), the prompts rollout groups took out of the band so far
         (`filter_from_rollouts`) `pool/rollout_dropped_easy` and `pool/rollout_dropped_hard`,
-        the prompts `rotate_at_floor` brought back so far `pool/readmitted`, and over the groups recorded since the latest re-score `pool/rollout/groups`,
+        the prompts `rotate_at_floor` brought back so far `pool/readmitted`, and over the groups
+        recorded since the latest re-score `pool/rollout/groups`,
         `pool/rollout/pass_rate`, `pool/rollout/all_passed` and `pool/rollout/none_passed`
         (fractions of the groups: no learning signal under a group-relative advantage).
         """
@@ -656,7 +658,7 @@ class PromptPool:
         drops = state.get("rollout_drops", {"easy": 0, "hard": 0})
         self._rollout_drops = {"easy": int(drops["easy"]), "hard": int(drops["hard"])}
         # Absent from the states of runs started before `rotate_at_floor` existed.
-        self._left = [int(i) for i in state.get("left", [])]
+        self._left = collections.deque(int(i) for i in state.get("left", []))
         self._readmitted = int(state.get("readmitted", 0))
         self._window = {k: int(v) for k, v in state["window"].items()}
         self._queues = {
