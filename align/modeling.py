@@ -544,7 +544,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
 
 
 def empty_model(
-    path: str | Path | PretrainedConfig, dtype: torch.dtype = torch.float32
+    source: str | Path | PretrainedConfig, dtype: torch.dtype = torch.float32
 ) -> PreTrainedModel:
     """The checkpoint's architecture (or a config's) on the meta device: no memory, no weights.
 
@@ -552,7 +552,7 @@ def empty_model(
     from one rank's copy of the checkpoint (`align.rl.learner`), so no rank ever holds the
     whole model on its device.
     """
-    config = path if isinstance(path, PretrainedConfig) else read_config(path)
+    config = source if isinstance(source, PretrainedConfig) else read_config(source)
     with torch.device("meta"):
         model = _auto_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
     return _for_training(model)

@@ -267,7 +267,11 @@ def plugin(entry_type: type, name: Any) -> Any:
 def plugin_parameters(entry_type: type, name: Any) -> dict[str, inspect.Parameter]:
     """Keyword arguments of the plug-in a filter or reward entry names; none where the entry
     is not one or the name cannot be resolved."""
-    found = plugin(entry_type, name)
+    return parameters_of(plugin(entry_type, name))
+
+
+def parameters_of(found: Any) -> dict[str, inspect.Parameter]:
+    """Keyword arguments of a plug-in `plugin` returned (None: none)."""
     try:
         return {} if found is None else dict(inspect.signature(found).parameters)
     except (TypeError, ValueError):

@@ -35,8 +35,8 @@ from align.settings import (
     SHARED,
     EngineSettings,
     offset_seeds,
+    parameters_of,
     plugin,
-    plugin_parameters,
     with_defaults,
 )
 from pipelines import report, stages
@@ -427,13 +427,13 @@ def _starts_engine(entry: Any) -> bool:
     options = getattr(entry, "options", None)
     if not isinstance(options, dict):
         return False
-    name = getattr(entry, "name", None)
-    parameters = plugin_parameters(type(entry), name)
+    found = plugin(type(entry), getattr(entry, "name", None))
+    parameters = parameters_of(found)
     if "engine" not in parameters:
         return False
     served = [
         option
-        for option, kind in getattr(plugin(type(entry), name), "checkpoint_options", {}).items()
+        for option, kind in getattr(found, "checkpoint_options", {}).items()
         if kind == "causal_lm" and option in parameters
     ]
     return not served or any(
