@@ -495,19 +495,22 @@ def plot_rl(stage_dir: Path, path: Path) -> list[str]:
 
 def _per_step_share(pool: list[dict], key: str) -> list[tuple[int, float]]:
     """Per step, the share of the groups recorded during that step that `key` counts: the pool
-    reports shares over the groups since its latest re-score, so consecutive windows are
-    differenced (a window that restarted is taken as it is)."""
-    points, before = [], None
+    reports shares over the groups since its latest re-score, so consecutive rows are
+    differenced. A re-score logs its own row (its `pool/rescores` one higher, the old window's
+    groups) and then starts a new window, whose first row is taken as it is."""
+    points, before, rescores = [], None, None
     for m in pool:
         groups = m.get("pool/rollout/groups")
-        if groups is None or key not in m:
-            continue
-        count = m[key] * groups
-        if before is not None and groups > before[0]:
-            points.append((m["step"], (count - before[1]) / (groups - before[0])))
-        elif before is None or groups < before[0]:
-            points.append((m["step"], m[key]))
-        before = (groups, count)
+        if groups is not None and key in m:
+            count = m[key] * groups
+            if before is None:
+                points.append((m["step"], m[key]))
+            elif groups > before[0]:
+                points.append((m["step"], (count - before[1]) / (groups - before[0])))
+            before = (groups, count)
+        if rescores is not None and m.get("pool/rescores") != rescores:
+            before = None
+        rescores = m.get("pool/rescores")
     return points
 
 

@@ -425,14 +425,16 @@ def test_the_rl_plot_turns_the_pools_running_group_shares_into_shares_per_step()
 
     key = "pool/rollout/all_passed"
     pool = [
-        {"step": 1, "pool/rollout/groups": 100, key: 0.2},  # 20 of 100
-        {"step": 2, "pool/rollout/groups": 150, key: 0.2},  # 10 of the next 50
-        {"step": 3, "pool/rollout/groups": 150, key: 0.2},  # no new group: no point
-        {"step": 4, "pool/rollout/groups": 40, key: 0.5},  # a re-score restarted the window
-        {"step": 5},  # nothing recorded yet in a new window
+        {"step": 1, "pool/rescores": 0, "pool/rollout/groups": 100, key: 0.2},  # 20 of 100
+        {"step": 2, "pool/rescores": 0, "pool/rollout/groups": 150, key: 0.2},  # 10 of next 50
+        {"step": 3, "pool/rescores": 0, "pool/rollout/groups": 150, key: 0.2},  # none new
+        {"step": 3, "pool/rescores": 1, "pool/rollout/groups": 150, key: 0.2},  # a re-score
+        {"step": 4, "pool/rescores": 1, "pool/rollout/groups": 40, key: 0.5},  # a new window
+        {"step": 5, "pool/rescores": 2},  # re-scored again; nothing recorded in the new window
+        {"step": 6, "pool/rescores": 2, "pool/rollout/groups": 60, key: 0.25},  # more than 40
     ]
     points = _per_step_share(pool, key)
-    assert [step for step, _ in points] == [1, 2, 4]
-    assert [share for _, share in points] == pytest.approx([0.2, 0.2, 0.5])
+    assert [step for step, _ in points] == [1, 2, 4, 6]
+    assert [share for _, share in points] == pytest.approx([0.2, 0.2, 0.5, 0.25])
     pool[1][key] = 0.3  # 45 of 150: 25 of the 50 that step 2 added
     assert _per_step_share(pool, key)[1][1] == pytest.approx(0.5)
