@@ -424,11 +424,27 @@ def test_at_the_floor_rotate_swaps_an_out_of_band_prompt_for_the_longest_gone_on
     for each in (pool, resumed):
         each.record(1, [0.0] * 8, hard)  # swapped for 2, the longest gone now
     assert active_ids(pool) == active_ids(resumed) == [2, 3]
-    # A prompt a re-score made active again is passed over: 0 is next in line but active.
+    # A prompt a re-score made active again leaves the line: 0 was next in it.
     pool.rescore({0: 0.5}, step=5)  # 0 in the band; 2 stays out by its last group (8 of 8)
     assert active_ids(pool) == [0, 3]
     pool.record(3, [1.0] * 8, easy)
     assert active_ids(pool) == [0, 1]
+
+
+def test_a_prompt_a_rescore_made_active_rejoins_the_rotation_at_the_back():
+    settings = PoolSettings(min_active=2, filter_from_rollouts=True, rotate_at_floor=True)
+    pool = PromptPool(make_rows({"add": 4}), settings, seed=0)
+    easy, hard = [True] * 8, [False] * 8
+    pool.record(0, [1.0] * 8, easy)  # 0 leaves first
+    pool.rescore({0: 0.5}, step=1)  # and is active again
+    pool.record(1, [0.0] * 8, hard)  # 1 leaves
+    pool.record(0, [1.0] * 8, easy)  # 0 leaves again, after 1: at the floor now
+    assert active_ids(pool) == [2, 3]
+    pool.record(2, [1.0] * 8, easy)  # 1 has been gone the longest
+    assert active_ids(pool) == [1, 3]
+    pool.record(3, [1.0] * 8, easy)
+    assert active_ids(pool) == [0, 1]
+    assert pool.state_dict()["left"] == [2, 3]
 
 
 def test_rescore_refuses_bad_pass_rates():

@@ -415,7 +415,7 @@ class PromptPool:
 
     def _longest_out(self) -> int | None:
         """Removes and returns the prompt the rollout filter took out the longest ago that is
-        still inactive (a re-score may have made some active again); None when there is none."""
+        still inactive; None when there is none."""
         while self._left:
             prompt_id = self._left.popleft()
             if not self._active[prompt_id]:
@@ -502,6 +502,9 @@ class PromptPool:
 
         for task in self.tasks:
             self._refilter_queue(task)
+        # A prompt made active again is out of the rotation's line; it joins at the back when a
+        # group takes it out again.
+        self._left = collections.deque(i for i in self._left if not self._active[i])
         stale = [i for i in self._returned if not self._active[i]]
         if stale:
             self._returned = [i for i in self._returned if self._active[i]]
