@@ -124,9 +124,24 @@ class OptimSettings:
     # model alone learns, the images are read by the weights the model came with, and the RL
     # workers get the language model's weights only).
     train_vision: bool = False
+    # With train_vision: the peak learning rate of the vision tower and projector, on the same
+    # schedule as the language model's (None: learning_rate). A tower usually wants a lower
+    # rate than the language model it feeds.
+    vision_learning_rate: float | None = None
 
     def validate(self) -> None:
         check(self.learning_rate > 0, "learning_rate", f"must be > 0 (got {self.learning_rate})")
+        if self.vision_learning_rate is not None:
+            check(
+                self.vision_learning_rate > 0,
+                "vision_learning_rate",
+                f"must be > 0 (got {self.vision_learning_rate})",
+            )
+            check(
+                self.train_vision,
+                "vision_learning_rate",
+                "applies only with train_vision: true (the tower is frozen otherwise)",
+            )
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0 (got {self.warmup_steps})")
         check(
             self.warmup_steps < 1 or float(self.warmup_steps).is_integer(),

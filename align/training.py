@@ -38,6 +38,7 @@ from align.modeling import fix_expert_layout
 from align.moe import ExpertLoad, has_experts, load_summary, routers, shares
 from align.runs import NonFiniteError, Run, atomic_directory, verbose, write_json_atomic
 from align.settings import OptimSettings
+from align.vision import parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -478,10 +479,33 @@ class ProgressLine(ProgressCallback):
             self.training_bar.set_postfix(shown)
 
 
+class _VisionRateOptimizer:
+    """An optimiser factory for transformers' Trainer (its `optimizer_cls_and_kwargs`): the
+    optimiser the trainer's arguments choose, over `align.vision.parameter_groups`."""
+
+    def __call__(self, model, *, optimizer, vision_learning_rate, decay, weight_decay):
+        optimizer_cls, options = optimizer
+        groups = parameter_groups(
+            model.named_parameters(), vision_learning_rate, set(decay(model)), weight_decay
+        )
+        return optimizer_cls(groups, **options)
+
+
 def watch(trainer, run: Run | None, settings: TrainSettings, name: str) -> None:
-    """Adds what every training stage's trainer reports to: the run's metrics and expert load
+    """Adds what every training stage's trainer needs beyond its arguments: the vision tower's
+    own learning rate (`vision_learning_rate`), the run's metrics and expert load
     (`RunLogger`), the non-finite step guard, and one progress line named `name` (the
     trainer's own bar and dicts with `--verbose`)."""
+    if settings.vision_learning_rate is not None:
+        trainer.optimizer_cls_and_kwargs = (
+            _VisionRateOptimizer,
+            {
+                "optimizer": trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model),
+                "vision_learning_rate": settings.vision_learning_rate,
+                "decay": trainer.get_decay_parameter_names,
+                "weight_decay": trainer.args.weight_decay,
+            },
+        )
     trainer.add_callback(RunLogger(run, trainer.model))
     trainer.add_callback(NonFiniteGuard(run, settings.max_nonfinite_steps))
     if not verbose():

@@ -197,6 +197,39 @@ def freeze_vision(model) -> int:
     return frozen
 
 
+def parameter_groups(
+    named_parameters,
+    vision_learning_rate: float | None,
+    decay: set[str] | None = None,
+    weight_decay: float = 0.0,
+) -> list[dict]:
+    """Optimiser parameter groups of the trainable parameters in `named_parameters`.
+
+    With `vision_learning_rate` the vision tower and projector's parameters form groups of their
+    own with that `lr` (marked `vision`); the others take the optimiser's. With `decay` (the
+    names that decay) each side splits further, `weight_decay` for those names and 0 for the
+    rest. Sharded parameters on different device meshes never share a group (one fused kernel
+    call each).
+    """
+    groups: dict[tuple, list] = {}
+    for name, parameter in named_parameters:
+        if not parameter.requires_grad:
+            continue
+        vision = vision_learning_rate is not None and in_vision_tower(name)
+        decays = decay is None or name in decay
+        mesh = getattr(parameter, "device_mesh", None)
+        groups.setdefault((vision, decays, mesh), []).append(parameter)
+    result = []
+    for (vision, decays, _), params in groups.items():
+        group: dict = {"params": params}
+        if vision:
+            group.update(lr=vision_learning_rate, vision=True)
+        if decay is not None:
+            group["weight_decay"] = weight_decay if decays else 0.0
+        result.append(group)
+    return result
+
+
 def load_processor(path: str | Path):
     """A vision-language checkpoint's processor (image processor, tokenizer, chat template)."""
     from transformers import AutoProcessor

@@ -296,6 +296,7 @@ HOSTILE = [
     ("seed-negative", ["sft", "model={model}", "data={sft}", "train.seed=-1"], "invalid value for 'train.seed' in <command line>: a seed must be in [0, 2**32) (got -1)"),
     ("seed-too-large", ["rl", "model={model}", "data={rl}", "seed=4294967296"], "invalid value for 'seed' in <command line>: a seed must be in [0, 2**32)"),
     ("weight-decay-negative", ["sft", "model={model}", "data={sft}", "train.weight_decay=-1"], "invalid value for 'train.weight_decay' in <command line>: must be >= 0 (got -1.0)"),
+    ("vision-learning-rate-with-a-frozen-tower", ["sft", "model={model}", "data={sft}", "train.vision_learning_rate=1e-4"], "invalid value for 'train.vision_learning_rate' in <command line>: applies only with train_vision: true (the tower is frozen otherwise)"),
     ("empty-run-name", ["sft", "model={model}", "data={sft}", "name="], "invalid value for 'name' in <command line>: must not be empty"),
     ("run-name-dot-dot", ["sft", "model={model}", "data={sft}", "name=.."], "invalid value for 'name' in <command line>: must be a single directory name"),
     ("run-name-with-a-slash", ["eval", "model={model}", "data={rl}", "name=a/../../b"], "invalid value for 'name' in <command line>: must be a single directory name"),

@@ -415,6 +415,31 @@ def test_sft_with_images_trains_the_language_model_and_serves_exactly(
     assert torch.allclose(torch.tensor(served), expected, atol=1e-4, rtol=0)
 
 
+def test_the_vision_learning_rate_moves_the_tower_by_its_own_rate(vision_checkpoint, tmp_path):
+    """`train.vision_learning_rate` through SFTTrainer's own optimiser creation: Adam's first
+    step moves each weight by about its group's rate, the tower's 1e-5 and the rest's 1e-2."""
+    from align.config import from_dict
+    from align.modeling import load_model
+    from pipelines.sft import Config, run
+
+    path, before = vision_checkpoint
+    data = tmp_path / "train"
+    export(make_problems(["shapes"], [1], 8, seed=3), "sft").save_to_disk(str(data))
+    train = {"batch_size": 8, "learning_rate": 1e-2, "lr_scheduler": "constant", "warmup_steps": 0}
+    train |= {"epochs": 1, "save_steps": 100, "train_vision": True, "vision_learning_rate": 1e-5}
+    config = {"model": str(path), "data": str(data), "runs_dir": str(tmp_path), "train": train}
+    result = run(from_dict(Config, config))
+    assert result["steps"] == 1
+    old, new = before.state_dict(), load_model(result["model"]).state_dict()
+
+    def moved(names) -> float:
+        return max((new[n] - old[n]).abs().max().item() for n in names)
+
+    tower = [n for n in old if ".visual." in n]
+    assert tower and 0.5e-5 < moved(tower) <= 1.01e-5
+    assert 0.5e-2 < moved(set(old) - set(tower)) <= 1.01e-2
+
+
 def _answer_logprob(model, processor, tokenizer, prompt, image, answer: str) -> float:
     """Sum of the model's logprobs of an answer's tokens after an image prompt."""
     ids = tokenizer.apply_chat_template(

@@ -67,7 +67,7 @@ from align.rl.rollout import Rollout
 from align.runs import NonFiniteError
 from align.settings import OptimSettings
 from align.training import LoraSettings, lora_config, use_bf16
-from align.vision import freeze_vision, in_vision_tower
+from align.vision import freeze_vision, in_vision_tower, parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -447,7 +447,7 @@ class LearnerRank:
         }
         self.model = self._load_sharded(shard_options, trainable=True)
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
+            parameter_groups(self.model.named_parameters(), self.settings.vision_learning_rate),
             lr=self.settings.learning_rate,
             weight_decay=self.settings.weight_decay,
         )
@@ -644,12 +644,15 @@ class LearnerRank:
         finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
         # The version counts steps, skipped ones included (their weights equal the previous).
         self.version += 1
-        learning_rate = self.settings.learning_rate * min(
-            1.0, self.version / max(1, self.settings.warmup_steps)
-        )
+        warmup = min(1.0, self.version / max(1, self.settings.warmup_steps))
+        learning_rate = self.settings.learning_rate * warmup
         if finite:
             for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate
+                group["lr"] = (
+                    self.settings.vision_learning_rate * warmup
+                    if group.get("vision")
+                    else learning_rate
+                )
             self.optimizer.step()
             self.nonfinite_in_a_row = 0
         else:
