@@ -414,13 +414,14 @@ class PromptPool:
         self._update_weights()
 
     def _longest_out(self) -> int | None:
-        """Removes and returns the prompt the rollout filter took out the longest ago that is
-        still inactive; None when there is none."""
-        while self._left:
-            prompt_id = self._left.popleft()
-            if not self._active[prompt_id]:
-                return prompt_id
-        return None
+        """Removes and returns the prompt the rollout filter took out the longest ago; None when
+        there is none."""
+        return self._left.popleft() if self._left else None
+
+    def _out_of_the_active_set(self, ids) -> collections.deque[int]:
+        """`ids` in their order without the active ones: the rotation's line holds only prompts
+        outside the active set (a re-score may make some active again)."""
+        return collections.deque(i for i in ids if not self._active[i])
 
     def rescore(self, pass_rates: dict[int, float | None], step: int) -> dict[str, float]:
         """Sets new difficulties (1 - pass rate) and recomputes the active set by the band.
@@ -502,9 +503,9 @@ class PromptPool:
 
         for task in self.tasks:
             self._refilter_queue(task)
-        # A prompt made active again is out of the rotation's line; it joins at the back when a
+        # A prompt made active again leaves the rotation's line; it joins at the back when a
         # group takes it out again.
-        self._left = collections.deque(i for i in self._left if not self._active[i])
+        self._left = self._out_of_the_active_set(self._left)
         stale = [i for i in self._returned if not self._active[i]]
         if stale:
             self._returned = [i for i in self._returned if self._active[i]]
@@ -661,7 +662,7 @@ class PromptPool:
         drops = state.get("rollout_drops", {"easy": 0, "hard": 0})
         self._rollout_drops = {"easy": int(drops["easy"]), "hard": int(drops["hard"])}
         # Absent from the states of runs started before `rotate_at_floor` existed.
-        self._left = collections.deque(int(i) for i in state.get("left", []))
+        self._left = self._out_of_the_active_set(int(i) for i in state.get("left", []))
         self._readmitted = int(state.get("readmitted", 0))
         self._window = {k: int(v) for k, v in state["window"].items()}
         self._queues = {
