@@ -362,13 +362,19 @@ class ShapesTask(TaskFamily):
     Colours are drawn for every shape, so only the shape tells a square from a circle.
 
     A scene is text, `kind,cell,dx,dy,size,colour` per shape joined by `;` (kind `s` or `c`,
-    cell of the `SHAPES_CELLS` x `SHAPES_CELLS` grid, offset in the cell, side or diameter in
-    pixels, index into `SHAPE_COLOURS`): the rows keep it and `render` draws it.
+    cell of the `cells` x `cells` grid, offset in the cell, side or diameter in pixels, index
+    into `SHAPE_COLOURS`): the rows keep it and `render` draws it on an `image` x `image`
+    canvas. `shapes` draws 24-pixel cells on 96 pixels; `tiles` is the same task on 32-pixel
+    cells (128 pixels), one cell per merged image token of a model whose patches are 16 pixels
+    merged 2 x 2 (the `vision-student` preset, Qwen2-VL's and Qwen3-VL's processors), so no
+    shape straddles two tokens.
     """
 
     name: str = "shapes"
     levels: tuple[int, ...] = (1, 2, 3, 4)
     question: str = "How many squares?"
+    image: int = SHAPES_IMAGE
+    cells: int = SHAPES_CELLS
 
     def _counts(self, level: int) -> tuple[range, range, range]:
         """(squares, circles, sizes) of a level."""
@@ -383,8 +389,8 @@ class ShapesTask(TaskFamily):
     def problem(self, rng: random.Random, level: int) -> dict[str, str]:
         squares, circles, sizes = self._counts(level)
         n_squares, n_circles = rng.choice(squares), rng.choice(circles)
-        cells = rng.sample(range(SHAPES_CELLS**2), n_squares + n_circles)
-        cell = SHAPES_IMAGE // SHAPES_CELLS
+        cells = rng.sample(range(self.cells**2), n_squares + n_circles)
+        cell = self.image // self.cells
         shapes = []
         for i, where in enumerate(cells):
             size = rng.choice(sizes)
@@ -401,13 +407,13 @@ class ShapesTask(TaskFamily):
     def render(self, scene: str):
         from PIL import Image, ImageDraw
 
-        image = Image.new("RGB", (SHAPES_IMAGE, SHAPES_IMAGE), "white")
+        image = Image.new("RGB", (self.image, self.image), "white")
         draw = ImageDraw.Draw(image)
-        cell = SHAPES_IMAGE // SHAPES_CELLS
+        cell = self.image // self.cells
         for shape in scene.split(";"):
             kind, where, dx, dy, size, colour = shape.split(",")
-            x = int(where) % SHAPES_CELLS * cell + int(dx)
-            y = int(where) // SHAPES_CELLS * cell + int(dy)
+            x = int(where) % self.cells * cell + int(dx)
+            y = int(where) // self.cells * cell + int(dy)
             box = (x, y, x + int(size) - 1, y + int(size) - 1)
             fill = SHAPE_COLOURS[int(colour)]
             (draw.rectangle if kind == "s" else draw.ellipse)(box, fill=fill)
@@ -419,7 +425,7 @@ class ShapesTask(TaskFamily):
         from math import comb
 
         squares, circles, _ = self._counts(level)
-        cells = SHAPES_CELLS**2
+        cells = self.cells**2
         return sum(comb(cells, s) * comb(cells - s, c) for s in squares for c in circles)
 
     def corrupt(self, answer: str, rng: random.Random) -> str:
@@ -440,6 +446,7 @@ TASKS: dict[str, TaskFamily] = {
         SecretTask(),
         GuardTask(),
         ShapesTask(),
+        ShapesTask(name="tiles", image=128),
     )
 }
 

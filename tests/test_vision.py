@@ -195,13 +195,13 @@ def test_a_rows_images_must_match_its_prompt():
 # --- the visual task ---------------------------------------------------------------------------
 
 
-def _count_squares(image: Image.Image) -> tuple[int, int]:
-    """(squares, other shapes) found in the pixels: connected non-white regions, a square being
-    one that fills its bounding box."""
+def _shapes_drawn(image: Image.Image) -> list[tuple[bool, tuple[int, int, int, int]]]:
+    """The shapes found in the pixels: connected non-white regions, each as (whether it is a
+    square: it fills its bounding box, the box (x0, y0, x1, y1))."""
     width, height = image.size
     pixels = image.load()
     seen = [[False] * width for _ in range(height)]
-    squares = others = 0
+    shapes = []
     for y0 in range(height):
         for x0 in range(width):
             if seen[y0][x0] or pixels[x0, y0] == (255, 255, 255):
@@ -217,28 +217,31 @@ def _count_squares(image: Image.Image) -> tuple[int, int]:
                             seen[ny][nx] = True
                             queue.append((nx, ny))
             xs, ys = [x for x, _ in region], [y for _, y in region]
-            box = (max(xs) - min(xs) + 1) * (max(ys) - min(ys) + 1)
-            if len(region) == box:
-                squares += 1
-            else:
-                others += 1
-    return squares, others
+            box = (min(xs), min(ys), max(xs), max(ys))
+            shapes.append((len(region) == (box[2] - box[0] + 1) * (box[3] - box[1] + 1), box))
+    return shapes
 
 
-def test_shapes_answers_equal_the_squares_in_the_drawn_image():
-    task = get_task("shapes")
-    rows = make_problems(["shapes"], None, 25, seed=3)
+@pytest.mark.parametrize("name, size", [("shapes", SHAPES_IMAGE), ("tiles", 128)])
+def test_shapes_answers_equal_the_squares_in_the_drawn_image(name, size):
+    task = get_task(name)
+    rows = make_problems([name], None, 25, seed=3)
     circles = 0
     for row in rows:
         image = task.render(row["scene"])
-        assert image.size == (SHAPES_IMAGE, SHAPES_IMAGE)
-        squares, others = _count_squares(image)
+        assert image.size == (size, size)
+        drawn = _shapes_drawn(image)
+        squares = sum(square for square, _ in drawn)
         assert str(squares) == row["answer"], row
-        circles += others
+        circles += len(drawn) - squares
         assert task.check(f"<answer>{squares}</answer>", row["answer"])
         assert not task.check(
             f"<answer>{task.corrupt(row['answer'], task_rng())}</answer>", row["answer"]
         )
+        if name == "tiles":
+            # Each shape lies inside one 32-pixel tile: one merged token of 16-pixel patches.
+            for _, (x0, y0, x1, y1) in drawn:
+                assert (x0 // 32, y0 // 32) == (x1 // 32, y1 // 32), (row, (x0, y0, x1, y1))
     assert circles > 0  # levels 3 and 4 draw circles among the squares
 
 
