@@ -29,6 +29,7 @@ _ANSWER_RE = re.compile(
     re.DOTALL,
 )
 _INTEGER_RE = re.compile(r"[0-9]+")
+_COLOURS_RE = re.compile(r"[bgkopr]+")
 
 SORT_LETTERS = "abcdefgh"
 _ADD_PROMPT = "Compute {a}+{b}."
@@ -353,6 +354,30 @@ SHAPE_COLOURS = ("red", "blue", "green", "orange", "purple", "black")
 # Images of the `shapes` task: a grid of cells, at most one shape per cell.
 SHAPES_IMAGE = 96
 SHAPES_CELLS = 4
+# Tiles of the `colours` task: one merged image token of a model with 16-pixel patches merged
+# 2 x 2 (the `vision-student` preset; Qwen2-VL's and Qwen3-VL's processors).
+TILE = 32
+# The letter `colours` answers for each colour (black is k).
+TILE_LETTERS = "rbgopk"
+
+
+def draw_shapes(scene: str, size: int, cells: int):
+    """The image of a scene of shapes: `kind,cell,dx,dy,size,colour` per shape joined by `;`
+    (kind `s` square or `c` circle, cell of the `cells` x `cells` grid of a `size`-pixel
+    canvas, offset in the cell, side or diameter in pixels, index into `SHAPE_COLOURS`)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    cell = size // cells
+    for shape in scene.split(";"):
+        kind, where, dx, dy, side, colour = shape.split(",")
+        x = int(where) % cells * cell + int(dx)
+        y = int(where) // cells * cell + int(dy)
+        box = (x, y, x + int(side) - 1, y + int(side) - 1)
+        fill = SHAPE_COLOURS[int(colour)]
+        (draw.rectangle if kind == "s" else draw.ellipse)(box, fill=fill)
+    return image
 
 
 @dataclass(frozen=True)
@@ -361,20 +386,13 @@ class ShapesTask(TaskFamily):
     2: 1-5; 3: 1-5 squares among 1-3 circles; 4: 2-7 smaller squares among 2-4 circles.
     Colours are drawn for every shape, so only the shape tells a square from a circle.
 
-    A scene is text, `kind,cell,dx,dy,size,colour` per shape joined by `;` (kind `s` or `c`,
-    cell of the `cells` x `cells` grid, offset in the cell, side or diameter in pixels, index
-    into `SHAPE_COLOURS`): the rows keep it and `render` draws it on an `image` x `image`
-    canvas. `shapes` draws 24-pixel cells on 96 pixels; `tiles` is the same task on 32-pixel
-    cells (128 pixels), one cell per merged image token of a model whose patches are 16 pixels
-    merged 2 x 2 (the `vision-student` preset, Qwen2-VL's and Qwen3-VL's processors), so no
-    shape straddles two tokens.
+    A scene is text (`draw_shapes`) on the `SHAPES_CELLS` x `SHAPES_CELLS` grid of a
+    `SHAPES_IMAGE`-pixel image: the rows keep it and `render` draws it.
     """
 
     name: str = "shapes"
     levels: tuple[int, ...] = (1, 2, 3, 4)
     question: str = "How many squares?"
-    image: int = SHAPES_IMAGE
-    cells: int = SHAPES_CELLS
 
     def _counts(self, level: int) -> tuple[range, range, range]:
         """(squares, circles, sizes) of a level."""
@@ -389,8 +407,8 @@ class ShapesTask(TaskFamily):
     def problem(self, rng: random.Random, level: int) -> dict[str, str]:
         squares, circles, sizes = self._counts(level)
         n_squares, n_circles = rng.choice(squares), rng.choice(circles)
-        cells = rng.sample(range(self.cells**2), n_squares + n_circles)
-        cell = self.image // self.cells
+        cells = rng.sample(range(SHAPES_CELLS**2), n_squares + n_circles)
+        cell = SHAPES_IMAGE // SHAPES_CELLS
         shapes = []
         for i, where in enumerate(cells):
             size = rng.choice(sizes)
@@ -405,19 +423,7 @@ class ShapesTask(TaskFamily):
         return drawn["prompt"], drawn["answer"]
 
     def render(self, scene: str):
-        from PIL import Image, ImageDraw
-
-        image = Image.new("RGB", (self.image, self.image), "white")
-        draw = ImageDraw.Draw(image)
-        cell = self.image // self.cells
-        for shape in scene.split(";"):
-            kind, where, dx, dy, size, colour = shape.split(",")
-            x = int(where) % self.cells * cell + int(dx)
-            y = int(where) // self.cells * cell + int(dy)
-            box = (x, y, x + int(size) - 1, y + int(size) - 1)
-            fill = SHAPE_COLOURS[int(colour)]
-            (draw.rectangle if kind == "s" else draw.ellipse)(box, fill=fill)
-        return image
+        return draw_shapes(scene, SHAPES_IMAGE, SHAPES_CELLS)
 
     def capacity(self, level: int) -> int:
         # Distinct placements of the shapes on the cells alone (a lower bound: sizes, offsets
@@ -425,7 +431,7 @@ class ShapesTask(TaskFamily):
         from math import comb
 
         squares, circles, _ = self._counts(level)
-        cells = self.cells**2
+        cells = SHAPES_CELLS**2
         return sum(comb(cells, s) * comb(cells - s, c) for s in squares for c in circles)
 
     def corrupt(self, answer: str, rng: random.Random) -> str:
@@ -437,6 +443,72 @@ class ShapesTask(TaskFamily):
         return int(text) if _INTEGER_RE.fullmatch(text) else None
 
 
+@dataclass(frozen=True)
+class ColoursTask(TaskFamily):
+    """Name the colours of the squares drawn: their letters (`TILE_LETTERS`: r b g o p k, black
+    is k) once each, in alphabetical order ("bgr"). The squares sit on a grid of `TILE`-pixel
+    tiles, one per merged image token, at most one per tile. Level 1: a 2 x 2 grid with 1-2
+    squares; 2: 3 x 3 with 2-4; 3: 4 x 4 with 3-6; 4: 4 x 4 with 5-9, smaller.
+
+    A scene is `side|shapes`: the grid's side in tiles, then the squares as `draw_shapes`
+    writes them.
+    """
+
+    name: str = "colours"
+    levels: tuple[int, ...] = (1, 2, 3, 4)
+    question: str = "Which colours?"
+
+    def _layout(self, level: int) -> tuple[int, range, range]:
+        """(grid side, squares, sizes) of a level."""
+        self._require_level(level)
+        return {
+            1: (2, range(1, 3), range(14, 21)),
+            2: (3, range(2, 5), range(14, 21)),
+            3: (4, range(3, 7), range(14, 21)),
+            4: (4, range(5, 10), range(8, 13)),
+        }[level]
+
+    def problem(self, rng: random.Random, level: int) -> dict[str, str]:
+        side, squares, sizes = self._layout(level)
+        shapes, letters = [], set()
+        for where in rng.sample(range(side * side), rng.choice(squares)):
+            size, colour = rng.choice(sizes), rng.randrange(len(SHAPE_COLOURS))
+            # A blank pixel on every side within the tile: no two squares touch.
+            dx, dy = rng.randrange(1, TILE - size), rng.randrange(1, TILE - size)
+            shapes.append(f"s,{where},{dx},{dy},{size},{colour}")
+            letters.add(TILE_LETTERS[colour])
+        scene = f"{side}|{';'.join(shapes)}"
+        return {"prompt": self.question, "answer": "".join(sorted(letters)), "scene": scene}
+
+    def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
+        drawn = self.problem(rng, level)
+        return drawn["prompt"], drawn["answer"]
+
+    def render(self, scene: str):
+        side, shapes = scene.split("|", 1)
+        return draw_shapes(shapes, int(side) * TILE, int(side))
+
+    def capacity(self, level: int) -> int:
+        # Distinct placements and colourings (a lower bound: sizes and offsets multiply them).
+        from math import comb
+
+        side, squares, _ = self._layout(level)
+        colours = len(SHAPE_COLOURS)
+        return sum(comb(side * side, n) * colours**n for n in squares)
+
+    def corrupt(self, answer: str, rng: random.Random) -> str:
+        # One colour more or one fewer (never none).
+        missing = [c for c in TILE_LETTERS if c not in answer]
+        if len(answer) > 1 and (not missing or rng.random() < 0.5):
+            i = rng.randrange(len(answer))
+            return answer[:i] + answer[i + 1 :]
+        return "".join(sorted(answer + rng.choice(missing)))
+
+    def normalize(self, text: str) -> str | None:
+        text = text.strip()
+        return text if _COLOURS_RE.fullmatch(text) else None
+
+
 TASKS: dict[str, TaskFamily] = {
     task.name: task
     for task in (
@@ -446,7 +518,7 @@ TASKS: dict[str, TaskFamily] = {
         SecretTask(),
         GuardTask(),
         ShapesTask(),
-        ShapesTask(name="tiles", image=128),
+        ColoursTask(),
     )
 }
 

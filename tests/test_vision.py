@@ -15,11 +15,20 @@ from collections import deque
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageColor
 from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLMoeForConditionalGeneration
 
 from align.modeling import build_model, count_parameters, write_checkpoint
-from align.tasks import SHAPES_IMAGE, export, get_task, make_problems, split_problems
+from align.tasks import (
+    SHAPE_COLOURS,
+    SHAPES_IMAGE,
+    TILE,
+    TILE_LETTERS,
+    export,
+    get_task,
+    make_problems,
+    split_problems,
+)
 from align.vision import ImageError, load_image, load_images
 from tests.conftest import shared_engine
 
@@ -195,13 +204,13 @@ def test_a_rows_images_must_match_its_prompt():
 # --- the visual task ---------------------------------------------------------------------------
 
 
-def _shapes_drawn(image: Image.Image) -> list[tuple[bool, tuple[int, int, int, int]]]:
-    """The shapes found in the pixels: connected non-white regions, each as (whether it is a
-    square: it fills its bounding box, the box (x0, y0, x1, y1))."""
+def _count_squares(image: Image.Image) -> tuple[int, int]:
+    """(squares, other shapes) found in the pixels: connected non-white regions, a square being
+    one that fills its bounding box."""
     width, height = image.size
     pixels = image.load()
     seen = [[False] * width for _ in range(height)]
-    shapes = []
+    squares = others = 0
     for y0 in range(height):
         for x0 in range(width):
             if seen[y0][x0] or pixels[x0, y0] == (255, 255, 255):
@@ -217,32 +226,60 @@ def _shapes_drawn(image: Image.Image) -> list[tuple[bool, tuple[int, int, int, i
                             seen[ny][nx] = True
                             queue.append((nx, ny))
             xs, ys = [x for x, _ in region], [y for _, y in region]
-            box = (min(xs), min(ys), max(xs), max(ys))
-            shapes.append((len(region) == (box[2] - box[0] + 1) * (box[3] - box[1] + 1), box))
-    return shapes
+            box = (max(xs) - min(xs) + 1) * (max(ys) - min(ys) + 1)
+            if len(region) == box:
+                squares += 1
+            else:
+                others += 1
+    return squares, others
 
 
-@pytest.mark.parametrize("name, size", [("shapes", SHAPES_IMAGE), ("tiles", 128)])
-def test_shapes_answers_equal_the_squares_in_the_drawn_image(name, size):
-    task = get_task(name)
-    rows = make_problems([name], None, 25, seed=3)
+def test_shapes_answers_equal_the_squares_in_the_drawn_image():
+    task = get_task("shapes")
+    rows = make_problems(["shapes"], None, 25, seed=3)
     circles = 0
     for row in rows:
         image = task.render(row["scene"])
-        assert image.size == (size, size)
-        drawn = _shapes_drawn(image)
-        squares = sum(square for square, _ in drawn)
+        assert image.size == (SHAPES_IMAGE, SHAPES_IMAGE)
+        squares, others = _count_squares(image)
         assert str(squares) == row["answer"], row
-        circles += len(drawn) - squares
+        circles += others
         assert task.check(f"<answer>{squares}</answer>", row["answer"])
         assert not task.check(
             f"<answer>{task.corrupt(row['answer'], task_rng())}</answer>", row["answer"]
         )
-        if name == "tiles":
-            # Each shape lies inside one 32-pixel tile: one merged token of 16-pixel patches.
-            for _, (x0, y0, x1, y1) in drawn:
-                assert (x0 // 32, y0 // 32) == (x1 // 32, y1 // 32), (row, (x0, y0, x1, y1))
     assert circles > 0  # levels 3 and 4 draw circles among the squares
+
+
+def test_colours_answers_equal_the_colours_read_from_each_tile():
+    """The answer is the set of colours in the pixels, one per tile at most (a blank border
+    around every square: none reaches past its tile, the merged image token that reads it)."""
+    task = get_task("colours")
+    letters = {
+        ImageColor.getrgb(name): c for name, c in zip(SHAPE_COLOURS, TILE_LETTERS, strict=True)
+    }
+    rows = make_problems(["colours"], None, 25, seed=3)
+    for row in rows:
+        image = task.render(row["scene"])
+        side = image.size[0] // TILE
+        assert image.size == (side * TILE, side * TILE)
+        pixels = image.load()
+        read = set()
+        for i in range(side * side):
+            x0, y0 = i % side * TILE, i // side * TILE
+            inside = {pixels[x, y] for x in range(x0, x0 + TILE) for y in range(y0, y0 + TILE)}
+            border = {pixels[x, y] for x in range(x0, x0 + TILE) for y in (y0, y0 + TILE - 1)}
+            border |= {pixels[x, y] for y in range(y0, y0 + TILE) for x in (x0, x0 + TILE - 1)}
+            assert border == {(255, 255, 255)}, row
+            inside.discard((255, 255, 255))
+            assert len(inside) <= 1, row
+            read |= {letters[colour] for colour in inside}
+        assert "".join(sorted(read)) == row["answer"], row
+        assert task.check(f"<answer>{row['answer']}</answer>", row["answer"])
+        assert not task.check(
+            f"<answer>{task.corrupt(row['answer'], task_rng())}</answer>", row["answer"]
+        )
+    assert {task.render(row["scene"]).size[0] for row in rows} == {2 * TILE, 3 * TILE, 4 * TILE}
 
 
 def task_rng():
