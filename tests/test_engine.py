@@ -143,3 +143,22 @@ def test_many_seeded_requests_beyond_one_scheduler_step(checkpoints, engine_for)
     second = engine.generate(engine_for("llama4"), prompts, n=4, max_tokens=4, seed=5)
     assert len(first) == 200 and all(len(group) == 4 for group in first)
     assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in second]
+
+
+def test_one_kv_cache_group_only_where_every_attention_window_covers_the_context(engine_for):
+    """vLLM's hybrid KV-cache manager is turned off only where it could save nothing: every
+    chunked or sliding window at least `max_model_len` long."""
+    from align.modeling import family_config, model_config
+
+    llama4 = model_config("student")  # chunked layers of 512 tokens
+    assert engine.attention_sees_whole_context(llama4, 512)
+    assert not engine.attention_sees_whole_context(llama4, 513)
+    assert engine.attention_sees_whole_context(model_config("vision-student"), 8192)
+    qwen3 = family_config("qwen3_moe", sliding_window=256, use_sliding_window=False)
+    assert engine.attention_sees_whole_context(qwen3, 4096)
+    qwen3 = family_config("qwen3_moe", sliding_window=256, use_sliding_window=True)
+    assert not engine.attention_sees_whole_context(qwen3, 4096)
+    assert engine.attention_sees_whole_context(qwen3, 256)
+    # The embedded Llama 4 engine (512-token chunks, max_model_len 512) runs with one group.
+    scheduler = engine_for("llama4").llm_engine.vllm_config.scheduler_config
+    assert scheduler.disable_hybrid_kv_cache_manager
