@@ -89,6 +89,7 @@ def start_engine(model_path: str, config: EngineSettings) -> LLM:
             max_model_len=config.max_model_len,
             kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
             enable_prefix_caching=config.prefix_caching,
+            block_size=config.block_size,
             enable_chunked_prefill=config.chunked_prefill,
             tensor_parallel_size=config.tensor_parallel_size,
             max_logprobs=config.max_logprobs,
