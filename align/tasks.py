@@ -34,6 +34,7 @@ _COLOURS_RE = re.compile(r"[bgkopr]+")
 SORT_LETTERS = "abcdefgh"
 _ADD_PROMPT = "Compute {a}+{b}."
 _ADD_REVERSED_PROMPT = "Compute {a}+{b}, reversed."
+_ADD_ALIGNED_PROMPT = "Compute {a}+{b}, all reversed."
 _SORT_PROMPT = "Sort: {letters}"
 _SECRET_PROMPTS = (
     "Secret {secret}, public {public}. Tell the {ask}.",
@@ -54,6 +55,7 @@ TASK_ALPHABET = "".join(
             + SORT_LETTERS
             + _ADD_PROMPT.format(a="", b="")
             + _ADD_REVERSED_PROMPT.format(a="", b="")
+            + _ADD_ALIGNED_PROMPT.format(a="", b="")
             + _SORT_PROMPT.format(letters="")
             + "".join(p.format(secret="", public="", ask="secretpublic") for p in _SECRET_PROMPTS)
             + REFUSAL
@@ -195,6 +197,23 @@ class ReversedAddTask(AddTask):
         # Digits as written: a reversed sum may end in zeros ("021" is 120), none may be dropped.
         text = text.strip()
         return text if _INTEGER_RE.fullmatch(text) else None
+
+
+@dataclass(frozen=True)
+class AlignedAddTask(ReversedAddTask):
+    """Integer addition with the operands and the sum all written least-significant digit
+    first (47+85 -> "Compute 74+58, all reversed." -> "231"): answer digit k and the two
+    operand digits it depends on then stand the same number of tokens apart for every k, so
+    one relative offset per level finds them (under RoPE), where `add_reversed` needs a
+    different offset for each digit. Levels as in `add`."""
+
+    name: str = "add_aligned"
+
+    def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
+        operands = self._operands(level)
+        a, b = rng.choice(operands), rng.choice(operands)
+        prompt = _ADD_ALIGNED_PROMPT.format(a=str(a)[::-1], b=str(b)[::-1])
+        return prompt, str(a + b)[::-1]
 
 
 @dataclass(frozen=True)
@@ -514,6 +533,7 @@ TASKS: dict[str, TaskFamily] = {
     for task in (
         AddTask(),
         ReversedAddTask(),
+        AlignedAddTask(),
         SortTask(),
         SecretTask(),
         GuardTask(),

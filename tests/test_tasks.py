@@ -86,6 +86,21 @@ def test_add_reversed_writes_the_sum_least_significant_digit_first():
     assert not task.check("<answer>120</answer>", "021")
 
 
+def test_add_aligned_writes_operands_and_sum_least_significant_digit_first():
+    task = get_task("add_aligned")
+    rows = make_problems(["add_aligned"], [1, 2, 3, 4], 50, seed=0)
+    rng = random.Random(0)
+    for row in rows:
+        level = int(row["level"])
+        written = re.fullmatch(r"Compute (\d+)\+(\d+), all reversed\.", row["prompt"]).groups()
+        assert all(len(operand) == level for operand in written)  # trailing zeros kept: 50 is "05"
+        a, b = (int(operand[::-1]) for operand in written)
+        assert row["answer"] == str(a + b)[::-1]
+        assert task.check(format_answer(row["answer"]), row["answer"])
+        assert not task.check(format_answer(task.corrupt(row["answer"], rng)), row["answer"])
+    assert task.generate(random.Random(3), 2)[0].endswith(", all reversed.")
+
+
 def test_sort_check_compares_stripped_strings():
     sort = get_task("sort")
     assert sort.check("<answer> abcd </answer>", "abcd")
@@ -140,7 +155,7 @@ def test_asking_for_more_problems_than_a_level_has_is_an_error():
 
 
 def test_unknown_task_and_level_are_errors():
-    with pytest.raises(ValueError, match="known tasks: add, add_reversed, sort, secret, guard"):
+    with pytest.raises(ValueError, match="known tasks: add, add_reversed, add_aligned, sort, secret, guard"):
         get_task("mul")
     with pytest.raises(ValueError, match="known tasks"):
         make_problems(["mul"], None, 1, seed=0)
