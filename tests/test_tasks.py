@@ -155,7 +155,9 @@ def test_asking_for_more_problems_than_a_level_has_is_an_error():
 
 
 def test_unknown_task_and_level_are_errors():
-    with pytest.raises(ValueError, match="known tasks: add, add_reversed, add_aligned, sort, secret, guard"):
+    with pytest.raises(
+        ValueError, match="known tasks: add, add_reversed, add_aligned, sort, secret, guard"
+    ):
         get_task("mul")
     with pytest.raises(ValueError, match="known tasks"):
         make_problems(["mul"], None, 1, seed=0)
