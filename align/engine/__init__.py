@@ -117,7 +117,7 @@ def attention_sees_whole_context(model_config, max_model_len: int) -> bool:
     chunked layers (`attention_chunk_size`) or a sliding window hold only their window's blocks.
     When every window covers the longest sequence the kinds attend alike and the groups save
     no memory, while the scheduler does its block bookkeeping once per group and step: one
-    group generated about 10% more tokens per second on CPU (docs/benchmarks.md). The start
+    group generated 8-30% more groups per second on CPU (docs/benchmarks.md). The start
     then passes `disable_hybrid_kv_cache_manager`; longer contexts keep the hybrid manager.
     """
     text = model_config.get_text_config()
