@@ -152,9 +152,13 @@ class AddTask(TaskFamily):
         self._require_level(level)
         return range(0 if level == 1 else 10 ** (level - 1), 10**level)
 
-    def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
+    def _draw(self, rng: random.Random, level: int) -> tuple[int, int]:
+        """Two operands of `level`, drawn independently."""
         operands = self._operands(level)
-        a, b = rng.choice(operands), rng.choice(operands)
+        return rng.choice(operands), rng.choice(operands)
+
+    def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
+        a, b = self._draw(rng, level)
         return _ADD_PROMPT.format(a=a, b=b), str(a + b)
 
     def capacity(self, level: int) -> int:
@@ -186,8 +190,7 @@ class ReversedAddTask(AddTask):
     name: str = "add_reversed"
 
     def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
-        operands = self._operands(level)
-        a, b = rng.choice(operands), rng.choice(operands)
+        a, b = self._draw(rng, level)
         return _ADD_REVERSED_PROMPT.format(a=a, b=b), str(a + b)[::-1]
 
     def corrupt(self, answer: str, rng: random.Random) -> str:
@@ -210,8 +213,7 @@ class AlignedAddTask(ReversedAddTask):
     name: str = "add_aligned"
 
     def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
-        operands = self._operands(level)
-        a, b = rng.choice(operands), rng.choice(operands)
+        a, b = self._draw(rng, level)
         prompt = _ADD_ALIGNED_PROMPT.format(a=str(a)[::-1], b=str(b)[::-1])
         return prompt, str(a + b)[::-1]
 
