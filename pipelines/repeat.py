@@ -253,22 +253,26 @@ def markdown(summary: dict, plots: list[str]) -> str:
 
 
 def plot(summary: dict, path: Path) -> list[str]:
-    """Greedy and sample accuracy per stage, mean with 95% interval bars."""
+    """Greedy and sample accuracy per stage, and each reward the evaluation names (e.g. a
+    format reward), mean with 95% interval bars and each seed's value as a dot."""
     if not summary["stages"]:
         return []
     plt = report.pyplot()
     stages = summary["stages"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(stages) + 2), 4))
-    width = 0.38
-    for i, key in enumerate(("greedy_accuracy", "mean_reward")):
-        xs = [j + (i - 0.5) * width for j in range(len(stages))]
-        means = [s[key]["mean"] for s in stages]
-        errors = [0 if math.isnan(s[key]["ci95"]) else s[key]["ci95"] for s in stages]
-        ax.bar(xs, means, width, yerr=errors, capsize=3, label=FIGURES[key])
-        for x, s in zip(xs, stages, strict=True):
-            ax.scatter([x] * len(s[key]["values"]), s[key]["values"], s=8, color="black")
+    labels = {key: FIGURES[key] for key in ("greedy_accuracy", "mean_reward")}
+    labels.update({f"reward/{name}": name for name in summary.get("rewards", [])})
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(labels) * len(stages) + 2), 4))
+    width = 0.8 / len(labels)
+    for i, (key, label) in enumerate(labels.items()):
+        shown = [(j, s[key]) for j, s in enumerate(stages) if key in s]
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j, _ in shown]
+        means = [figure["mean"] for _, figure in shown]
+        errors = [0 if math.isnan(figure["ci95"]) else figure["ci95"] for _, figure in shown]
+        ax.bar(xs, means, width, yerr=errors, capsize=3, label=label)
+        for x, (_, figure) in zip(xs, shown, strict=True):
+            ax.scatter([x] * len(figure["values"]), figure["values"], s=8, color="black")
     ax.set_xticks(range(len(stages)), [s["stage"] for s in stages], rotation=30, ha="right")
-    ax.set_ylabel("held-out accuracy")
+    ax.set_ylabel("held-out accuracy" + (" / reward" if len(labels) > 2 else ""))
     ax.set_title(f"{summary['name']}: mean over {len(summary['seeds'])} seeds, 95% intervals")
     ax.legend()
     fig.tight_layout()

@@ -147,6 +147,25 @@ def test_evaluation_rewards_get_intervals_and_paired_differences_too():
     assert "`answer_format`" in table and "| 0.450 ± " in table and "+0.400 ± 0.373" in table
 
 
+def test_the_plot_draws_each_evaluation_reward_beside_the_accuracies(tmp_path, monkeypatch):
+    from pipelines import report
+
+    config = _compared("dpo")
+    rewards = {"a": {"answer_format": 0.5}, "b": {}}  # stage b's evaluation lacks the reward
+    reports = {s: _report({"a": 0.3, "b": 0.4}, {"a": 0.2, "b": 0.25}, rewards) for s in range(3)}
+    summary = repeat.summarize(config, reports)
+    plt = report.pyplot()
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    assert repeat.plot(summary, tmp_path / "seeds.png") == ["seeds.png"]
+    ax = plt.gcf().axes[0]
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend == ["greedy acc", "sample acc", "answer_format"]
+    # Two stages x two accuracies, and the reward's bar for stage a only.
+    heights = sorted(round(bar.get_height(), 3) for bar in ax.patches)
+    assert heights == [0.2, 0.25, 0.3, 0.4, 0.5]
+    plt.close("all")
+
+
 def test_t_quantiles():
     assert repeat.t95(2) == 4.303 and repeat.t95(30) == 2.042
     assert repeat.t95(60) == pytest.approx(2.000, abs=2e-3)
