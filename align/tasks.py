@@ -35,6 +35,7 @@ SORT_LETTERS = "abcdefgh"
 _ADD_PROMPT = "Compute {a}+{b}."
 _ADD_REVERSED_PROMPT = "Compute {a}+{b}, reversed."
 _ADD_ALIGNED_PROMPT = "Compute {a}+{b}, all reversed."
+_ADD_PADDED_PROMPT = "Compute {a}+{b}, reversed, padded."
 _SORT_PROMPT = "Sort: {letters}"
 _SECRET_PROMPTS = (
     "Secret {secret}, public {public}. Tell the {ask}.",
@@ -56,6 +57,7 @@ TASK_ALPHABET = "".join(
             + _ADD_PROMPT.format(a="", b="")
             + _ADD_REVERSED_PROMPT.format(a="", b="")
             + _ADD_ALIGNED_PROMPT.format(a="", b="")
+            + _ADD_PADDED_PROMPT.format(a="", b="")
             + _SORT_PROMPT.format(letters="")
             + "".join(p.format(secret="", public="", ask="secretpublic") for p in _SECRET_PROMPTS)
             + REFUSAL
@@ -216,6 +218,28 @@ class AlignedAddTask(ReversedAddTask):
         a, b = self._draw(rng, level)
         prompt = _ADD_ALIGNED_PROMPT.format(a=str(a)[::-1], b=str(b)[::-1])
         return prompt, str(a + b)[::-1]
+
+
+@dataclass(frozen=True)
+class PaddedAddTask(ReversedAddTask):
+    """`add_aligned` with every operand zero-padded to the widest level's digits and the sum to
+    one more (47+85 -> "Compute 7400+5800, reversed, padded." -> "23100"): every digit of
+    every problem then stands at the same position, whatever its level, so each answer digit
+    has one place to look in every row instead of one per level. Levels as in `add` (how
+    many of the digits are not padding)."""
+
+    name: str = "add_padded"
+
+    def generate(self, rng: random.Random, level: int) -> tuple[str, str]:
+        a, b = self._draw(rng, level)
+        width = max(self.levels)
+        prompt = _ADD_PADDED_PROMPT.format(a=str(a).zfill(width)[::-1], b=str(b).zfill(width)[::-1])
+        return prompt, str(a + b).zfill(width + 1)[::-1]
+
+    def corrupt(self, answer: str, rng: random.Random) -> str:
+        # One digit changed: the width stays that of every answer.
+        i = rng.randrange(len(answer))
+        return answer[:i] + rng.choice(string.digits.replace(answer[i], "")) + answer[i + 1 :]
 
 
 @dataclass(frozen=True)
@@ -536,6 +560,7 @@ TASKS: dict[str, TaskFamily] = {
         AddTask(),
         ReversedAddTask(),
         AlignedAddTask(),
+        PaddedAddTask(),
         SortTask(),
         SecretTask(),
         GuardTask(),

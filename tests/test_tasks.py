@@ -101,6 +101,25 @@ def test_add_aligned_writes_operands_and_sum_least_significant_digit_first():
     assert task.generate(random.Random(3), 2)[0].endswith(", all reversed.")
 
 
+def test_add_padded_writes_every_digit_at_the_same_place_at_every_level():
+    task = get_task("add_padded")
+    rows = make_problems(["add_padded"], [1, 2, 3, 4], 50, seed=0)
+    rng = random.Random(0)
+    for row in rows:
+        level = int(row["level"])
+        written = re.fullmatch(r"Compute (\d{4})\+(\d{4}), reversed, padded\.", row["prompt"])
+        assert written is not None, row["prompt"]
+        a, b = (int(operand[::-1]) for operand in written.groups())
+        assert all(len(str(n)) == level for n in (a, b)) or level == 1
+        assert row["answer"] == str(a + b).zfill(5)[::-1]
+        assert task.check(format_answer(row["answer"]), row["answer"])
+        corrupted = task.corrupt(row["answer"], rng)
+        assert len(corrupted) == 5 and not task.check(format_answer(corrupted), row["answer"])
+    # 47+85: the padding is part of the answer; the bare reversed sum is wrong.
+    assert task.check("<answer>23100</answer>", "23100")
+    assert not task.check("<answer>231</answer>", "23100")
+
+
 def test_sort_check_compares_stripped_strings():
     sort = get_task("sort")
     assert sort.check("<answer> abcd </answer>", "abcd")
@@ -156,7 +175,8 @@ def test_asking_for_more_problems_than_a_level_has_is_an_error():
 
 def test_unknown_task_and_level_are_errors():
     with pytest.raises(
-        ValueError, match="known tasks: add, add_reversed, add_aligned, sort, secret, guard"
+        ValueError,
+        match="known tasks: add, add_reversed, add_aligned, add_padded, sort, secret, guard",
     ):
         get_task("mul")
     with pytest.raises(ValueError, match="known tasks"):
