@@ -223,13 +223,26 @@ def markdown_tables(summary: dict) -> str:
         cells.append(f"{s['heldout_se']:.3f}")
         lines.append("| " + " | ".join([*cells, str(s[next(iter(FIGURES))]["n"])]) + " |")
     if summary["pairs"]:
-        head = ["b - a", *(f"Δ {name}" for name in names.values()), "greedy: b vs a"]
+        head = ["b - a", *(f"Δ {name}" for name in names.values()), "b vs a"]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for p in summary["pairs"]:
             cells = [f"{p['b']} - {p['a']}"]
             cells += [_cell(p[k], signed=True) if k in p else "-" for k in names]
-            lines.append("| " + " | ".join([*cells, _verdict(p["greedy_accuracy"])]) + " |")
+            shown = {key: name for key, name in names.items() if key in p}
+            lines.append("| " + " | ".join([*cells, _verdicts(p, shown)]) + " |")
     return "\n".join(lines)
+
+
+def _verdicts(pair: dict, names: dict[str, str]) -> str:
+    """The figures whose paired interval excludes 0, by direction: "b higher: greedy acc,
+    `answer_format`"; "no difference shown" when none does."""
+    by_verdict: dict[str, list[str]] = {}
+    for key, name in names.items():
+        by_verdict.setdefault(_verdict(pair[key]), []).append(name)
+    shown = [f"{v}: {', '.join(by_verdict[v])}" for v in ("b higher", "b lower") if v in by_verdict]
+    if shown:
+        return "; ".join(shown)
+    return next(iter(by_verdict))  # "one seed: no interval" or "no difference shown"
 
 
 def markdown(summary: dict, plots: list[str]) -> str:
@@ -243,7 +256,7 @@ def markdown(summary: dict, plots: list[str]) -> str:
         "acc: the share of sampled completions that are right; 1 SE (held-out): the binomial "
         "standard error of one greedy evaluation on the held-out rows, the part of the spread "
         "the held-out set alone explains. Differences are paired by seed (b - a on the same "
-        "seed's data and models); 'b higher' means the interval of the difference excludes 0.",
+        "seed's data and models); 'b higher: X' means the interval of X's difference is above 0.",
         "",
         markdown_tables(summary),
         "",

@@ -115,6 +115,7 @@ def test_intervals_and_paired_differences_from_the_seeds_reports():
     assert repeat._verdict(pair["mean_reward"]) == "no difference shown"
     table = repeat.markdown_tables(summary)
     assert "| b - a | +0.100 ± 0.075 | +0.000 ± 0.000 |" in table
+    assert table.splitlines()[-1].endswith(" | b higher: greedy acc |")
 
 
 def test_evaluation_rewards_get_intervals_and_paired_differences_too():
@@ -145,6 +146,8 @@ def test_evaluation_rewards_get_intervals_and_paired_differences_too():
     )
     table = repeat.markdown_tables(summary)
     assert "`answer_format`" in table and "| 0.450 ± " in table and "+0.400 ± 0.373" in table
+    # Equal accuracies, a higher format reward: the verdict names the reward, not "no difference".
+    assert table.splitlines()[-1].endswith(" | b higher: `answer_format` |")
 
 
 def test_the_plot_draws_each_evaluation_reward_beside_the_accuracies(tmp_path, monkeypatch):
