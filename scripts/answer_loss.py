@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 
 from align.data import DataError, load_dataset_file
 from align.modeling import load_model
+from align.rl.learner import token_logprobs
 from align.tasks import ANSWER_OPEN
 
 
@@ -41,10 +42,9 @@ def answer_losses(model, tokenizer, rows) -> dict[tuple[str, int, int], list[flo
             raise SystemExit(f"row {row['id']}: its completion holds no {ANSWER_OPEN}")
         first = start + int(opens[0]) + 1  # the answer's first character
         with torch.no_grad():
-            logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+            logprobs = token_logprobs(model, ids)[0]  # position t scores token t + 1
         for place in range(len(row["answer"])):
-            position = first + place
-            nll = -logprobs[position - 1, ids[0, position]].item()
+            nll = -logprobs[first + place - 1].item()
             losses[(row["task"], int(row["level"]), place)].append(nll)
     return losses
 
