@@ -580,7 +580,7 @@ def get_task(name: str) -> TaskFamily:
 def make_problems(
     tasks: list[str],
     levels: list[int] | None,
-    n_per_level: int,
+    n_per_level: int | dict[str, int],
     seed: int,
     *,
     up_to: bool = False,
@@ -593,7 +593,8 @@ def make_problems(
     Args:
         tasks: Task names.
         levels: Levels to generate; None for every level of each task.
-        n_per_level: Problems per (task, level).
+        n_per_level: Problems per (task, level), or per task: {"add_padded": 1000, "sort": 100}
+            (every task named).
         seed: Random seed.
         up_to: a level with fewer distinct problems gives all it has instead of an error.
 
@@ -607,13 +608,14 @@ def make_problems(
     rows = []
     for name in dict.fromkeys(tasks):
         task = get_task(name)
+        count = n_per_level[name] if isinstance(n_per_level, dict) else n_per_level
         for level in dict.fromkeys(task.levels if levels is None else levels):
             available = task.capacity(level)
-            wanted = min(n_per_level, available) if up_to else n_per_level
+            wanted = min(count, available) if up_to else count
             if wanted > available:
                 raise ValueError(
                     f"task {name!r} level {level} has only {available} distinct problems; "
-                    f"asked for n_per_level={n_per_level}"
+                    f"asked for n_per_level={count}"
                 )
             rng = random.Random(f"{seed}:{name}:{level}")
             seen: set[str] = set()
@@ -639,7 +641,7 @@ def problem_key(row: dict) -> str:
 
 
 def split_problems(
-    rows: list[dict], heldout_fraction: float, seed: int
+    rows: list[dict], heldout_fraction: float, seed: int, *, heldout_count: int | None = None
 ) -> tuple[list[dict], list[dict]]:
     """Splits rows into train and held-out parts, stratified per (task, level).
 
@@ -650,9 +652,15 @@ def split_problems(
         rows: Problems as made by `make_problems`.
         heldout_fraction: Share of each (task, level)'s distinct prompts held out (rounded).
         seed: Random seed.
+        heldout_count: Distinct prompts held out of each (task, level) instead of the fraction,
+            so the evaluation does not grow with the training data.
 
     Returns:
         (train, heldout).
+
+    Raises:
+        ValueError: For a fraction outside [0, 1], or a (task, level) with no more than
+            `heldout_count` distinct prompts (nothing would be left to train on).
     """
     if not 0 <= heldout_fraction <= 1:
         raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
@@ -661,9 +669,15 @@ def split_problems(
         groups.setdefault((row["task"], row["level"]), set()).add(problem_key(row))
     heldout_prompts: set[str] = set()
     for (task, level), prompts in groups.items():
+        if heldout_count is not None and heldout_count >= len(prompts):
+            raise ValueError(
+                f"task {task!r} level {level} has {len(prompts)} distinct problems; holding out "
+                f"{heldout_count} would leave none to train on"
+            )
         shuffled = sorted(prompts)
         random.Random(f"{seed}:{task}:{level}").shuffle(shuffled)
-        heldout_prompts.update(shuffled[: round(len(shuffled) * heldout_fraction)])
+        n = round(len(shuffled) * heldout_fraction) if heldout_count is None else heldout_count
+        heldout_prompts.update(shuffled[:n])
     train = [row for row in rows if problem_key(row) not in heldout_prompts]
     heldout = [row for row in rows if problem_key(row) in heldout_prompts]
     return train, heldout

@@ -36,13 +36,17 @@ class Config(RunSettings):
     tasks: list[str] = field(default_factory=lambda: ["add", "sort"])
     # Difficulty levels to generate (1 = easiest).
     levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-    # Problems per task and level, before the held-out split.
-    per_level: int = 100
+    # Problems per task and level, before the held-out split; a mapping gives each task its own
+    # count and names every task: {add_padded: 1000, sort: 100}.
+    per_level: int | dict[str, int] = 100
     # A level with fewer distinct problems than `per_level` (add level 1 has 100) gives all it
     # has; false makes that an error.
     up_to: bool = False
     # Fraction of each task x level held out for evaluation.
     heldout_fraction: float = 0.2
+    # Problems of each task x level held out instead of `heldout_fraction`, so the evaluation
+    # (and its cost) does not grow with the training data; null: use the fraction.
+    heldout_per_level: int | None = None
     # Generation and split seed.
     seed: int = 0
     # Share of the harmful `secret` training prompts whose SFT and chat answer states the secret
@@ -70,7 +74,15 @@ class Config(RunSettings):
                 "levels",
                 f"task {task!r} has no level(s) {bad}; it has {list(TASKS[task].levels)}",
             )
-        check(self.per_level >= 2, "per_level", f"must be >= 2 (got {self.per_level})")
+        counts = self.per_level if isinstance(self.per_level, dict) else {}
+        if counts:
+            missing = [t for t in self.tasks if t not in counts]
+            extra = [t for t in counts if t not in self.tasks]
+            check(not missing, "per_level", f"names no count for task(s) {missing}")
+            check(not extra, "per_level", f"names task(s) {extra} that are not in tasks")
+        for task, count in counts.items() or [(None, self.per_level)]:
+            key = "per_level" if task is None else f"per_level.{task}"
+            check(count >= 2, key, f"must be >= 2 (got {count})")
         check(
             0 <= self.leak_share <= 1,
             "leak_share",
@@ -91,6 +103,19 @@ class Config(RunSettings):
             "heldout_fraction",
             f"must be strictly between 0 and 1 (got {self.heldout_fraction})",
         )
+        if self.heldout_per_level is not None:
+            check(
+                self.heldout_per_level >= 1,
+                "heldout_per_level",
+                f"must be >= 1 or null (got {self.heldout_per_level})",
+            )
+            fewest = min(counts.values()) if counts else self.per_level
+            check(
+                self.heldout_per_level < fewest,
+                "heldout_per_level",
+                f"must be below per_level ({fewest}) so every level keeps training rows "
+                f"(got {self.heldout_per_level})",
+            )
 
 
 def run(config: Config) -> dict:
@@ -99,7 +124,9 @@ def run(config: Config) -> dict:
         problems = make_problems(
             config.tasks, config.levels, config.per_level, config.seed, up_to=config.up_to
         )
-        train, heldout = split_problems(problems, config.heldout_fraction, config.seed)
+        train, heldout = split_problems(
+            problems, config.heldout_fraction, config.seed, heldout_count=config.heldout_per_level
+        )
         train = leak_secrets(train, config.leak_share, config.seed)
         train = add_chatter(train, config.chatter_share, config.seed)
         out = run_dir.dir

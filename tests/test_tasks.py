@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 import re
 from collections import Counter
@@ -297,3 +299,54 @@ def test_chatter_share_marks_that_share_of_the_sft_and_chat_answers_only(tmp_pat
     )
     with pytest.raises(ConfigError, match="chatter_share"):
         make_data.Config(chatter_share=1.5).validate()
+
+
+def test_per_level_per_task_and_a_fixed_heldout_count(tmp_path):
+    from align.config import ConfigError
+    from pipelines import make_data
+
+    config = make_data.Config(
+        runs_dir=str(tmp_path),
+        name="data",
+        tasks=["add_padded", "sort"],
+        levels=[1, 2],
+        per_level={"add_padded": 40, "sort": 10},
+        heldout_per_level=3,
+    )
+    out = make_data.run(config)
+    rows = {}
+    for split in ("train", "heldout"):
+        with open(f"{out[split]}/problems.jsonl", encoding="utf-8") as f:
+            rows[split] = Counter((r["task"], r["level"]) for r in map(json.loads, f))
+    assert rows["heldout"] == {(t, lv): 3 for t in ("add_padded", "sort") for lv in (1, 2)}
+    assert rows["train"] == {
+        ("add_padded", 1): 37,
+        ("add_padded", 2): 37,
+        ("sort", 1): 7,
+        ("sort", 2): 7,
+    }
+    # The evaluation's size does not grow with the training rows.
+    bigger = make_data.run(
+        dataclasses.replace(config, name="big", per_level={"add_padded": 80, "sort": 10})
+    )
+    with open(f"{bigger['heldout']}/problems.jsonl", encoding="utf-8") as f:
+        big_heldout = [json.loads(line)["prompt"] for line in f]
+    assert len(big_heldout) == 12
+    with pytest.raises(ValueError, match="leave none to train on"):
+        split_problems(make_problems(["sort"], [1], 4, seed=0), 0.2, seed=0, heldout_count=4)
+
+    for bad, message in [
+        (
+            {"per_level": {"add_padded": 40}},
+            r"'per_level': names no count for task\(s\) \['sort'\]",
+        ),
+        (
+            {"per_level": {"add_padded": 40, "sort": 10, "add": 5}},
+            r"task\(s\) \['add'\] that are not",
+        ),
+        ({"per_level": {"add_padded": 40, "sort": 1}}, r"'per_level\.sort': must be >= 2"),
+        ({"heldout_per_level": 10}, r"'heldout_per_level': must be below per_level \(10\)"),
+        ({"heldout_per_level": 0}, "'heldout_per_level': must be >= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            dataclasses.replace(config, **bad).validate()
