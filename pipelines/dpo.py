@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -89,6 +90,9 @@ class PairSettings(GenerationSettings):
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="answer_match")])
     # Keep a pair when best - worst reward >= this.
     min_margin: float = 0.5
+    # Build pairs from at most this many prompts, a seeded draw from the rows (kept in file
+    # order); null: from every prompt. Keeps DPO light when the prompt set is large.
+    max_prompts: int | None = None
     # Sampling seed.
     seed: int = 0
     # vLLM engine settings.
@@ -98,6 +102,11 @@ class PairSettings(GenerationSettings):
         super().validate()
         check(self.samples >= 2, "samples", f"pairs need >= 2 samples (got {self.samples})")
         check(self.min_margin > 0, "min_margin", f"must be > 0 (got {self.min_margin})")
+        check(
+            self.max_prompts is None or self.max_prompts >= 1,
+            "max_prompts",
+            f"must be >= 1 or null (got {self.max_prompts})",
+        )
 
 
 @dataclass
@@ -210,6 +219,7 @@ def run(config: Config, callbacks: list | None = None, llm=None) -> dict:
         check_option_columns(
             config.pairs.rewards, rows.column_names, "pairs.rewards", config.pairs.prompts
         )
+        rows = draw_prompts(rows, config.pairs.max_prompts, config.pairs.seed)
     else:
         rows, rows_report = load_dataset_file(config.data, "dpo", config.on_error, **images)
 
@@ -316,6 +326,15 @@ def build_trainer(config: Config, model, tokenizer, dataset: Dataset, out: Path)
         peft_config=lora_config(config.lora),
         **extra,
     )
+
+
+def draw_prompts(rows: Dataset, max_prompts: int | None, seed: int) -> Dataset:
+    """At most `max_prompts` of `rows`, drawn with `seed` and kept in their order."""
+    if max_prompts is None or len(rows) <= max_prompts:
+        return rows
+    drawn = sorted(random.Random(seed).sample(range(len(rows)), max_prompts))
+    log.info("pairs from %d of %d prompts (pairs.max_prompts)", max_prompts, len(rows))
+    return rows.select(drawn)
 
 
 def rollout_pairs(

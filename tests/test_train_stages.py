@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import yaml
-from datasets import load_from_disk
+from datasets import Dataset, load_from_disk
 from safetensors.torch import load_file
 
 from align.config import ConfigError
@@ -177,6 +177,7 @@ def test_dpo_cli_pairs_the_models_own_rollouts_and_evaluates(tmp_path, partially
             "prompts": write_jsonl(tmp_path / "prompts.jsonl", prompts),
             "samples": 8,
             "min_margin": 0.5,
+            "max_prompts": 18,
         },
         "heldout": write_jsonl(tmp_path / "heldout.jsonl", prompts[:8]),
         "name": "dpo",
@@ -190,8 +191,11 @@ def test_dpo_cli_pairs_the_models_own_rollouts_and_evaluates(tmp_path, partially
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "dpo"
     stats = json.loads((run_dir / "pairs.json").read_text())
-    assert stats["pairs"] + stats["below_margin"] + stats["unscored"] == len(prompts)
+    # Pairs from a seeded draw of 18 of the 24 prompts (pairs.max_prompts).
+    assert stats["pairs"] + stats["below_margin"] + stats["unscored"] == 18 < len(prompts)
     pairs = load_from_disk(str(run_dir / "pairs"))
+    drawn = dpo.draw_prompts(Dataset.from_list(prompts), 18, seed=0)
+    assert {p["id"] for p in pairs} <= set(drawn["id"])
     assert len(pairs) == stats["pairs"] > 0
     for pair in pairs:  # best vs worst by answer_match: a right and a wrong answer
         task = get_task(pair["task"])
@@ -202,6 +206,17 @@ def test_dpo_cli_pairs_the_models_own_rollouts_and_evaluates(tmp_path, partially
     assert result["steps"] == -(-len(pairs) // 4)
     report = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert report["n"] == 8 and report["model"] == str(run_dir / "model")
+
+
+def test_pairs_draw_at_most_max_prompts_in_file_order():
+    rows = Dataset.from_list([{"id": i} for i in range(30)])
+    drawn = dpo.draw_prompts(rows, 10, seed=0)
+    assert len(drawn) == 10 and drawn["id"] == sorted(drawn["id"])
+    assert drawn["id"] == dpo.draw_prompts(rows, 10, seed=0)["id"]
+    assert drawn["id"] != dpo.draw_prompts(rows, 10, seed=1)["id"]
+    assert dpo.draw_prompts(rows, None, seed=0) is rows and dpo.draw_prompts(rows, 30, 0) is rows
+    with pytest.raises(ConfigError, match="max_prompts"):
+        dpo.PairSettings(prompts="p", max_prompts=0).validate()
 
 
 def unscorable(prompts, completions, **_):
