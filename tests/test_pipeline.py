@@ -27,6 +27,7 @@ def small_default_pipeline(runs: Path) -> Path:
     stages = {s["name"]: s["config"] for s in config["stages"]}
     stages["student"]["preset"] = "dense-student"
     stages["data"]["per_level"] = 12
+    stages["data"]["heldout_per_level"] = 2
     stages["reference"]["train"]["token_budget"] = 30000
     stages["filter"]["filters"][1]["options"]["samples"] = 4
     # Enough for the policy to solve some prompts (39 of 80 in the RL pool's band when
@@ -42,6 +43,7 @@ def small_default_pipeline(runs: Path) -> Path:
     )
     stages["rl"]["engine"] = {"kv_cache_gib": 0.125}
     stages["dpo"]["pairs"]["samples"] = 4
+    stages["dpo"]["pairs"]["max_prompts"] = 40
     stages["distill"]["train"]["token_budget"] = 20000
     # The teacher's cache built by the stage's own vLLM engine (the default builds it with a
     # transformers forward, as tests/test_distill_stage.py does), started and shut down in the
@@ -73,7 +75,7 @@ def test_default_pipeline_runs_every_stage_and_reports(tmp_path):
     evaluated = ["eval-teacher", "eval-student", "reference", "sft", "rl", "dpo", "distill"]
     for stage in evaluated:
         h = by_stage[stage]["heldout"]
-        # 2 tasks x 4 levels x 2 held-out rows (20% of 12 per level)
+        # 2 tasks x 4 levels x 2 held-out rows
         assert h["n"] == heldout["n"] == 16, stage
         assert h["samples"] == 4, stage
         # The report carries what the stage's own evaluation measured, level by level.
@@ -95,6 +97,8 @@ def test_default_pipeline_runs_every_stage_and_reports(tmp_path):
         assert by_stage[stage]["tokens"] == budget > 0
     assert by_stage["rl"]["tokens"] > 0
     assert by_stage["filter"]["did"].startswith("kept ")
+    # DPO's pairs from a draw of 40 of the 80 training prompts (pairs.max_prompts).
+    assert "pairs from 40 prompts" in by_stage["dpo"]["did"]
     # The RL line counts groups as groups: generated = trained + dropped (+ any left over).
     rl_result = json.loads((root / "rl" / "result.json").read_text())
     # One compute thread per reserved CPU: the learner and the worker each hold a core.
@@ -112,7 +116,7 @@ def test_default_pipeline_runs_every_stage_and_reports(tmp_path):
     markdown = (root / "report.md").read_text()
     assert all(f"| {stage} |" in markdown for stage in names)
     # Several tasks: a greedy accuracy column for each.
-    assert "| reward | `add` | `sort` | level 1 |" in markdown
+    assert "| reward | `add_padded` | `sort` | level 1 |" in markdown
     # The terminal ends with the table, one line per stage.
     tail = out.stdout[out.stdout.index("held-out evaluation after every stage") :]
     assert all(f"\n{stage} " in tail for stage in names)
