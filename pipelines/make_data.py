@@ -74,15 +74,27 @@ class Config(RunSettings):
                 "levels",
                 f"task {task!r} has no level(s) {bad}; it has {list(TASKS[task].levels)}",
             )
-        counts = self.per_level if isinstance(self.per_level, dict) else {}
-        if counts:
+        counts = self.per_level if isinstance(self.per_level, dict) else None
+        if counts is not None:
             missing = [t for t in self.tasks if t not in counts]
             extra = [t for t in counts if t not in self.tasks]
             check(not missing, "per_level", f"names no count for task(s) {missing}")
             check(not extra, "per_level", f"names task(s) {extra} that are not in tasks")
-        for task, count in counts.items() or [(None, self.per_level)]:
-            key = "per_level" if task is None else f"per_level.{task}"
+        # Problems each (task, level) will have, checked here so that nothing is written first.
+        made = []
+        for task in self.tasks:
+            key = "per_level" if counts is None else f"per_level.{task}"
+            count = self.per_level if counts is None else counts[task]
             check(count >= 2, key, f"must be >= 2 (got {count})")
+            for level in self.levels:
+                available = TASKS[task].capacity(level)
+                check(
+                    self.up_to or count <= available,
+                    key,
+                    f"task {task!r} level {level} has only {available} distinct problems "
+                    f"(got {count}); lower it or set up_to: true",
+                )
+                made.append((min(count, available), task, level))
         check(
             0 <= self.leak_share <= 1,
             "leak_share",
@@ -109,12 +121,12 @@ class Config(RunSettings):
                 "heldout_per_level",
                 f"must be >= 1 or null (got {self.heldout_per_level})",
             )
-            fewest = min(counts.values()) if counts else self.per_level
+            fewest, task, level = min(made)
             check(
                 self.heldout_per_level < fewest,
                 "heldout_per_level",
-                f"must be below per_level ({fewest}) so every level keeps training rows "
-                f"(got {self.heldout_per_level})",
+                f"must be below the {fewest} problems of task {task!r} level {level} so every "
+                f"level keeps training rows (got {self.heldout_per_level})",
             )
 
 

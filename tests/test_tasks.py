@@ -345,7 +345,16 @@ def test_per_level_per_task_and_a_fixed_heldout_count(tmp_path):
             r"task\(s\) \['add'\] that are not",
         ),
         ({"per_level": {"add_padded": 40, "sort": 1}}, r"'per_level\.sort': must be >= 2"),
-        ({"heldout_per_level": 10}, r"'heldout_per_level': must be below per_level \(10\)"),
+        ({"heldout_per_level": 10}, r"must be below the 10 problems of task 'sort' level 1"),
+        ({"per_level": {}}, r"'per_level': names no count for task\(s\) \['add_padded', 'sort'\]"),
+        (
+            {"per_level": {"add_padded": 200, "sort": 10}},
+            r"'per_level\.add_padded': task 'add_padded' level 1 has only 100 distinct problems",
+        ),
+        (
+            {"per_level": {"add_padded": 200, "sort": 10}, "up_to": True, "heldout_per_level": 100},
+            r"must be below the 10 problems",
+        ),
         ({"heldout_per_level": 0}, "'heldout_per_level': must be >= 1"),
     ]:
         with pytest.raises(ConfigError, match=message):
