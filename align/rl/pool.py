@@ -63,7 +63,7 @@ class PoolSettings:
     max_difficulty: float = 0.99
     # Re-score the pool every N learner steps (0 = never); read by the controller. A re-score
     # samples `rescore_samples` completions of EVERY prompt (the first one at step 0), which
-    # is costly: 640 x 8 on the embedded default takes 47 s, as long as four training steps.
+    # is costly: 640 prompts x 8 with the embedded teacher took 47 s, as long as four steps.
     rescore_every: int = 0
     # Also filter with the groups the run samples anyway: each rollout group is a pass rate
     # of its prompt under the current policy (sampling.samples of them), so a group whose pass rate
