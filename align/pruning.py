@@ -88,8 +88,10 @@ class Selection:
     # Keep rows whose score is <= max (None: no upper bound).
     max: float | None = None
     # Then drop this fraction of the scored rows with the lowest scores, e.g. 0.5 with a
-    # difficulty score = "drop the easiest 50%". Ties are broken by a seeded shuffle.
-    drop_lowest: float | None = None
+    # difficulty score = "drop the easiest 50%". Ties are broken by a seeded shuffle. With
+    # `group_by`, a mapping gives every group its own fraction, e.g. {add: 0.5, sort: 0.0}
+    # prunes the plentiful task and keeps the scarce one whole; every group must be named.
+    drop_lowest: float | dict[str, float] | None = None
     # Apply drop_lowest within each group of rows sharing this column's value (e.g. "task"), so
     # every group keeps its hardest part instead of a hard group crowding out an easier one.
     group_by: str | None = None
@@ -103,10 +105,39 @@ class Selection:
             "min",
             f"must be <= max (got min {self.min}, max {self.max})",
         )
-        check(
-            self.drop_lowest is None or 0.0 <= self.drop_lowest < 1.0,
-            "drop_lowest",
-            f"must be in [0, 1) (got {self.drop_lowest})",
+        if isinstance(self.drop_lowest, dict):
+            check(bool(self.drop_lowest), "drop_lowest", "name at least one group")
+            check(
+                self.group_by is not None,
+                "drop_lowest",
+                "a fraction per group needs group_by (the column the groups are named by)",
+            )
+            fractions = self.drop_lowest.items()
+        else:
+            fractions = [] if self.drop_lowest is None else [(None, self.drop_lowest)]
+        for group, fraction in fractions:
+            key = "drop_lowest" if group is None else f"drop_lowest.{group}"
+            check(0.0 <= fraction < 1.0, key, f"must be in [0, 1) (got {fraction})")
+
+    def fraction(self, group: Any) -> float:
+        """The share of `group`'s rows that `drop_lowest` drops (0.0 without drop_lowest).
+
+        Raises:
+            KeyError: a per-group mapping that does not name `group`.
+        """
+        if isinstance(self.drop_lowest, dict):
+            return self.drop_lowest[str(group)]
+        return self.drop_lowest or 0.0
+
+    def unnamed_groups(self, groups: list) -> tuple[list[str], list[str]]:
+        """(groups in the data that a per-group `drop_lowest` does not name, names it gives
+        that no group in the data has); both empty for a single fraction."""
+        if not isinstance(self.drop_lowest, dict):
+            return [], []
+        present = sorted({str(g) for g in groups})
+        return (
+            [g for g in present if g not in self.drop_lowest],
+            [g for g in self.drop_lowest if g not in present],
         )
 
 
@@ -133,7 +164,8 @@ def select(
     `drop_lowest` applies to the rows that pass the bounds and drops round(fraction * count)
     of them, lowest scores first; rows with equal scores are ordered by a shuffle seeded with
     `seed`, so the same inputs always drop the same rows. With `groups` (one label per row), it
-    applies within each group separately.
+    applies within each group separately, with the group's own fraction if
+    `selection.drop_lowest` is a mapping (`Selection.fraction`).
     """
     unscored = [i for i, s in enumerate(scores) if s is None]
     inside, dropped = [], []
@@ -149,8 +181,8 @@ def select(
         for i in inside:
             members.setdefault(None if groups is None else groups[i], []).append(i)
         lowest: set[int] = set()
-        for group_rows in members.values():
-            group_lowest, group_tied = _lowest(group_rows, scores, selection.drop_lowest, seed)
+        for group, group_rows in members.items():
+            group_lowest, group_tied = _lowest(group_rows, scores, selection.fraction(group), seed)
             lowest |= group_lowest
             tied += group_tied
         dropped = sorted(dropped + list(lowest))

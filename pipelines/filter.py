@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from align.config import check, from_dict
+from align.config import ConfigError, check, from_dict
 from align.data import DataError, load_dataset_file
 from align.pruning import FILTERS, Buckets, Selection, build_filter, select
 from align.registry import Registry, RegistryError
@@ -219,6 +219,23 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_group_fractions(keep: Selection, dataset, key: str, source: str) -> None:
+    """Refuses a per-group `drop_lowest` that leaves a group of the data unnamed or names a
+    group the data lacks (a misspelt task would otherwise prune nothing, silently)."""
+    if not isinstance(keep.drop_lowest, dict) or keep.group_by not in dataset.column_names:
+        return  # a single fraction; or a missing column, reported with its row below
+    values = dataset[keep.group_by]
+    unnamed, absent = keep.unnamed_groups(values)
+    if unnamed or absent:
+        problem = (
+            f"{source} has {keep.group_by} {unnamed[0]!r}, which it gives no fraction"
+            if unnamed
+            else f"names {keep.group_by} {absent[0]!r}, which no row of {source} has"
+        )
+        present = ", ".join(sorted({str(v) for v in values}))
+        raise ConfigError(f"key '{key}': {problem} (the data's values: {present})")
+
+
 def run(config: Config) -> dict:
     """Scores and prunes `config.data`; see the module docstring for what it writes."""
     # Build every filter and read the data before anything is written: bad names, options,
@@ -236,6 +253,7 @@ def run(config: Config) -> dict:
         ]
         key = f"filters[{i}].options.rewards"
         check_option_columns(specs, dataset.column_names, key, config.data)
+        _check_group_fractions(step.keep, dataset, f"filters[{i}].keep.drop_lowest", config.data)
     with Run(Path(config.runs_dir) / config.name, config) as run_dir:
         rows = list(dataset)
         if not rows:

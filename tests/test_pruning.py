@@ -39,6 +39,27 @@ def test_drop_lowest_within_groups_keeps_each_groups_hardest_part():
     assert by_group.dropped == [0, 1, 4, 6]
 
 
+def test_drop_lowest_per_group_takes_each_groups_own_fraction():
+    scores = [0.9, 0.8, 1.0, 0.95, 0.1, 0.3, 0.2, 0.4]
+    groups = ["a", "a", "a", "a", "b", "b", "b", "b"]
+    keep = from_dict(Selection, {"drop_lowest": {"a": 0.5, "b": 0.0}, "group_by": "task"})
+    buckets = select(scores, keep, groups=groups)
+    assert buckets.kept == [2, 3, 4, 5, 6, 7]  # a: its hardest half; b: every row
+    assert buckets.dropped == [0, 1]
+    keep = Selection(drop_lowest={"a": 0.25, "b": 0.75}, group_by="task")
+    assert select(scores, keep, groups=groups).kept == [0, 2, 3, 7]
+    # Group values that are not strings (levels) are looked up by their text, as YAML keys are.
+    levels = [1, 1, 1, 1, 2, 2, 2, 2]
+    keep = from_dict(Selection, {"drop_lowest": {"1": 0.0, "2": 0.5}, "group_by": "level"})
+    assert select(scores, keep, groups=levels).kept == [0, 1, 2, 3, 5, 7]
+    assert keep.unnamed_groups(levels) == ([], [])
+    assert keep.unnamed_groups([1, 2, 3]) == (["3"], [])
+    assert Selection(drop_lowest={"1": 0.5, "4": 0.5}, group_by="level").unnamed_groups(levels) == (
+        ["2"],
+        ["4"],
+    )
+
+
 def test_ties_are_broken_by_the_seed_reproducibly():
     scores = [1.0] * 10
     first = select(scores, Selection(drop_lowest=0.5), seed=0)
@@ -63,6 +84,10 @@ def test_ties_are_broken_by_the_seed_reproducibly():
         ({"drop_lowest": 1.0}, "'drop_lowest'.*must be in \\[0, 1\\)"),
         ({"drop_lowest": -0.1}, "'drop_lowest'"),
         ({"max": ".nan"}, "'max'"),
+        ({"drop_lowest": {"a": 0.5}}, "'drop_lowest'.*needs group_by"),
+        ({"drop_lowest": {}, "group_by": "task"}, "'drop_lowest'.*at least one group"),
+        ({"drop_lowest": {"a": 1.0}, "group_by": "task"}, "'drop_lowest.a'.*\\[0, 1\\)"),
+        ({"drop_lowest": {"a": "half"}, "group_by": "task"}, "drop_lowest"),
         ({"maximum": 0.5}, "did you mean 'max'"),
     ],
 )

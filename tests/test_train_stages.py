@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 
 import pytest
 import yaml
@@ -125,6 +126,9 @@ def test_dpo_lowers_the_loss_and_resumes_where_it_stopped(tmp_path, student_dir)
         assert (a[name] - b[name]).abs().max().item() < 1e-5, name
 
 
+DROP_BY_LEVEL = {"1": 0.5, "2": 0.5, "3": 0.0, "4": 0.75}
+
+
 @pytest.mark.vllm
 def test_sft_cli_filters_by_difficulty_trains_and_evaluates(tmp_path, partially_trained):
     train, heldout = split_problems(make_problems(["sort"], [1, 2, 3, 4], 16, seed=5), 0.25, 0)
@@ -138,7 +142,8 @@ def test_sft_cli_filters_by_difficulty_trains_and_evaluates(tmp_path, partially_
             {
                 "name": "difficulty",
                 "options": {"model": str(partially_trained["checkpoint"]), "samples": 4},
-                "keep": {"drop_lowest": 0.5, "group_by": "level"},
+                # Each level its own share: the easiest half of levels 1-2, none of level 3.
+                "keep": {"drop_lowest": DROP_BY_LEVEL, "group_by": "level"},
             }
         ],
         "train": {"batch_size": 8, "epochs": 2.0, "logging_steps": 1},
@@ -150,8 +155,11 @@ def test_sft_cli_filters_by_difficulty_trains_and_evaluates(tmp_path, partially_
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "sft"
     kept = load_from_disk(str(run_dir / "filter" / "kept"))
-    assert len(kept) == len(train) // 2
-    assert sorted(kept["level"]) == sorted([1, 2, 3, 4] * (len(train) // 8))  # half per level
+    per_level = Counter(row["level"] for row in train)
+    assert Counter(kept["level"]) == {
+        level: n - round(DROP_BY_LEVEL[str(level)] * n) for level, n in per_level.items()
+    }
+    assert len(kept) < len(train)
     result = json.loads((run_dir / "result.json").read_text())
     assert result["steps"] == 2 * (len(kept) // 8 + (len(kept) % 8 > 0))
     # The checkpoint loads in vLLM: every held-out row was answered.
