@@ -10,6 +10,8 @@ held-out figure's mean over the seeds with a 95% confidence interval (Student's 
 seeds), and the standard error of one evaluation (binomial, over the held-out rows: how much
 of the spread the held-out set alone explains); for each compared pair of stages [a, b] the
 paired difference b - a, seed by seed, with its interval, and whether the interval excludes 0.
+When the held-out rows hold several tasks, the same for each task's greedy accuracy (a table
+and `seeds-tasks.png`): a mixture's mean can hide a task that gains and one that loses.
 """
 
 from __future__ import annotations
@@ -115,6 +117,11 @@ def summarize(config: pipeline.Config, reports: dict[int, dict]) -> dict:
     }
     # The evaluations' own rewards (report.rewards_of), summarised like the figures.
     rewards = report.rewards_of({"stages": [r for s in seeds for r in reports[s]["stages"]]})
+    # Reports written before evaluations counted tasks have no by_task: no per-task figures.
+    tasks = sorted(
+        {t for runs in by_seed.values() for r in runs.values() for t in r.get("by_task", {})}
+    )
+    tasks = tasks if len(tasks) > 1 else []
     stages = []
     for entry in config.stages:
         runs = [by_seed[seed][entry.name] for seed in seeds if entry.name in by_seed[seed]]
@@ -132,6 +139,13 @@ def summarize(config: pipeline.Config, reports: dict[int, dict]) -> dict:
                     f"reward/{name}": interval(values)
                     for name in rewards
                     if (values := _reward_values(runs, name))
+                },
+                "by_task": {
+                    task: interval(values)
+                    for task in tasks
+                    if (
+                        values := [r["by_task"][task] for r in runs if task in r.get("by_task", {})]
+                    )
                 },
             }
         )
@@ -153,6 +167,11 @@ def summarize(config: pipeline.Config, reports: dict[int, dict]) -> dict:
                     for name in rewards
                     if (values := _paired_rewards([by_seed[s] for s in both], a, b, name))
                 },
+                "by_task": {
+                    task: interval(values)
+                    for task in tasks
+                    if (values := _paired_task([by_seed[s] for s in both], a, b, task))
+                },
             }
         )
     pass_k = next((r["pass_k"] for runs in by_seed.values() for r in runs.values()), 4)
@@ -161,6 +180,7 @@ def summarize(config: pipeline.Config, reports: dict[int, dict]) -> dict:
         "seeds": seeds,
         "pass_k": pass_k,
         "rewards": rewards,
+        "tasks": tasks,
         "stages": stages,
         "pairs": pairs,
     }
@@ -178,6 +198,15 @@ def _paired_rewards(seeds: list[dict], a: str, b: str, name: str) -> list[tuple[
     return [(x, y) for x, y in pairs if x is not None and y is not None]
 
 
+def _paired_task(seeds: list[dict], a: str, b: str, task: str) -> list[float]:
+    """b's greedy accuracy on `task` minus a's, per seed where both stages have the task."""
+    return [
+        s[b]["by_task"][task] - s[a]["by_task"][task]
+        for s in seeds
+        if task in s[a].get("by_task", {}) and task in s[b].get("by_task", {})
+    ]
+
+
 def write(config: pipeline.Config, repetitions: list[pipeline.Config]) -> dict:
     """Reads every finished repetition's report.json, writes seeds.json, seeds.md, seeds.png."""
     reports = {}
@@ -187,7 +216,7 @@ def write(config: pipeline.Config, repetitions: list[pipeline.Config]) -> dict:
             reports[repetition.seed] = json.loads(path.read_text(encoding="utf-8"))
     summary = summarize(config, reports)
     root = Path(config.runs_dir) / config.name
-    plots = plot(summary, root / "seeds.png")
+    plots = plot(summary, root / "seeds.png") + plot_tasks(summary, root / "seeds-tasks.png")
     write_json_atomic(root / "seeds.json", summary)
     (root / "seeds.md").write_text(markdown(summary, plots), encoding="utf-8")
     return summary
@@ -230,7 +259,28 @@ def markdown_tables(summary: dict) -> str:
             cells += [_cell(p[k], signed=True) if k in p else "-" for k in names]
             shown = {key: name for key, name in names.items() if key in p}
             lines.append("| " + " | ".join([*cells, _verdicts(p, shown)]) + " |")
+    if summary.get("tasks"):
+        lines += ["", *_task_table(summary)]
     return "\n".join(lines)
+
+
+def _task_table(summary: dict) -> list[str]:
+    """Greedy accuracy per task: a table of the stages, one of the compared pairs."""
+    tasks = summary["tasks"]
+    head = ["stage", *(f"greedy acc `{task}`" for task in tasks)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary["stages"]:
+        cells = [_cell(s["by_task"][t]) if t in s["by_task"] else "-" for t in tasks]
+        lines.append("| " + " | ".join([s["stage"], *cells]) + " |")
+    if summary["pairs"]:
+        head = ["b - a", *(f"Δ `{task}`" for task in tasks), "b vs a"]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in summary["pairs"]:
+        shown = {task: f"`{task}`" for task in tasks if task in p["by_task"]}
+        cells = [_cell(p["by_task"][t], signed=True) if t in shown else "-" for t in tasks]
+        verdict = _verdicts(p["by_task"], shown) if shown else "-"
+        lines.append("| " + " | ".join([f"{p['b']} - {p['a']}", *cells, verdict]) + " |")
+    return lines
 
 
 def _verdicts(pair: dict, names: dict[str, str]) -> str:
@@ -268,25 +318,52 @@ def markdown(summary: dict, plots: list[str]) -> str:
 def plot(summary: dict, path: Path) -> list[str]:
     """Greedy and sample accuracy per stage, and each reward the evaluation names (e.g. a
     format reward), mean with 95% interval bars and each seed's value as a dot."""
-    if not summary["stages"]:
-        return []
-    plt = report.pyplot()
-    stages = summary["stages"]
     labels = {key: FIGURES[key] for key in ("greedy_accuracy", "mean_reward")}
     labels.update({f"reward/{name}": name for name in summary.get("rewards", [])})
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(labels) * len(stages) + 2), 4))
-    width = 0.8 / len(labels)
-    for i, (key, label) in enumerate(labels.items()):
-        shown = [(j, s[key]) for j, s in enumerate(stages) if key in s]
-        xs = [j + (i - (len(labels) - 1) / 2) * width for j, _ in shown]
+    ylabel = "held-out accuracy" + (" / reward" if len(labels) > 2 else "")
+    series = {
+        label: [(j, s[key]) for j, s in enumerate(summary["stages"]) if key in s]
+        for key, label in labels.items()
+    }
+    title = f"{summary['name']}: mean over {len(summary['seeds'])} seeds, 95% intervals"
+    return _bars(summary["stages"], series, ylabel, title, path)
+
+
+def plot_tasks(summary: dict, path: Path) -> list[str]:
+    """Greedy accuracy per stage and task (held-out rows of several tasks only), drawn as
+    `plot` draws the overall figures."""
+    if not summary.get("tasks"):
+        return []
+    series = {
+        task: [
+            (j, s["by_task"][task]) for j, s in enumerate(summary["stages"]) if task in s["by_task"]
+        ]
+        for task in summary["tasks"]
+    }
+    title = f"{summary['name']}: greedy accuracy per task, {len(summary['seeds'])} seeds"
+    return _bars(summary["stages"], series, "held-out greedy accuracy", title, path)
+
+
+def _bars(
+    stages: list[dict], series: dict[str, list], ylabel: str, title: str, path: Path
+) -> list[str]:
+    """Grouped bars, one group per stage and one bar per series ((stage index, interval)
+    pairs): the mean, its 95% interval, each seed's value as a dot."""
+    if not stages:
+        return []
+    plt = report.pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(series) * len(stages) + 2), 4))
+    width = 0.8 / len(series)
+    for i, (label, shown) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j, _ in shown]
         means = [figure["mean"] for _, figure in shown]
         errors = [0 if math.isnan(figure["ci95"]) else figure["ci95"] for _, figure in shown]
         ax.bar(xs, means, width, yerr=errors, capsize=3, label=label)
         for x, (_, figure) in zip(xs, shown, strict=True):
             ax.scatter([x] * len(figure["values"]), figure["values"], s=8, color="black")
     ax.set_xticks(range(len(stages)), [s["stage"] for s in stages], rotation=30, ha="right")
-    ax.set_ylabel("held-out accuracy" + (" / reward" if len(labels) > 2 else ""))
-    ax.set_title(f"{summary['name']}: mean over {len(summary['seeds'])} seeds, 95% intervals")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

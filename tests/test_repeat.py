@@ -169,6 +169,59 @@ def test_the_plot_draws_each_evaluation_reward_beside_the_accuracies(tmp_path, m
     plt.close("all")
 
 
+def test_each_task_gets_intervals_and_paired_differences_when_the_rows_mix_tasks(
+    tmp_path, monkeypatch
+):
+    """A mixture's mean can hide a task that gains and one that loses: here b is level with a
+    overall, `sort` higher in every seed, `add` lower in two."""
+    from pipelines import report
+
+    config = _compared("sft")
+    sort_a, sort_b = [0.50, 0.45, 0.60], [0.70, 0.65, 0.80]
+    add_a, add_b = [0.95, 0.90, 0.95], [0.40, 0.90, 0.90]
+    reports = {}
+    for s in range(3):
+        reports[s] = _report({"a": 0.7, "b": 0.7}, {"a": 0.5, "b": 0.5})
+        for stage, by_task in zip(
+            reports[s]["stages"],
+            (
+                {"add": add_a[s], "sort": sort_a[s]},
+                {"add": add_b[s], "sort": sort_b[s]},
+            ),
+            strict=True,
+        ):
+            stage["heldout"]["by_task"] = by_task
+    summary = repeat.summarize(config, reports)
+    assert summary["tasks"] == ["add", "sort"]
+    assert summary["stages"][1]["by_task"]["sort"]["values"] == sort_b
+    (pair,) = summary["pairs"]
+    assert pair["by_task"]["sort"]["mean"] == pytest.approx(0.2)
+    assert pair["by_task"]["sort"]["ci95"] == pytest.approx(0.0, abs=1e-12)
+    assert repeat._verdict(pair["by_task"]["sort"]) == "b higher"
+    assert pair["by_task"]["add"]["values"] == pytest.approx([-0.55, 0.0, -0.05])
+    table = repeat.markdown_tables(summary)
+    assert "| stage | greedy acc `add` | greedy acc `sort` |" in table
+    assert "| a | 0.933 ± 0.072 | 0.517 ± 0.190 |" in table
+    assert table.splitlines()[-1] == (
+        "| b - a | -0.200 ± 0.756 | +0.200 ± 0.000 | b higher: `sort` |"
+    )
+    plt = report.pyplot()
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    assert repeat.plot_tasks(summary, tmp_path / "seeds-tasks.png") == ["seeds-tasks.png"]
+    ax = plt.gcf().axes[0]
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["add", "sort"]
+    heights = sorted(round(bar.get_height(), 3) for bar in ax.patches)
+    assert heights == [0.517, 0.717, 0.733, 0.933]
+    plt.close("all")
+    # One task only: no per-task figures, no second plot.
+    for r in reports.values():
+        for stage in r["stages"]:
+            stage["heldout"]["by_task"] = {"sort": 0.5}
+    single = repeat.summarize(config, reports)
+    assert single["tasks"] == [] and "greedy acc `" not in repeat.markdown_tables(single)
+    assert repeat.plot_tasks(single, tmp_path / "none.png") == []
+
+
 def test_t_quantiles():
     assert repeat.t95(2) == 4.303 and repeat.t95(30) == 2.042
     assert repeat.t95(60) == pytest.approx(2.000, abs=2e-3)
