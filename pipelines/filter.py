@@ -224,16 +224,15 @@ def _check_group_fractions(keep: Selection, dataset, key: str, source: str) -> N
     group the data lacks (a misspelt task would otherwise prune nothing, silently)."""
     if not isinstance(keep.drop_lowest, dict) or keep.group_by not in dataset.column_names:
         return  # a single fraction; or a missing column, reported with its row below
-    values = dataset[keep.group_by]
-    unnamed, absent = keep.unnamed_groups(values)
+    present = sorted({str(v) for v in dataset[keep.group_by]})
+    unnamed, absent = keep.unnamed_groups(present)
     if unnamed or absent:
         problem = (
             f"{source} has {keep.group_by} {unnamed[0]!r}, which it gives no fraction"
             if unnamed
             else f"names {keep.group_by} {absent[0]!r}, which no row of {source} has"
         )
-        present = ", ".join(sorted({str(v) for v in values}))
-        raise ConfigError(f"key '{key}': {problem} (the data's values: {present})")
+        raise ConfigError(f"key '{key}': {problem} (the data's values: {', '.join(present)})")
 
 
 def run(config: Config) -> dict:
